@@ -1,0 +1,46 @@
+"""The ``mpmoe`` command: ``mpmoe <verb> [args]``.
+
+Each verb lives in its driver package and is imported only when used, so that
+``mpmoe data ...`` does not import megatron-core and ``mpmoe --help`` is instant.
+A driver exposes ``main(argv: list[str] | None) -> int``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# verb -> (module with main(argv), one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "data": ("mpmoe.data.cli", "text -> tokenizer -> Megatron indexed dataset (.bin/.idx)"),
+}
+
+
+def _usage() -> str:
+    width = max(len(v) for v in VERBS)
+    lines = ["usage: mpmoe <command> [options]", "", "commands:"]
+    lines += [f"  {verb:<{width}}  {text}" for verb, (_, text) in VERBS.items()]
+    lines += ["", "Run `mpmoe <command> --help` for the options of a command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from mpmoe import __version__
+
+        print(f"mpmoe {__version__}")
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"mpmoe: unknown command {verb!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(VERBS[verb][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""OTEP: greedy Mahalanobis ensemble pruning, the selection rule of MoPE routing.
+
+For one token with router probabilities ``p`` (E,) and an expert covariance
+``Sigma`` (E, E), MoPE routes to the k experts ``S`` that greedily maximise
+
+    f(S) = p_S^T  Sigma_SS^-1  p_S.
+
+Greedy step (paper, Alg. "OTEP"; spec ``shared/design/mope-routing.md``): with ``L``
+the Cholesky factor of ``Sigma_SS`` and ``z = L^-1 p_S`` (so ``f(S) = ||z||^2``), a
+candidate ``j`` adds
+
+    gain_j = (p_j - a_j^T z)^2 / s_j,    a_j = L^-1 Sigma_Sj,    s_j = Sigma_jj - ||a_j||^2
+
+and ``f(S + {j}) = f(S) + gain_j``. The first pick is ``argmax_j p_j^2 / Sigma_jj``,
+the same formula with ``S`` empty.
+
+The demo code recomputes ``a_j`` for every candidate in every round (O(T E k^3)).
+Here every candidate carries its residual ``r_j = p_j - a_j^T z`` and its Schur
+complement ``s_j`` from round to round, and each round appends one entry to every
+``a_j`` (a pivoted partial Cholesky factorisation of Sigma whose pivot rule is the
+gain). That is O(T E k^2) work and touches only [T, E] tensors, so it vectorises over
+tokens with no per-token Python and no host synchronisation.
+
+Implementation notes, in the order they matter for speed on CPU and GPU:
+
+* Everything is laid out [tokens, experts] and updated in place.
+* ``torch.argmax`` over a short last dimension is slow on CPU, ``amax`` is not. Gains
+  are non-negative floats, whose IEEE-754 bit patterns order like integers, so the
+  arg-max is taken as ``amax`` of an int64 key ``(bits(gain) << B) | tag(expert)``;
+  the tag decodes the expert and breaks exact ties towards the lowest index (or a
+  seeded random order). Selected experts get a gain of -0.0 (negative key), so a
+  selection never repeats; disallowed experts get a gain of exactly 0 and a tag
+  below every allowed expert, so they are picked only when nothing else is left.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+__all__ = ["otep_select", "otep_select_indices", "DEFAULT_EPS"]
+
+#: Floor for diagonal entries and Schur complements (the demo code's value).
+DEFAULT_EPS = 1e-12
+
+# Upper bound on bytes of working state per chunk of tokens in the default path
+# (k + 4 float tensors of [chunk, E]); larger batches are processed in chunks.
+_CHUNK_BYTES = 48 * 1024 * 1024
+
+
+def _as_generator(tie_break, device) -> torch.Generator | None:
+    if tie_break is None:
+        return None
+    if isinstance(tie_break, torch.Generator):
+        return tie_break
+    if isinstance(tie_break, bool) or not isinstance(tie_break, int):
+        raise TypeError(
+            f"tie_break must be None, an int seed or a torch.Generator, got {type(tie_break).__name__}"
+        )
+    gen = torch.Generator(device=device)
+    gen.manual_seed(tie_break)
+    return gen
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    if x.dtype == torch.float64:
+        return bool(torch.isfinite(x).all())
+    # A float64 sum of finite fp32/bf16/fp16 values cannot overflow, so it is finite
+    # exactly when every entry is, and it is much cheaper than isfinite().all().
+    return bool(torch.isfinite(x.sum(dtype=torch.float64)))
+
+
+def _validate(probs: torch.Tensor, sigma: torch.Tensor, k: int, allowed, check_finite) -> None:
+    if not isinstance(probs, torch.Tensor) or probs.dim() != 2:
+        shape = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
+        raise ValueError(f"otep_select: probs must be a 2-D tensor [tokens, experts], got {shape}")
+    num_experts = probs.shape[1]
+    if not isinstance(sigma, torch.Tensor) or sigma.dim() != 2 or sigma.shape[0] != sigma.shape[1]:
+        shape = tuple(sigma.shape) if isinstance(sigma, torch.Tensor) else type(sigma).__name__
+        raise ValueError(f"otep_select: sigma must be a square 2-D tensor [experts, experts], got {shape}")
+    if sigma.shape[0] != num_experts:
+        raise ValueError(
+            f"otep_select: sigma is {tuple(sigma.shape)} but probs has {num_experts} experts"
+        )
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"otep_select: k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"otep_select: k must be in [1, {num_experts}] (the number of experts), got {k}")
+    if not probs.is_floating_point() or not sigma.is_floating_point():
+        raise TypeError(
+            f"otep_select: probs and sigma must be floating point, got {probs.dtype} and {sigma.dtype}"
+        )
+    if allowed is not None:
+        if allowed.dtype != torch.bool:
+            raise TypeError(f"otep_select: allowed must be a bool tensor, got {allowed.dtype}")
+        if allowed.shape not in ((num_experts,), tuple(probs.shape)):
+            raise ValueError(
+                f"otep_select: allowed must be [experts] or [tokens, experts] = {tuple(probs.shape)}, "
+                f"got {tuple(allowed.shape)}"
+            )
+    if check_finite is None:
+        # A finiteness check is free on the host and a device sync elsewhere.
+        check_finite = probs.device.type == "cpu" and sigma.device.type == "cpu"
+    if check_finite:
+        if not _all_finite(probs):
+            raise ValueError("otep_select: probs contain NaN or inf")
+        if not _all_finite(sigma):
+            raise ValueError("otep_select: sigma contains NaN or inf")
+
+
+def otep_select_indices(
+    probs: torch.Tensor,
+    sigma: torch.Tensor,
+    k: int,
+    *,
+    tie_break: int | torch.Generator | None = None,
+    allowed: torch.Tensor | None = None,
+    eps: float = DEFAULT_EPS,
+    chunk_size: int | None = None,
+    check_finite: bool | None = None,
+) -> torch.Tensor:
+    """Greedy OTEP selection; returns the chosen expert ids [T, k] in pick order.
+
+    Same arguments as :func:`otep_select`. Column ``t`` holds the expert picked in
+    greedy round ``t``, so ``indices[:, :t]`` is the greedy selection of size ``t``.
+    """
+    _validate(probs, sigma, k, allowed, check_finite)
+    num_tokens, num_experts = probs.shape
+    device = probs.device
+    # Compute in fp32 at least (bf16/fp16 inputs are upcast), fp64 when given fp64.
+    dtype = torch.promote_types(torch.promote_types(probs.dtype, sigma.dtype), torch.float32)
+    gen = _as_generator(tie_break, device)
+    sig = sigma.to(device=device, dtype=dtype)
+    sig = 0.5 * (sig + sig.t())  # the math assumes symmetry; be robust to round-off
+    diag = sig.diagonal().clamp_min(eps)
+
+    if chunk_size is None:
+        per_token = (k + 6) * num_experts * torch.finfo(dtype).bits // 8
+        chunk_size = max(1, _CHUNK_BYTES // per_token)
+    if chunk_size < 1:
+        raise ValueError(f"otep_select: chunk_size must be >= 1, got {chunk_size}")
+
+    out = torch.empty(num_tokens, k, dtype=torch.long, device=device)
+    for start in range(0, num_tokens, chunk_size):
+        stop = min(start + chunk_size, num_tokens)
+        allowed_chunk = allowed
+        if allowed is not None and allowed.dim() == 2:
+            allowed_chunk = allowed[start:stop]
+        out[start:stop] = _otep_block(
+            probs[start:stop].to(dtype), sig, diag, k, allowed_chunk, eps, gen
+        )
+    return out
+
+
+def otep_select(
+    probs: torch.Tensor,
+    sigma: torch.Tensor,
+    k: int,
+    *,
+    tie_break: int | torch.Generator | None = None,
+    allowed: torch.Tensor | None = None,
+    eps: float = DEFAULT_EPS,
+    chunk_size: int | None = None,
+    check_finite: bool | None = None,
+) -> torch.Tensor:
+    """Select exactly ``k`` experts per token by greedy OTEP; returns a bool map [T, E].
+
+    Args:
+        probs: router probabilities [T, E] (softmax over all experts); fp32, fp64,
+            bf16 or fp16 (computed in fp32 at least).
+        sigma: expert covariance [E, E] (see :class:`mpmoe.routing.CooccurrenceStats`).
+            The identity gives top-k of ``probs``; a diagonal gives top-k of
+            ``probs**2 / diag``.
+        k: experts per token, ``1 <= k <= E``.
+        tie_break: ``None`` resolves exactly equal gains to the lowest expert index;
+            an int seed or a ``torch.Generator`` picks uniformly among them instead.
+        allowed: optional bool [E] or [T, E]; experts that are not allowed (e.g. a
+            masked expert with a ``-inf`` logit) are picked only if fewer than ``k``
+            experts are allowed for the token.
+        eps: floor for ``diag(sigma)`` and for Schur complements (degenerate or
+            singular ``sigma`` stays finite).
+        chunk_size: tokens processed at once (bounds memory to about
+            ``(k + 6) * E * chunk_size`` floats); default: chosen from a 48 MiB budget.
+        check_finite: raise ``ValueError`` on NaN/inf input. ``None`` checks only on
+            CPU, where it costs no device synchronisation.
+
+    Returns:
+        ``torch.bool`` tensor [T, E] with exactly ``k`` True entries per row.
+    """
+    idx = otep_select_indices(
+        probs,
+        sigma,
+        k,
+        tie_break=tie_break,
+        allowed=allowed,
+        eps=eps,
+        chunk_size=chunk_size,
+        check_finite=check_finite,
+    )
+    mask = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
+    return mask.scatter_(1, idx, True)
+
+
+def _otep_block(p, sig, diag, k, allowed, eps, gen):
+    """OTEP for one block of tokens. p: [T, E] in the compute dtype."""
+    num_tokens, num_experts = p.shape
+    device, dtype = p.device, p.dtype
+    index_bits = max(1, math.ceil(math.log2(num_experts)))
+    packed = dtype == torch.float32 and index_bits <= 24
+    rand_bits = (_TAG_BITS - 1 - index_bits) if (packed and gen is not None) else 0
+
+    # Tag of each candidate, the tie-break order under the gain: an "allowed" bit,
+    # then (seeded tie-break) random bits drawn per round, then the reversed index
+    # (reversed: the lowest index wins exact ties under amax).
+    rev = torch.arange(num_experts - 1, -1, -1, device=device, dtype=torch.int64)
+    allowed_bit = 1 << (index_bits + rand_bits)
+    if allowed is None:
+        tag = (rev | allowed_bit).expand(num_tokens, num_experts)
+    else:
+        tag = (rev | allowed.to(torch.int64) * allowed_bit).expand(num_tokens, num_experts)
+
+    # Running state, one row per (token, slot) over candidate experts j:
+    #   slot 0: r_j = p_j - a_j^T z (residual)
+    #   slot 1: s_j = Sigma_jj - ||a_j||^2 (Schur complement, floored at eps)
+    #   slot 2 + i: a_j[i], entry i of a_j = L^-1 Sigma_Sj (row i of the partial
+    #   Cholesky factor, whose entries at the selected experts are L itself)
+    # One gather per round then reads r, s and all factor entries of the pick.
+    state = torch.empty(num_tokens, k + 1, num_experts, device=device, dtype=dtype)
+    r, s = state[:, 0], state[:, 1]
+    r.copy_(p)
+    s.copy_(diag)
+    if allowed is not None:
+        # Disallowed experts: gain exactly 0 for good (r^2 / inf), ranked below
+        # every allowed expert by the allowed bit of their tag.
+        blocked = ~allowed if allowed.dim() == 2 else (~allowed).expand(num_tokens, num_experts)
+        s.masked_fill_(blocked, math.inf)
+    gain = torch.empty(num_tokens, num_experts, device=device, dtype=dtype)
+    key = None
+    if packed:
+        # int64 key = bits(gain) * 2^32 + tag: the fp32 bit pattern of a gain >= +0.0
+        # orders like the integer, so one amax finds the best gain and its tag.
+        # The high 32-bit halves are rewritten each round, the low halves hold the tag.
+        key = torch.empty(num_tokens, num_experts, device=device, dtype=torch.int64)
+        halves = key.view(torch.int32).view(num_tokens, num_experts, 2)
+        hi, lo = (1, 0) if sys.byteorder == "little" else (0, 1)
+        key_hi, key_lo = halves[..., hi], halves[..., lo]
+        key_lo.copy_(tag)
+    out = torch.empty(num_tokens, k, dtype=torch.long, device=device)
+
+    for t in range(k):
+        torch.mul(r, r, out=gain)
+        gain.div_(s)
+        if t:
+            gain.scatter_(1, out[:, :t], -math.inf)  # never pick an expert twice
+        if packed:
+            key_hi.copy_(gain.view(torch.int32))
+            if rand_bits:
+                noise = torch.randint(
+                    0, 1 << rand_bits, gain.shape, generator=gen, device=device, dtype=torch.int64
+                )
+                key_lo.copy_(tag + (noise << index_bits))
+            best = key.amax(dim=1)
+            j = (num_experts - 1) - (best & ((1 << index_bits) - 1))
+        else:
+            j = _argmax_generic(gain, tag >> (index_bits + rand_bits), gen)
+        out[:, t] = j
+        if t == k - 1:
+            break
+        # Everything known at the pick: r_j, s_j (>= eps) and its factor entries.
+        picked = state[:, : t + 2].gather(2, j.view(-1, 1, 1).expand(-1, t + 2, 1))
+        r_j, s_j = picked[:, 0], picked[:, 1]
+        # New factor row: a[t] = (Sigma[j*, :] - sum_i a[i] * a_j*[i]) / sqrt(s_j*)
+        col = state[:, 2 + t]
+        torch.index_select(sig, 0, j, out=col) if col.is_contiguous() else col.copy_(sig[j])
+        for i in range(t):
+            col.addcmul_(state[:, 2 + i], picked[:, 2 + i], value=-1.0)
+        inv_l = s_j.rsqrt_()
+        col.mul_(inv_l)
+        # Schur complements shrink by the new entry squared; floor them at eps.
+        s.addcmul_(col, col, value=-1.0).clamp_min_(eps)
+        # Residuals lose the projection on the new direction: z_t = r_j* / l.
+        r.addcmul_(col, r_j.mul_(inv_l), value=-1.0)
+    return out
+
+
+# Bits of the tag (allowed bit, random bits, index) in a packed key's low half.
+_TAG_BITS = 31
+
+
+def _argmax_generic(gain, allowed_bit, gen):
+    """The order of the packed path without bit packing (fp64 gains)."""
+    best = gain.amax(dim=1, keepdim=True)
+    cand = gain == best
+    # Among exact ties prefer allowed experts.
+    cand &= allowed_bit >= torch.where(cand, allowed_bit, 0).amax(dim=1, keepdim=True)
+    if gen is not None:
+        score = torch.rand(gain.shape, generator=gen, device=gain.device, dtype=gain.dtype)
+        return score.masked_fill_(~cand, -1.0).argmax(dim=1)
+    return cand.to(torch.uint8).argmax(dim=1)  # first True: the lowest index
