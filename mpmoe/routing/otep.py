@@ -45,9 +45,9 @@ __all__ = ["otep_select", "otep_select_indices", "DEFAULT_EPS"]
 #: Floor for diagonal entries and Schur complements (the demo code's value).
 DEFAULT_EPS = 1e-12
 
-# Upper bound on bytes of working state per chunk of tokens in the default path
-# (k + 4 float tensors of [chunk, E]); larger batches are processed in chunks.
-_CHUNK_BYTES = 48 * 1024 * 1024
+# Default size of one [tokens, E] state tensor of a block (bytes): the k + 4 such
+# tensors of a block then stay in a CPU's L2/L3 cache (2048 tokens at E = 64).
+_CHUNK_BYTES = 512 * 1024
 
 
 def _as_generator(tie_break, device) -> torch.Generator | None:
@@ -137,20 +137,22 @@ def otep_select_indices(
     diag = sig.diagonal().clamp_min(eps)
 
     if chunk_size is None:
-        per_token = (k + 6) * num_experts * torch.finfo(dtype).bits // 8
-        chunk_size = max(1, _CHUNK_BYTES // per_token)
+        # Blocks of tokens whose [block, E] state tensors stay cache-resident.
+        row_bytes = num_experts * torch.finfo(dtype).bits // 8
+        chunk_size = max(64, _CHUNK_BYTES // row_bytes)
     if chunk_size < 1:
         raise ValueError(f"otep_select: chunk_size must be >= 1, got {chunk_size}")
 
     out = torch.empty(num_tokens, k, dtype=torch.long, device=device)
+    if num_tokens == 0:
+        return out
+    work = _Workspace(min(chunk_size, num_tokens), num_experts, k, dtype, device, gen is not None)
     for start in range(0, num_tokens, chunk_size):
         stop = min(start + chunk_size, num_tokens)
         allowed_chunk = allowed
         if allowed is not None and allowed.dim() == 2:
             allowed_chunk = allowed[start:stop]
-        out[start:stop] = _otep_block(
-            probs[start:stop].to(dtype), sig, diag, k, allowed_chunk, eps, gen
-        )
+        _otep_block(work, probs[start:stop], sig, diag, k, allowed_chunk, eps, gen, out[start:stop])
     return out
 
 
@@ -203,13 +205,36 @@ def otep_select(
     return mask.scatter_(1, idx, True)
 
 
-def _otep_block(p, sig, diag, k, allowed, eps, gen):
-    """OTEP for one block of tokens. p: [T, E] in the compute dtype."""
-    num_tokens, num_experts = p.shape
-    device, dtype = p.device, p.dtype
-    index_bits = max(1, math.ceil(math.log2(num_experts)))
-    packed = dtype == torch.float32 and index_bits <= 24
-    rand_bits = (_TAG_BITS - 1 - index_bits) if (packed and gen is not None) else 0
+class _Workspace:
+    """Buffers for one block of tokens, allocated once per call and reused by blocks."""
+
+    def __init__(self, rows, num_experts, k, dtype, device, seeded):
+        self.index_bits = max(1, math.ceil(math.log2(num_experts)))
+        # fp32 gains are ranked through packed int64 keys (module docstring).
+        self.packed = dtype == torch.float32 and self.index_bits <= 24
+        self.rand_bits = (_TAG_BITS - 1 - self.index_bits) if (self.packed and seeded) else 0
+        # Slots of E columns per token: r, s, then the k - 1 factor rows, side by
+        # side so that one gather per round reads all of them at the pick.
+        self.state = torch.empty(rows, (k + 1) * num_experts, device=device, dtype=dtype)
+        self.offsets = torch.arange(k + 1, device=device) * num_experts
+        self.minus_inf = torch.full((rows, k), -math.inf, device=device, dtype=dtype)
+        if self.packed:
+            # key = bits(gain) * 2^32 + tag. The gain is written straight into the
+            # high 32-bit halves (as fp32), the tag sits in the low halves.
+            self.key = torch.empty(rows, num_experts, device=device, dtype=torch.int64)
+            halves = self.key.view(torch.int32).view(rows, num_experts, 2)
+            hi, lo = (1, 0) if sys.byteorder == "little" else (0, 1)
+            self.gain = halves[..., hi].view(dtype)
+            self.key_lo = halves[..., lo]
+        else:
+            self.gain = torch.empty(rows, num_experts, device=device, dtype=dtype)
+
+
+def _otep_block(work, probs, sig, diag, k, allowed, eps, gen, out):
+    """OTEP for one block of tokens, writing the picks into ``out`` [T, k]."""
+    num_tokens, num_experts = probs.shape
+    device = probs.device
+    index_bits, rand_bits, packed = work.index_bits, work.rand_bits, work.packed
 
     # Tag of each candidate, the tie-break order under the gain: an "allowed" bit,
     # then (seeded tie-break) random bits drawn per round, then the reversed index
@@ -221,41 +246,33 @@ def _otep_block(p, sig, diag, k, allowed, eps, gen):
     else:
         tag = (rev | allowed.to(torch.int64) * allowed_bit).expand(num_tokens, num_experts)
 
-    # Running state, one row per (token, slot) over candidate experts j:
-    #   slot 0: r_j = p_j - a_j^T z (residual)
-    #   slot 1: s_j = Sigma_jj - ||a_j||^2 (Schur complement, floored at eps)
-    #   slot 2 + i: a_j[i], entry i of a_j = L^-1 Sigma_Sj (row i of the partial
-    #   Cholesky factor, whose entries at the selected experts are L itself)
-    # One gather per round then reads r, s and all factor entries of the pick.
-    state = torch.empty(num_tokens, k + 1, num_experts, device=device, dtype=dtype)
-    r, s = state[:, 0], state[:, 1]
-    r.copy_(p)
+    # Running state, one entry per (token, candidate expert j):
+    #   r[j]: residual p_j - a_j^T z     s[j]: Schur complement Sigma_jj - ||a_j||^2
+    #   factor_row(i)[j]: entry i of a_j = L^-1 Sigma_Sj (row i of the partial
+    #   Cholesky factor; its entries at the selected experts are L itself)
+    state = work.state[:num_tokens]
+    r, s = state[:, :num_experts], state[:, num_experts : 2 * num_experts]
+    gain, minus_inf = work.gain[:num_tokens], work.minus_inf[:num_tokens]
+    r.copy_(probs)
     s.copy_(diag)
     if allowed is not None:
         # Disallowed experts: gain exactly 0 for good (r^2 / inf), ranked below
         # every allowed expert by the allowed bit of their tag.
         blocked = ~allowed if allowed.dim() == 2 else (~allowed).expand(num_tokens, num_experts)
         s.masked_fill_(blocked, math.inf)
-    gain = torch.empty(num_tokens, num_experts, device=device, dtype=dtype)
-    key = None
     if packed:
-        # int64 key = bits(gain) * 2^32 + tag: the fp32 bit pattern of a gain >= +0.0
-        # orders like the integer, so one amax finds the best gain and its tag.
-        # The high 32-bit halves are rewritten each round, the low halves hold the tag.
-        key = torch.empty(num_tokens, num_experts, device=device, dtype=torch.int64)
-        halves = key.view(torch.int32).view(num_tokens, num_experts, 2)
-        hi, lo = (1, 0) if sys.byteorder == "little" else (0, 1)
-        key_hi, key_lo = halves[..., hi], halves[..., lo]
+        key, key_lo = work.key[:num_tokens], work.key_lo[:num_tokens]
         key_lo.copy_(tag)
-    out = torch.empty(num_tokens, k, dtype=torch.long, device=device)
+
+    def factor_row(i):
+        return state[:, (2 + i) * num_experts : (3 + i) * num_experts]
 
     for t in range(k):
         torch.mul(r, r, out=gain)
         gain.div_(s)
-        if t:
-            gain.scatter_(1, out[:, :t], -math.inf)  # never pick an expert twice
+        if t:  # selected experts rank last (-inf has a negative bit pattern)
+            gain.scatter_(1, out[:, :t], minus_inf)
         if packed:
-            key_hi.copy_(gain.view(torch.int32))
             if rand_bits:
                 noise = torch.randint(
                     0, 1 << rand_bits, gain.shape, generator=gen, device=device, dtype=torch.int64
@@ -268,21 +285,21 @@ def _otep_block(p, sig, diag, k, allowed, eps, gen):
         out[:, t] = j
         if t == k - 1:
             break
-        # Everything known at the pick: r_j, s_j (>= eps) and its factor entries.
-        picked = state[:, : t + 2].gather(2, j.view(-1, 1, 1).expand(-1, t + 2, 1))
-        r_j, s_j = picked[:, 0], picked[:, 1]
+        # Everything needed at the pick, in one gather: r_j*, s_j* (>= eps: floored)
+        # and the pick's entries a_j*[i] of the earlier factor rows.
+        picked = state.gather(1, j.unsqueeze(1) + work.offsets[: t + 2])
+        r_j, s_j = picked[:, 0:1], picked[:, 1:2]
         # New factor row: a[t] = (Sigma[j*, :] - sum_i a[i] * a_j*[i]) / sqrt(s_j*)
-        col = state[:, 2 + t]
-        torch.index_select(sig, 0, j, out=col) if col.is_contiguous() else col.copy_(sig[j])
+        col = factor_row(t)
+        torch.index_select(sig, 0, j, out=col) if col.is_contiguous() else col.copy_(sig.index_select(0, j))
         for i in range(t):
-            col.addcmul_(state[:, 2 + i], picked[:, 2 + i], value=-1.0)
+            col.addcmul_(factor_row(i), picked[:, 2 + i : 3 + i], value=-1.0)
         inv_l = s_j.rsqrt_()
         col.mul_(inv_l)
         # Schur complements shrink by the new entry squared; floor them at eps.
         s.addcmul_(col, col, value=-1.0).clamp_min_(eps)
         # Residuals lose the projection on the new direction: z_t = r_j* / l.
         r.addcmul_(col, r_j.mul_(inv_l), value=-1.0)
-    return out
 
 
 # Bits of the tag (allowed bit, random bits, index) in a packed key's low half.

@@ -1,0 +1,156 @@
+"""OTEP selection speed: mpmoe's otep_select vs torch.topk vs the demo's formulation.
+
+For each (tokens, experts, k) it prints, measured side by side in one run
+(interleaved, median of repeats), the times of
+
+* ``torch.topk``        - plain top-k routing (the floor any router pays),
+* ``otep_select``       - mpmoe: incremental pivoted Cholesky, O(T E k^2),
+* ``demo formulation``  - the MP-MoE demo's per-round recompute of
+  a_j = L^-1 Sigma_Sj for every candidate (O(T E k^3)), re-implemented here
+  from the spec (shared/design/mope-routing.md),
+
+their ratios, and whether the selections agree (OTEP vs demo on a learned Sigma;
+all three on Sigma = I, where OTEP must equal top-k).
+
+    python benchmarks/bench_otep.py [--repeats 15] [--threads N] [--shapes 16384x64x8,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from mpmoe.routing import otep_select, otep_select_indices
+
+DEFAULT_SHAPES = "16384x64x8,4096x128x8,4096x8x2"
+EPS = 1e-12
+
+
+def demo_formulation(probs: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.Tensor:
+    """The demo's greedy OTEP: every round recomputes A = L^-1 Sigma_S,: for all candidates.
+
+    Per token it keeps Linv = L^-1 (t x t, L the Cholesky factor of Sigma_SS) and
+    the selected set S. Each round: A = Linv @ Sigma[S, :] (t x E), z = Linv @ p_S,
+    s_j = Sigma_jj - ||A_j||^2, gain_j = (p_j - A_j . z)^2 / s_j, pick the best,
+    then extend Linv by one row. Returns a bool map [T, E].
+    """
+    num_tokens, num_experts = probs.shape
+    p = probs.float()
+    sig = sigma.float()
+    diag = sig.diagonal().clamp_min(EPS)
+    selected = torch.zeros(num_tokens, num_experts, dtype=torch.bool)
+    chosen = torch.empty(num_tokens, 0, dtype=torch.long)
+    linv = torch.empty(num_tokens, 0, 0)
+    for t in range(k):
+        if t == 0:
+            gain = p * p / diag
+        else:
+            sig_s = sig[chosen]  # [T, t, E]
+            a = torch.bmm(linv, sig_s)  # [T, t, E]  <- recomputed every round
+            z = torch.bmm(linv, p.gather(1, chosen).unsqueeze(2))  # [T, t, 1]
+            s = (diag - a.pow(2).sum(1)).clamp_min(EPS)
+            r = p - (a * z).sum(1)
+            gain = r * r / s
+        gain = gain.masked_fill(selected, -float("inf"))
+        j = gain.argmax(dim=1)
+        # extend L^-1 by the new row: [-(a_j^T Linv) / l, 1 / l], l = sqrt(s_j)
+        if t == 0:
+            l_new = diag[j].sqrt()
+            new_linv = (1.0 / l_new).view(-1, 1, 1)
+        else:
+            a_j = a.gather(2, j.view(-1, 1, 1).expand(-1, t, 1)).squeeze(2)  # [T, t]
+            l_new = s.gather(1, j.unsqueeze(1)).sqrt()  # [T, 1]
+            last = -torch.bmm(a_j.unsqueeze(1), linv).squeeze(1) / l_new  # [T, t]
+            new_linv = torch.zeros(num_tokens, t + 1, t + 1)
+            new_linv[:, :t, :t] = linv
+            new_linv[:, t, :t] = last
+            new_linv[:, t, t] = 1.0 / l_new.squeeze(1)
+        linv = new_linv
+        chosen = torch.cat([chosen, j.unsqueeze(1)], dim=1)
+        selected.scatter_(1, j.unsqueeze(1), True)
+    return selected
+
+
+def learned_sigma(num_experts: int, k: int, seed: int = 0) -> torch.Tensor:
+    """A covariance with realistic structure: Sigma of correlated top-k routing maps."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = 20000
+    centers = torch.randn(8, num_experts, generator=g) * 2
+    logits = centers[torch.randint(0, 8, (tokens,), generator=g)] + torch.randn(tokens, num_experts, generator=g)
+    idx = logits.topk(k, dim=1).indices
+    maps = torch.zeros(tokens, num_experts).scatter_(1, idx, 1.0)
+    n = float(tokens)
+    mean = maps.sum(0) / n
+    sigma = maps.t() @ maps / n - torch.outer(mean, mean)
+    sigma.diagonal().clamp_(min=EPS)
+    return sigma
+
+
+def router_probs(tokens: int, num_experts: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (1.5 * torch.randn(tokens, num_experts, generator=g)).softmax(-1)
+
+
+def timeit(fns: dict, repeats: int) -> dict:
+    """Median seconds per function, runs interleaved so noise hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated TxExK (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--skip-demo", action="store_true", help="do not time the demo formulation")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32, median of {args.repeats}")
+    header = f"{'T x E x k':>16} {'topk ms':>9} {'otep ms':>9} {'demo ms':>9} {'otep/topk':>10} {'demo/otep':>10}  agree(otep=demo, I: otep=topk=demo)"
+    print(header)
+    print("-" * len(header))
+    for shape in args.shapes.split(","):
+        tokens, num_experts, k = (int(x) for x in shape.lower().split("x"))
+        probs = router_probs(tokens, num_experts)
+        sigma = learned_sigma(num_experts, k)
+        fns = {
+            "topk": lambda: torch.topk(probs, k, dim=1),
+            "otep": lambda: otep_select(probs, sigma, k, check_finite=False),
+        }
+        if not args.skip_demo:
+            fns["demo"] = lambda: demo_formulation(probs, sigma, k)
+        times = timeit(fns, args.repeats)
+        # agreement on selections
+        ours = otep_select(probs, sigma, k)
+        if args.skip_demo:
+            agree = "n/a"
+        else:
+            demo = demo_formulation(probs, sigma, k)
+            same = (ours == demo).all(dim=1).float().mean().item()
+            eye = torch.eye(num_experts)
+            top = torch.zeros_like(ours).scatter_(1, probs.topk(k, dim=1).indices, True)
+            same_i = (
+                torch.equal(otep_select(probs, eye, k), top) and torch.equal(demo_formulation(probs, eye, k), top)
+            )
+            agree = f"{same:.4%} of tokens, identity: {'yes' if same_i else 'NO'}"
+        demo_ms = times.get("demo", float("nan")) * 1e3
+        print(
+            f"{shape:>16} {times['topk'] * 1e3:9.2f} {times['otep'] * 1e3:9.2f} {demo_ms:9.2f} "
+            f"{times['otep'] / times['topk']:9.2f}x {times.get('demo', float('nan')) / times['otep']:9.2f}x  {agree}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
