@@ -1,0 +1,1 @@
+"""Embedded corpus snapshot (package data) and the script that regenerates it."""
