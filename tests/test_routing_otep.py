@@ -342,6 +342,13 @@ def test_bad_types_raise_type_error():
         otep_select(torch.rand(3, 8), torch.eye(8), 2, allowed=torch.ones(8))
 
 
+def test_probs_that_require_grad_are_accepted():
+    probs = random_probs(10, 8, seed=0).requires_grad_()
+    mask = otep_select(probs, torch.eye(8), 3)
+    assert not mask.requires_grad
+    assert torch.equal(mask, otep_select(probs.detach(), torch.eye(8), 3))
+
+
 def test_empty_batch():
     assert otep_select(torch.rand(0, 8), torch.eye(8), 3).shape == (0, 8)
 

@@ -110,6 +110,7 @@ def _validate(probs: torch.Tensor, sigma: torch.Tensor, k: int, allowed, check_f
             raise ValueError("otep_select: sigma contains NaN or inf")
 
 
+@torch.no_grad()
 def otep_select_indices(
     probs: torch.Tensor,
     sigma: torch.Tensor,
@@ -125,6 +126,7 @@ def otep_select_indices(
 
     Same arguments as :func:`otep_select`. Column ``t`` holds the expert picked in
     greedy round ``t``, so ``indices[:, :t]`` is the greedy selection of size ``t``.
+    The selection is not differentiable: it runs under ``torch.no_grad()``.
     """
     _validate(probs, sigma, k, allowed, check_finite)
     num_tokens, num_experts = probs.shape

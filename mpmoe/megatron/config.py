@@ -1,0 +1,228 @@
+"""``MoPEConfig``: megatron's ``TransformerConfig`` plus the MoPE routing fields.
+
+``moe_router_load_balancing_type="otep"`` selects MoPE routing for the MoE layers of a
+model (the layer spec then builds :class:`mpmoe.megatron.router.MoPERouter`). Every
+other value keeps megatron's top-k routing (through
+:class:`mpmoe.megatron.router.TopKStatsRouter`, which shares the statistics hooks).
+
+Field names follow ``shared/design/mope-routing.md`` (the demo code's names). The
+demo's environment variables can be read with :meth:`MoPEConfig.env_overrides`.
+
+Megatron's own ``__post_init__`` does not know "otep" (it rejects it together with an
+expert capacity factor, for example). MoPE computes its aux loss exactly as megatron's
+"aux_loss" routing does, so megatron's validation runs with "aux_loss" in its place and
+"otep" is put back afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Tuple, Union
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mpmoe.routing.masks import DYNAMIC_MASK_MODES, parse_expert_mask
+
+__all__ = ["MOPE_ROUTING_TYPE", "MoPEConfig", "parse_layer_list"]
+
+#: ``moe_router_load_balancing_type`` value that selects MoPE routing.
+MOPE_ROUTING_TYPE = "otep"
+
+# Demo-code environment variable -> config field.
+_ENV_FIELDS = {
+    "MOE_MASK_EXPERTS": "moe_mask_experts",
+    "MOE_DYNAMIC_MASK_MODE": "moe_dynamic_mask_mode",
+    "MOE_COOCCURRENCE_STATS_DIR": "moe_cooccurrence_stats_dir",
+    "MOE_DYNAMIC_MASK_LAYERS": "moe_dynamic_mask_layers",
+    "MOE_DYNAMIC_MASK_SEED": "moe_dynamic_mask_seed",
+    "EACT_SAVE": "moe_eval_dump_dir",
+}
+
+
+def parse_layer_list(value: Any, field: str) -> Optional[Tuple[int, ...]]:
+    """``None`` / ``""`` -> None (all layers); ``"2,5,9"`` or an iterable of ints -> sorted tuple.
+
+    Layer numbers are megatron's (1-based, global over pipeline stages).
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().strip("[]()")
+        if not text:
+            return None
+        parts = [p for p in text.replace(" ", ",").split(",") if p]
+        try:
+            value = [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"{field}: expected comma-separated layer numbers, got {value!r}") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    try:
+        items = list(value)
+    except TypeError:
+        raise ValueError(f"{field}: expected a list of layer numbers, got {value!r}") from None
+    for layer in items:
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
+            raise ValueError(f"{field}: layer numbers are 1-based ints, got {layer!r}")
+    return tuple(sorted(set(items)))
+
+
+@dataclass
+class MoPEConfig(TransformerConfig):
+    """TransformerConfig with the MoPE / routing-statistics fields (all optional)."""
+
+    moe_otep_warmup_fraction: float = 0.01
+    """Fraction of training (in optimizer steps) routed with plain top-k before OTEP."""
+
+    moe_sigma_update_every: int = 1
+    """Rebuild Sigma (and sum the counters over ranks) every this many training forwards."""
+
+    moe_otep_eps: float = 1e-12
+    """Floor for Sigma's diagonal and the Schur complements in OTEP."""
+
+    moe_otep_inference_topk: bool = False
+    """Outside training, route MoPE layers with plain top-k instead of the stored Sigma."""
+
+    moe_plot_every: int = 200
+    """Routing-statistics window, in optimizer steps."""
+
+    moe_stats_dir: Optional[str] = None
+    """Directory for ``layer{L}_seg{S}_{moe|mope}.npz`` statistics files; None = no tracking."""
+
+    moe_stats_layers: Optional[Tuple[int, ...]] = None
+    """MoE layers (1-based) whose statistics are tracked; None = all MoE layers."""
+
+    moe_mask_experts: Optional[Union[str, Mapping]] = None
+    """Static expert knock-out: JSON text, a JSON file path or a dict layer -> expert ids
+    (normalised to ``dict[int, tuple[int, ...]]``)."""
+
+    moe_dynamic_mask_mode: Optional[str] = None
+    """Dynamic k -> k-1 mask: None (off), "cooccurrence" or "random"."""
+
+    moe_cooccurrence_stats_dir: Optional[str] = None
+    """Directory of statistics npz files the "cooccurrence" dynamic mask reads."""
+
+    moe_dynamic_mask_layers: Optional[Tuple[int, ...]] = None
+    """Layers (1-based) the dynamic mask applies to; None = all MoE layers."""
+
+    moe_dynamic_mask_seed: int = 1234
+    """Seed of the "random" dynamic mask."""
+
+    moe_eval_dump_dir: Optional[str] = None
+    """Outside training, dump each token's routed experts and weights here (demo: EACT_SAVE)."""
+
+    def __post_init__(self):
+        self._validate_mope_fields()
+        is_mope = self.moe_router_load_balancing_type == MOPE_ROUTING_TYPE
+        if is_mope:
+            # Megatron validates "aux_loss"; MoPE's losses are exactly aux_loss routing's.
+            self.moe_router_load_balancing_type = "aux_loss"
+        try:
+            super().__post_init__()
+        finally:
+            if is_mope:
+                self.moe_router_load_balancing_type = MOPE_ROUTING_TYPE
+        if is_mope:
+            self._validate_otep_combination()
+
+    # ------------------------------------------------------------------ validation
+    def _validate_mope_fields(self) -> None:
+        lbt = self.moe_router_load_balancing_type
+        if isinstance(lbt, (list, tuple)) and MOPE_ROUTING_TYPE in lbt:
+            raise ValueError(
+                "moe_router_load_balancing_type: 'otep' cannot be combined in a list; use the string 'otep'"
+            )
+        f = self.moe_otep_warmup_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0.0 <= f <= 1.0:
+            raise ValueError(f"moe_otep_warmup_fraction must be a number in [0, 1], got {f!r}")
+        self.moe_otep_warmup_fraction = float(f)
+        for name in ("moe_sigma_update_every", "moe_plot_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        eps = self.moe_otep_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
+            raise ValueError(f"moe_otep_eps must be a positive finite number, got {eps!r}")
+        self.moe_otep_eps = float(eps)
+        if not isinstance(self.moe_otep_inference_topk, bool):
+            raise ValueError(f"moe_otep_inference_topk must be a bool, got {self.moe_otep_inference_topk!r}")
+        for name in ("moe_stats_dir", "moe_cooccurrence_stats_dir", "moe_eval_dump_dir"):
+            v = getattr(self, name)
+            if v is not None:
+                if not isinstance(v, (str, os.PathLike)) or not os.fspath(v).strip():
+                    raise ValueError(f"{name} must be a non-empty path or None, got {v!r}")
+                setattr(self, name, os.fspath(v))
+        self.moe_stats_layers = parse_layer_list(self.moe_stats_layers, "moe_stats_layers")
+        self.moe_dynamic_mask_layers = parse_layer_list(self.moe_dynamic_mask_layers, "moe_dynamic_mask_layers")
+        try:
+            mask = parse_expert_mask(self.moe_mask_experts)
+        except ValueError as exc:
+            raise ValueError(f"moe_mask_experts: {exc}") from None
+        if self.num_moe_experts is not None:
+            for layer, ids in mask.items():
+                bad = [e for e in ids if e >= self.num_moe_experts]
+                if bad:
+                    raise ValueError(
+                        f"moe_mask_experts: layer {layer}: expert ids {bad} >= num_moe_experts={self.num_moe_experts}"
+                    )
+        self.moe_mask_experts = mask or None
+        mode = self.moe_dynamic_mask_mode
+        if mode is not None and mode != "":
+            if mode not in DYNAMIC_MASK_MODES:
+                raise ValueError(f"moe_dynamic_mask_mode must be one of {DYNAMIC_MASK_MODES} or None, got {mode!r}")
+            if mode == "cooccurrence" and self.moe_cooccurrence_stats_dir is None:
+                raise ValueError("moe_cooccurrence_stats_dir is required when moe_dynamic_mask_mode='cooccurrence'")
+            if self.moe_router_topk is not None and self.moe_router_topk < 2:
+                raise ValueError("moe_dynamic_mask_mode needs moe_router_topk >= 2 (it drops one of k experts)")
+        else:
+            self.moe_dynamic_mask_mode = None
+        seed = self.moe_dynamic_mask_seed
+        if isinstance(seed, str):
+            try:
+                seed = int(seed)
+            except ValueError:
+                raise ValueError(f"moe_dynamic_mask_seed must be an int, got {seed!r}") from None
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"moe_dynamic_mask_seed must be a non-negative int, got {seed!r}")
+        self.moe_dynamic_mask_seed = seed
+
+    def _validate_otep_combination(self) -> None:
+        if self.num_moe_experts is None:
+            raise ValueError("num_moe_experts must be set when moe_router_load_balancing_type='otep'")
+        if self.moe_router_score_function != "softmax":
+            raise ValueError(
+                "moe_router_score_function must be 'softmax' for 'otep' (MoPE routes on softmax probabilities), "
+                f"got {self.moe_router_score_function!r}"
+            )
+        if self.moe_router_enable_expert_bias:
+            raise ValueError("moe_router_enable_expert_bias is not supported with 'otep'")
+        if self.moe_router_num_groups or self.moe_router_group_topk:
+            raise ValueError("moe_router_num_groups/moe_router_group_topk (group-limited top-k) are not supported with 'otep'")
+        if self.moe_router_fusion:
+            raise ValueError("moe_router_fusion is not supported with 'otep' (the selection is not megatron's top-k)")
+        if self.moe_router_force_load_balancing:
+            raise ValueError("moe_router_force_load_balancing is not supported with 'otep'")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def is_mope(self) -> bool:
+        """True when MoE layers route with MoPE (OTEP)."""
+        return self.moe_router_load_balancing_type == MOPE_ROUTING_TYPE
+
+    @staticmethod
+    def env_overrides(environ: Optional[Mapping[str, str]] = None) -> dict:
+        """Config field values from the demo code's environment variables that are set.
+
+        ``MoPEConfig(**base_kwargs, **MoPEConfig.env_overrides())`` honours
+        ``MOE_MASK_EXPERTS``, ``MOE_DYNAMIC_MASK_MODE``, ``MOE_COOCCURRENCE_STATS_DIR``,
+        ``MOE_DYNAMIC_MASK_LAYERS``, ``MOE_DYNAMIC_MASK_SEED`` and ``EACT_SAVE``.
+        """
+        env = os.environ if environ is None else environ
+        out = {}
+        for var, field in _ENV_FIELDS.items():
+            value = env.get(var)
+            if value is not None and value.strip():
+                out[field] = value.strip()
+        return out

@@ -1,0 +1,601 @@
+"""CPU compatibility for megatron-core 0.16.1: the few places it hard-codes CUDA.
+
+megatron-core 0.16.1 cannot run a GPT MoE forward/backward on a machine without CUDA:
+a handful of functions allocate on ``torch.cuda.current_device()``, keep RNG state in
+the CUDA generator, or create CUDA streams, and two collectives it uses
+(``reduce_scatter``) are not implemented by the gloo backend. Everything that can be
+fixed at the spec or subclass level is fixed there (see :mod:`mpmoe.megatron.attention`
+for the portable core attention, :mod:`mpmoe.megatron.spec` for the portable spec).
+What remains is here, as a list of named patches.
+
+Rules:
+
+* Nothing happens at import. :func:`enable` applies the patches, and only when
+  ``torch.cuda.is_available()`` is false; it is idempotent. The model builder
+  (:func:`mpmoe.megatron.model.build_gpt_model`) and the process-group set-up
+  (:func:`mpmoe.megatron.parallel.init_distributed`) call it.
+* Each patch replaces exactly one attribute of one megatron-core object, says what
+  upstream does, why that fails without CUDA, and when it can be deleted; each has a
+  test in ``tests/test_megatron_cpu_compat.py`` that checks (a) the upstream attribute
+  still fails on CPU (when that test starts failing, upstream fixed it: delete the
+  patch) and (b) the replacement behaves as documented.
+* :func:`disable` restores every original (used by tests).
+
+The patches (name: target):
+
+``rng_tracker``
+    ``tensor_parallel.random.CudaRNGStatesTracker`` (+ the module's
+    ``_get_cuda_rng_state``/``_set_cuda_rng_state``): the model-parallel RNG tracker keeps
+    CUDA generator states; replaced by a tracker of CPU generator states.
+``rotary_inv_freq_device``
+    ``RotaryEmbedding.get_emb``: moves ``inv_freq`` to ``torch.cuda.current_device()``.
+``router_gating_device``
+    ``Router.gating``: moves the router weight to ``torch.cuda.current_device()``.
+``router_gating_te_gemm``
+    ``moe_utils.te_general_gemm``: name undefined without Transformer Engine, so
+    ``RouterGatingLinearFunction`` raises NameError; defined as ``None`` (upstream's own
+    ``torch.mm`` fallback then runs).
+``global_memory_buffer_device``
+    ``GlobalMemoryBuffer.get_tensor``: allocates on ``torch.cuda.current_device()``.
+``gather_along_first_dim``
+    ``tensor_parallel.mappings._gather_along_first_dim``: CUDA output buffer; used by the
+    allgather dispatcher (and sequence parallelism).
+``reduce_scatter_along_first_dim``
+    ``tensor_parallel.mappings._reduce_scatter_along_first_dim``: CUDA output buffer and
+    ``reduce_scatter``, which gloo does not implement.
+``all_to_all_output_device``
+    ``tensor_parallel.mappings._AllToAll.forward``: CUDA output buffer (alltoall dispatcher).
+``alltoall_dispatcher_streams``
+    ``MoEAlltoAllTokenDispatcher.cuda_dtoh_stream`` and ``._maybe_dtoh_and_synchronize``:
+    a ``torch.cuda.Stream()`` created in the constructor and used for device-to-host copies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "PATCHES",
+    "CpuRNGStatesTracker",
+    "disable",
+    "enable",
+    "enabled_patches",
+    "is_enabled",
+    "original",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Patch:
+    """One replacement: ``setattr(owner(), attr, replacement())``."""
+
+    name: str
+    owner: Callable[[], Any]  # returns the module or class that holds ``attr``
+    attr: str
+    replacement: Callable[[], Any]  # returns the new value (built lazily)
+    doc: str
+
+
+_MISSING = object()
+# name -> list of (owner, attr, original value or _MISSING)
+_APPLIED: Dict[str, List[Tuple[Any, str, Any]]] = {}
+
+
+# ---------------------------------------------------------------------------------------
+# rng_tracker
+# ---------------------------------------------------------------------------------------
+
+
+def _random_module():
+    from megatron.core.tensor_parallel import random as mrandom
+
+    return mrandom
+
+
+def _make_cpu_tracker_class():
+    base = _original_or_current(_random_module, "CudaRNGStatesTracker")
+
+    class CpuRNGStatesTracker(base):  # type: ignore[misc, valid-type]
+        """Model-parallel RNG tracker over the CPU default generator.
+
+        Same contract as megatron's ``CudaRNGStatesTracker`` (named states, ``add``,
+        ``fork``, ``get_states``/``set_states``), but every state is a CPU generator
+        state (``torch.get_rng_state()`` layout): ``add(name, seed)`` stores the state of a
+        generator seeded with ``seed``; ``fork(name)`` swaps that state into the CPU
+        default generator for the duration of the block and stores the advanced state
+        back on exit. ``use_cudagraphable_rng`` is not supported (no CUDA graphs on CPU).
+        """
+
+        def __init__(self, use_cudagraphable_rng=False, is_inference_rng_tracker=False):
+            if use_cudagraphable_rng:
+                raise ValueError("CUDA-graph-safe RNG is not available without CUDA")
+            super().__init__(use_cudagraphable_rng=False,
+                             is_inference_rng_tracker=is_inference_rng_tracker)
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            self.states_[name] = torch.Generator(device="cpu").manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=None):
+            if name is None:
+                name = _random_module()._MODEL_PARALLEL_RNG_TRACKER_NAME
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer_state = torch.get_rng_state()
+            outer_name = self._current_state_name
+            if outer_name != "default-rng":
+                self.states_[outer_name] = outer_state
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                if outer_name != "default-rng":
+                    outer_state = self.states_[outer_name]
+                torch.set_rng_state(outer_state)
+                self._current_state_name = outer_name
+
+    return CpuRNGStatesTracker
+
+
+def _cpu_get_rng_state(device="cuda", clone=False, graph_safe=False):
+    """CPU stand-in for ``random._get_cuda_rng_state``: the CPU generator state."""
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state, device=-1, graph_safe=False):
+    """CPU stand-in for ``random._set_cuda_rng_state``: sets the CPU generator state."""
+    torch.set_rng_state(new_state)
+
+
+# The class is built once (it subclasses the *original* tracker class).
+_TRACKER_CLASS: Optional[type] = None
+
+
+def _tracker_class():
+    global _TRACKER_CLASS
+    if _TRACKER_CLASS is None:
+        _TRACKER_CLASS = _make_cpu_tracker_class()
+    return _TRACKER_CLASS
+
+
+def __getattr__(name):  # lazily expose CpuRNGStatesTracker without importing megatron early
+    if name == "CpuRNGStatesTracker":
+        return _tracker_class()
+    raise AttributeError(name)
+
+
+# ---------------------------------------------------------------------------------------
+# rotary_inv_freq_device
+# ---------------------------------------------------------------------------------------
+
+
+def _rotary_cls():
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    return RotaryEmbedding
+
+
+def _rotary_get_emb(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
+    """RoPE angles ``[s, 1, 1, dim]`` computed where ``inv_freq`` lives (CPU here)."""
+    freqs = self.get_freqs_non_repeated(max_seq_len, offset)  # [s, dim/2]
+    if self.rotary_interleaved:
+        emb = freqs.repeat_interleave(2, dim=-1)  # f0 f0 f1 f1 ...
+    else:
+        emb = torch.cat((freqs, freqs), dim=-1)  # f0 f1 ... f0 f1 ...
+    return emb[:, None, None, :]
+
+
+# ---------------------------------------------------------------------------------------
+# router_gating_device / router_gating_te_gemm
+# ---------------------------------------------------------------------------------------
+
+
+def _router_cls():
+    from megatron.core.transformer.moe.router import Router
+
+    return Router
+
+
+def _moe_utils():
+    from megatron.core.transformer.moe import moe_utils
+
+    return moe_utils
+
+
+_ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+
+
+def _router_gating(self, input: torch.Tensor) -> torch.Tensor:
+    """Router logits without moving the weight to a CUDA device."""
+    router_dtype = _ROUTER_DTYPES.get(self.config.moe_router_dtype, input.dtype)
+    return _moe_utils().router_gating_linear(input, self.weight, self.bias, router_dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# global_memory_buffer_device
+# ---------------------------------------------------------------------------------------
+
+
+def _utils_buffer_cls():
+    from megatron.core.utils import GlobalMemoryBuffer
+
+    return GlobalMemoryBuffer
+
+
+def _buffer_get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+    """Same contract as upstream (a reused flat buffer per (name, dtype)), on CPU."""
+    numel = 1
+    for d in tensor_shape:
+        numel *= int(d)
+    buf = self.buffer.get((name, dtype))
+    if buf is None or buf.numel() < numel:
+        with (mem_alloc_context or contextlib.nullcontext)():
+            buf = torch.empty(numel, dtype=dtype, device="cpu", requires_grad=False)
+        self.buffer[(name, dtype)] = buf
+    return buf[:numel].view(*tensor_shape)
+
+
+# ---------------------------------------------------------------------------------------
+# gather_along_first_dim / reduce_scatter_along_first_dim / all_to_all_output_device
+# ---------------------------------------------------------------------------------------
+
+
+def _mappings():
+    from megatron.core.tensor_parallel import mappings
+
+    return mappings
+
+
+def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+    """All-gather along dim 0 with gloo-supported ``all_gather`` into ``input_``'s device.
+
+    ``use_global_buffer`` is accepted and ignored (a fresh tensor is returned).
+    """
+    assert group is not None, "group should not be None"
+    world = group.size()
+    if world == 1:
+        return input_
+    input_ = input_.contiguous()
+    if output_split_sizes is None:
+        output_split_sizes = [input_.size(0)] * world
+    output_split_sizes = [int(s) for s in output_split_sizes]
+    output = input_.new_empty([sum(output_split_sizes)] + list(input_.shape[1:]))
+    chunks = list(torch.split(output, output_split_sizes, dim=0))
+    if len(set(output_split_sizes)) == 1:
+        torch.distributed.all_gather(chunks, input_, group=group)
+    else:  # gloo's all_gather needs equal sizes: pad to the largest, then trim
+        largest = max(output_split_sizes)
+        padded = input_.new_zeros([largest] + list(input_.shape[1:]))
+        padded[: input_.size(0)] = input_
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        torch.distributed.all_gather(gathered, padded, group=group)
+        for dst, src, n in zip(chunks, gathered, output_split_sizes):
+            dst.copy_(src[:n])
+    return output
+
+
+def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+    """Reduce-scatter along dim 0 as ``all_reduce`` + own slice (gloo has no reduce_scatter).
+
+    Sums in the same order on every rank, so results are identical across ranks.
+    ``use_global_buffer`` is accepted and ignored.
+    """
+    assert group is not None, "group should not be None"
+    world = group.size()
+    if world == 1:
+        return input_
+    rank = group.rank()
+    if input_split_sizes is None:
+        if input_.size(0) % world != 0:
+            raise ValueError(
+                "First dimension of the tensor should be divisible by tensor parallel size"
+            )
+        input_split_sizes = [input_.size(0) // world] * world
+    input_split_sizes = [int(s) for s in input_split_sizes]
+    reduced = input_.contiguous().clone()
+    torch.distributed.all_reduce(reduced, group=group)
+    start = sum(input_split_sizes[:rank])
+    return reduced[start : start + input_split_sizes[rank]].contiguous()
+
+
+def _all_to_all_forward(ctx, group, input, output_split_sizes, input_split_sizes):
+    """``_AllToAll.forward`` with the output allocated on ``input``'s device."""
+    ctx.group = group
+    ctx.output_split_sizes = output_split_sizes
+    ctx.input_split_sizes = input_split_sizes
+    if group.size() == 1:
+        return input
+    input = input.contiguous()
+    if output_split_sizes is None:
+        output = torch.empty_like(input)
+    else:
+        output_split_sizes = [int(s) for s in output_split_sizes]
+        output = input.new_empty([sum(output_split_sizes)] + list(input.shape[1:]))
+    if input_split_sizes is not None:
+        input_split_sizes = [int(s) for s in input_split_sizes]
+    torch.distributed.all_to_all_single(
+        output,
+        input,
+        output_split_sizes=output_split_sizes,
+        input_split_sizes=input_split_sizes,
+        group=group,
+    )
+    return output
+
+
+def _all_to_all_cls():
+    return _mappings()._AllToAll
+
+
+# ---------------------------------------------------------------------------------------
+# alltoall_dispatcher_streams
+# ---------------------------------------------------------------------------------------
+
+
+def _alltoall_cls():
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    return MoEAlltoAllTokenDispatcher
+
+
+class _NoStream:
+    """Placeholder for the dispatcher's class-level ``cuda_dtoh_stream`` on CPU.
+
+    Its presence makes the upstream constructor skip ``torch.cuda.Stream()``; nothing
+    is ever scheduled on it (see :func:`_alltoall_dtoh_and_synchronize`).
+    """
+
+    def __repr__(self):
+        return "<mpmoe cpu_compat: no CUDA stream>"
+
+
+_NO_STREAM = _NoStream()
+
+
+def _to_host_splits(x):
+    if torch.is_tensor(x):
+        return x.cpu().numpy()
+    return x
+
+
+def _alltoall_dtoh_and_synchronize(self, point, tokens_per_expert=None):
+    """Stream-free version: at ``cuda_dtoh_point`` turn the split sizes into host numpy
+    arrays (what upstream's side-stream copy produces); there is nothing to synchronize."""
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        if torch.is_tensor(tokens_per_expert):
+            tokens_per_expert = tokens_per_expert.cpu()
+        self.input_splits = _to_host_splits(self.input_splits)
+        self.output_splits = _to_host_splits(self.output_splits)
+        self.output_splits_tp = _to_host_splits(self.output_splits_tp)
+        if torch.is_tensor(self.num_out_tokens):
+            self.num_out_tokens = self.num_out_tokens.cpu()
+        if self.num_local_experts > 1 and torch.is_tensor(
+            getattr(self, "num_global_tokens_per_local_expert", None)
+        ):
+            self.num_global_tokens_per_local_expert = self.num_global_tokens_per_local_expert.cpu()
+    return tokens_per_expert
+
+
+# ---------------------------------------------------------------------------------------
+# The registry
+# ---------------------------------------------------------------------------------------
+
+PATCHES: Tuple[Patch, ...] = (
+    Patch(
+        "rng_tracker",
+        _random_module,
+        "CudaRNGStatesTracker",
+        _tracker_class,
+        "Upstream: megatron.core.tensor_parallel.random.CudaRNGStatesTracker stores CUDA "
+        "generator states (torch.cuda.get_rng_state / manual_seed) and is what "
+        "model_parallel_cuda_manual_seed and get_cuda_rng_tracker().fork() use (dropout, "
+        "GPU-style init, MoE random logits, activation recompute). Without CUDA: "
+        "AssertionError 'Torch not compiled with CUDA enabled'. Replacement: "
+        "CpuRNGStatesTracker (same API, CPU generator states). Delete when megatron-core's "
+        "tracker is device-agnostic.",
+    ),
+    Patch(
+        "rng_state_get",
+        _random_module,
+        "_get_cuda_rng_state",
+        lambda: _cpu_get_rng_state,
+        "Part of rng_tracker. Upstream: _get_cuda_rng_state reads the CUDA generator "
+        "(activation-recompute CheckpointFunction saves it). Replacement returns the CPU "
+        "generator state.",
+    ),
+    Patch(
+        "rng_state_set",
+        _random_module,
+        "_set_cuda_rng_state",
+        lambda: _cpu_set_rng_state,
+        "Part of rng_tracker. Upstream: _set_cuda_rng_state writes the CUDA generator. "
+        "Replacement writes the CPU generator state.",
+    ),
+    Patch(
+        "rotary_inv_freq_device",
+        _rotary_cls,
+        "get_emb",
+        lambda: _rotary_get_emb,
+        "Upstream: RotaryEmbedding.get_emb moves inv_freq to torch.cuda.current_device() "
+        "on the first call when it is on CPU (GPTModel builds RotaryEmbedding itself, so "
+        "no spec can replace it). Replacement computes the same [s,1,1,dim] angles where "
+        "inv_freq lives. Delete when get_emb stops forcing CUDA.",
+    ),
+    Patch(
+        "router_gating_device",
+        _router_cls,
+        "gating",
+        lambda: _router_gating,
+        "Upstream: Router.gating moves weight/bias to torch.cuda.current_device() when they "
+        "are on CPU. Replacement: the same logits (router_gating_linear in "
+        "moe_router_dtype) without the move. Only stock routers need it; mpmoe's routers "
+        "override gating. Delete when Router.gating is device-agnostic.",
+    ),
+    Patch(
+        "router_gating_te_gemm",
+        _moe_utils,
+        "te_general_gemm",
+        lambda: None,
+        "Upstream: moe_utils imports te_general_gemm only when Transformer Engine is "
+        "installed, but RouterGatingLinearFunction tests 'te_general_gemm is not None' "
+        "unconditionally -> NameError without TE. Replacement: define it as None so "
+        "upstream's own torch.mm/addmm path runs. Applied only if the name is missing. "
+        "Delete when moe_utils sets te_general_gemm = None in its except ImportError.",
+    ),
+    Patch(
+        "global_memory_buffer_device",
+        _utils_buffer_cls,
+        "get_tensor",
+        lambda: _buffer_get_tensor,
+        "Upstream: GlobalMemoryBuffer.get_tensor allocates on torch.cuda.current_device() "
+        "(used by the allgather dispatcher's gather and by DotProductAttention). "
+        "Replacement: the same reusable buffer on CPU. Delete when it takes a device.",
+    ),
+    Patch(
+        "gather_along_first_dim",
+        _mappings,
+        "_gather_along_first_dim",
+        lambda: _gather_along_first_dim,
+        "Upstream: mappings._gather_along_first_dim allocates its output on "
+        "torch.cuda.current_device() (allgather dispatcher, sequence parallel). "
+        "Replacement: all_gather (gloo-supported, uneven sizes padded) into a tensor on "
+        "the input's device. Delete when upstream allocates on input_.device.",
+    ),
+    Patch(
+        "reduce_scatter_along_first_dim",
+        _mappings,
+        "_reduce_scatter_along_first_dim",
+        lambda: _reduce_scatter_along_first_dim,
+        "Upstream: mappings._reduce_scatter_along_first_dim allocates on "
+        "torch.cuda.current_device() and calls reduce_scatter(_tensor), which gloo does not "
+        "implement (allgather dispatcher combine, backward of its gather). Replacement: "
+        "all_reduce then keep this rank's slice. Delete when upstream is device-agnostic "
+        "and gloo gains reduce_scatter.",
+    ),
+    Patch(
+        "all_to_all_output_device",
+        _all_to_all_cls,
+        "forward",
+        lambda: staticmethod(_all_to_all_forward),
+        "Upstream: mappings._AllToAll.forward allocates the all-to-all-v output on "
+        "torch.cuda.current_device() (alltoall dispatcher). Replacement: allocate on the "
+        "input's device; split sizes passed as int lists (gloo). Delete when upstream "
+        "allocates on input.device.",
+    ),
+    Patch(
+        "alltoall_dispatcher_stream",
+        _alltoall_cls,
+        "cuda_dtoh_stream",
+        lambda: _NO_STREAM,
+        "Upstream: MoEAlltoAllTokenDispatcher.__init__ creates a class-wide "
+        "torch.cuda.Stream() for device-to-host copies when the class attribute is None. "
+        "Replacement: a CPU placeholder so the constructor skips it. Delete with "
+        "alltoall_dispatcher_dtoh.",
+    ),
+    Patch(
+        "alltoall_dispatcher_dtoh",
+        _alltoall_cls,
+        "_maybe_dtoh_and_synchronize",
+        lambda: _alltoall_dtoh_and_synchronize,
+        "Upstream: MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize copies split "
+        "sizes to the host on that CUDA stream and records/synchronizes a CUDA event. "
+        "Replacement: host numpy splits, no stream. Delete when the dispatcher supports "
+        "a CPU device.",
+    ),
+)
+
+_BY_NAME = {p.name: p for p in PATCHES}
+
+
+def _original_or_current(owner_fn: Callable[[], Any], attr: str) -> Any:
+    owner = owner_fn()
+    for entries in _APPLIED.values():
+        for o, a, orig in entries:
+            if o is owner and a == attr:
+                return orig
+    return getattr(owner, attr)
+
+
+def is_enabled() -> bool:
+    """True when the patches are applied in this process."""
+    return bool(_APPLIED)
+
+
+def enabled_patches() -> List[str]:
+    """Names of the applied patches (empty when CUDA is available)."""
+    return list(_APPLIED)
+
+
+def original(name: str) -> Any:
+    """The upstream object a patch replaced (or the current one when not applied).
+
+    Raises KeyError for an unknown patch name.
+    """
+    patch = _BY_NAME[name]
+    owner = patch.owner()
+    for o, a, orig in _APPLIED.get(name, []):
+        if o is owner and a == patch.attr:
+            return None if orig is _MISSING else orig
+    return owner.__dict__.get(patch.attr, getattr(owner, patch.attr, None))
+
+
+def enable(force: bool = False) -> List[str]:
+    """Apply all patches if CUDA is absent (or ``force``); idempotent.
+
+    Returns the names of the patches that are active after the call.
+    """
+    if torch.cuda.is_available() and not force:
+        return enabled_patches()
+    for patch in PATCHES:
+        if patch.name in _APPLIED:
+            continue
+        owner = patch.owner()
+        if patch.name == "router_gating_te_gemm" and getattr(owner, patch.attr, None) is not None:
+            continue  # Transformer Engine present: nothing to fix
+        orig = owner.__dict__.get(patch.attr, _MISSING) if isinstance(owner, type) else getattr(
+            owner, patch.attr, _MISSING
+        )
+        setattr(owner, patch.attr, patch.replacement())
+        _APPLIED[patch.name] = [(owner, patch.attr, orig)]
+    _reset_rng_tracker_if_cuda_one()
+    log.debug("mpmoe cpu_compat enabled: %s", ", ".join(_APPLIED))
+    return enabled_patches()
+
+
+def disable() -> None:
+    """Restore every original attribute (reverse order)."""
+    for name in reversed(list(_APPLIED)):
+        for owner, attr, orig in _APPLIED.pop(name):
+            if orig is _MISSING:
+                with contextlib.suppress(AttributeError):
+                    delattr(owner, attr)
+            else:
+                setattr(owner, attr, orig)
+    _reset_rng_tracker_if_cuda_one()
+
+
+def _reset_rng_tracker_if_cuda_one() -> None:
+    """Drop an already-built RNG tracker of the wrong kind (CUDA one while patched, CPU one
+    after :func:`disable`) so that the next ``get_cuda_rng_tracker()`` builds the right one."""
+    mrandom = _random_module()
+    tracker = mrandom._CUDA_RNG_STATE_TRACKER
+    if tracker is None:
+        return
+    if isinstance(tracker, _tracker_class()) != ("rng_tracker" in _APPLIED):
+        mrandom._CUDA_RNG_STATE_TRACKER = None
+        mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
