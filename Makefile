@@ -1,5 +1,6 @@
 # Two entry points, the same on a laptop, a workstation and CI:
-#   make demo   install into .venv and run the main job on its embedded default
+#   make demo   install into .venv and train the default model (tiny-cpu MoPE on the
+#               embedded corpus, CPU, a few minutes); `mpmoe train --help` for more
 #   make test   install into .venv (with test extras) and run the test suite
 #
 # TORCH_SPEC picks the torch wheel installed first. The default is the CPU wheel
@@ -24,7 +25,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python benchmarks/bench_otep.py
+	$(BIN)/mpmoe train
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -12,6 +12,7 @@ import sys
 
 # verb -> (module with main(argv), one-line help)
 VERBS: dict[str, tuple[str, str]] = {
+    "train": ("mpmoe.train.cli", "train a GPT MoE / MoPE model on megatron-core (default: tiny-cpu, embedded corpus)"),
     "data": ("mpmoe.data.cli", "text -> tokenizer -> Megatron indexed dataset (.bin/.idx)"),
 }
 

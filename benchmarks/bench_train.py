@@ -1,0 +1,151 @@
+"""Training step time: MoPE (OTEP) routing vs megatron's top-k, side by side in one run.
+
+Builds the preset's model twice (``--moe-router-load-balancing-type otep`` and
+``aux_loss``) with the trainer's own pieces (:mod:`mpmoe.train.optim`,
+:func:`mpmoe.train.loop.forward_backward`), warms both up, then times full training
+steps (forward + backward over the micro-batches, gradient sync, optimizer step)
+*interleaved* (MoPE, top-k, MoPE, ...) so that machine load affects both alike, and prints
+the median step times, tokens/s and the ratio. On a GPU it also prints the model FLOPs
+utilisation (6 x active parameters per token + attention, against the GPU's bf16 peak).
+
+    python benchmarks/bench_train.py                       # tiny-cpu on CPU (goal: <= 1.1x)
+    python benchmarks/bench_train.py --preset flame-moe-38m --steps 30   # on a GPU (goal: <= 1.03x)
+
+MoPE routes with OTEP from the first timed step (warm-up over) and a learned Sigma
+(the warm-up steps fill its counters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+# dense bf16 peak (TFLOP/s) by GPU name fragment, for the MFU estimate
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def _build(preset: str, router: str, extra: list[str]):
+    from mpmoe.megatron import build_gpt_model
+    from mpmoe.megatron.config import MoPEConfig
+    from mpmoe.train.args import model_config_kwargs, parse_args
+    from mpmoe.train.optim import build_optimizer, wrap_model
+    from mpmoe.train.presets import count_parameters
+
+    bf16 = [] if torch.cuda.is_available() else ["--no-bf16"]
+    args = parse_args(["--preset", preset, "--moe-router-load-balancing-type", router,
+                       "--train-iters", "1000", *bf16, *extra])
+    config = MoPEConfig(**model_config_kwargs(args))
+    model = build_gpt_model(config, vocab_size=args.vocab_size,
+                            max_sequence_length=args.max_position_embeddings,
+                            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
+    module = model
+    if args.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        module = Float16Module(config, model)
+    if torch.cuda.is_available():
+        module.cuda()
+    wrapped, finalize, megatron_ddp = wrap_model(module, config, args)
+    config.finalize_model_grads_func = finalize
+    optimizer = build_optimizer(wrapped, config, args, megatron_ddp)
+    if megatron_ddp:
+        config.grad_scale_func = optimizer.scale_loss
+    return args, model, wrapped, optimizer, megatron_ddp, count_parameters(model)
+
+
+def _batches(args, n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    s, b = args.seq_length, args.micro_batch_size
+    for _ in range(n):
+        ids = torch.randint(0, args.vocab_size, (b, s + 1), generator=g)
+        yield {"tokens": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
+               "loss_mask": torch.ones(b, s), "position_ids": torch.arange(s).expand(b, s).contiguous()}
+
+
+def _step(run, seed: int) -> float:
+    from mpmoe.megatron.router import set_training_progress
+    from mpmoe.train.loop import forward_backward
+
+    args, model, wrapped, optimizer, megatron_ddp, _ = run
+    nmb = args.global_batch_size // args.micro_batch_size
+    set_training_progress(model, 10**6, None)  # warm-up over: MoPE routes with OTEP
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    optimizer.zero_grad()
+    if megatron_ddp:
+        wrapped.zero_grad_buffer()
+    forward_backward(wrapped, _batches(args, nmb, seed), nmb, args)
+    optimizer.step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _flops_per_token(args, active: int) -> float:
+    attn = 12 * args.num_layers * args.hidden_size * args.seq_length  # fwd+bwd QK^T and AV
+    return 6 * active + attn
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny-cpu")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per router")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="more mpmoe train flags after --")
+    ns = p.parse_args(argv)
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    extra = [a for a in ns.extra if a != "--"]
+
+    from mpmoe.megatron import destroy_distributed, init_distributed
+
+    init_distributed(seed=1234)
+    runs = {"mope": _build(ns.preset, "otep", extra), "topk": _build(ns.preset, "aux_loss", extra)}
+    args = runs["mope"][0]
+    tokens = args.global_batch_size * args.seq_length
+    for i in range(ns.warmup):
+        for run in runs.values():
+            _step(run, seed=i)
+    times = {name: [] for name in runs}
+    for i in range(ns.steps):
+        for name, run in runs.items():
+            times[name].append(_step(run, seed=1000 + i))
+    destroy_distributed()
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"bench_train: preset {ns.preset}, {device}, {tokens} tokens/step "
+          f"(global batch {args.global_batch_size} x seq {args.seq_length}), "
+          f"{args.num_experts} experts top-{args.moe_router_topk}, {ns.steps} interleaved steps each")
+    med = {}
+    for name, ts in times.items():
+        ts = sorted(ts)
+        med[name] = statistics.median(ts)
+        q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))]  # noqa: E731
+        active = runs[name][5]["active"]
+        line = (f"  {name:5s} step {med[name] * 1e3:9.1f} ms (p10 {q(0.1) * 1e3:.1f}, p90 {q(0.9) * 1e3:.1f})"
+                f"  {tokens / med[name]:10.0f} tokens/s")
+        if torch.cuda.is_available():
+            peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
+            achieved = _flops_per_token(args, active) * tokens / med[name] / 1e12
+            line += f"  {achieved:.1f} TFLOP/s" + (f"  MFU {achieved / peak:.1%}" if peak else "")
+        print(line)
+    ratio = med["mope"] / med["topk"]
+    best = min(times["mope"]) / min(times["topk"])
+    goal = 1.03 if torch.cuda.is_available() else 1.1
+    print(f"  MoPE / top-k step time: {ratio:.3f}x by median, {best:.3f}x by fastest step "
+          f"(goal <= {goal}x by median: {'met' if ratio <= goal else 'NOT met'}; on a shared machine "
+          f"the fastest-step ratio is the less noisy one)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Checkpoints with megatron's dist checkpointing: model, optimizer, schedule, data, RNG, routing.
+
+Layout (Megatron-LM's)::
+
+    <save>/latest_checkpointed_iteration.txt     # "120"
+    <save>/iter_0000120/                          # a dist checkpoint (metadata.json, common.pt, ...)
+
+A checkpoint directory appears atomically: it is written as ``iter_XXXXXXX.tmp`` and
+renamed when every rank has finished; ``latest_checkpointed_iteration.txt`` is replaced
+after the rename. A run killed while saving leaves only a ``.tmp`` directory, which
+loading ignores and the next save of that iteration replaces.
+
+Contents: ``model`` (the model's sharded state dict, including each MoPE layer's Sigma
+counters), ``optimizer`` (Adam moments sharded like their parameters, or megatron's
+distributed-optimizer state), ``rng`` (one ShardedObject per rank: Python, NumPy, torch,
+CUDA and megatron's model-parallel tracker states) and ``train_state`` (iteration,
+consumed samples = the data-iterator position, scheduler state, router counters).
+
+Tensor storage: megatron's default ``torch_dist`` strategy on GPU. On CPU, megatron-core
+0.16.1's ``torch_dist`` writer calls ``torch.cuda.synchronize()`` and
+``torch.cuda.current_device()`` (filesystem_async.preload_tensors,
+state_dict_saver.save_state_dict_async_finalize); until the CPU-compatibility layer covers
+those, CPU runs store tensors with :class:`RankFileSaveStrategy` / :class:`RankFileLoadStrategy`
+(``mpmoe_rank_files`` backend): each rank ``torch.save``-s the main replicas of its shards,
+and loading matches shards by (key, global offset, shape). Loading therefore needs the
+same sharding (parallel layout) on CPU; ``torch_dist`` checkpoints reshard.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.core import CheckpointingException
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, is_main_replica
+from megatron.core.dist_checkpointing.strategies.base import (
+    LoadShardedStrategy,
+    SaveShardedStrategy,
+    StrategyAction,
+    register_default_strategy,
+)
+
+__all__ = ["RankFileLoadStrategy", "RankFileSaveStrategy", "latest_iteration", "load_checkpoint",
+           "save_checkpoint"]
+
+TRACKER = "latest_checkpointed_iteration.txt"
+RANK_FILES_BACKEND = "mpmoe_rank_files"
+
+
+def iteration_dir(root, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+# --------------------------------------------------------------------------- CPU tensor storage
+class RankFileSaveStrategy(SaveShardedStrategy):
+    """Each rank writes the main replicas of its ShardedTensors to ``rank_XXXXX.pt``."""
+
+    def __init__(self):
+        super().__init__(RANK_FILES_BACKEND, 1)
+
+    def save(self, sharded_state_dict, checkpoint_dir):
+        shards = {}
+        for st in nested_values(sharded_state_dict):
+            if not isinstance(st, ShardedTensor):
+                raise CheckpointingException(f"{RANK_FILES_BACKEND}: unexpected {type(st).__name__}")
+            if st.flattened_range is not None:
+                raise CheckpointingException(f"{RANK_FILES_BACKEND}: flattened shards are not supported")
+            if is_main_replica(st.replica_id):
+                shards[(st.key, tuple(st.global_offset))] = st.data.detach().cpu().clone()
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        torch.save(shards, Path(checkpoint_dir) / f"rank_{rank:05d}.pt")
+        if dist.is_initialized():
+            dist.barrier()
+
+
+class RankFileLoadStrategy(LoadShardedStrategy):
+    """Reads every rank file and fills each requested shard by (key, global offset, shape)."""
+
+    def check_backend_compatibility(self, loaded_backend):
+        if loaded_backend != RANK_FILES_BACKEND:
+            raise CheckpointingException(f"checkpoint backend {loaded_backend!r} is not {RANK_FILES_BACKEND!r}")
+
+    def check_version_compatibility(self, loaded_version):
+        if loaded_version != 1:
+            raise CheckpointingException(f"{RANK_FILES_BACKEND}: unknown version {loaded_version}")
+
+    def load_tensors_metadata(self, checkpoint_dir):
+        raise NotImplementedError(f"{RANK_FILES_BACKEND} does not store global metadata")
+
+    def load(self, sharded_state_dict, checkpoint_dir):
+        saved = {}
+        for path in sorted(Path(checkpoint_dir).glob("rank_*.pt")):
+            saved.update(torch.load(path, map_location="cpu", weights_only=True))
+
+        def fill(st):
+            if not isinstance(st, ShardedTensor):
+                return st
+            found = saved.get((st.key, tuple(st.global_offset)))
+            if found is None or tuple(found.shape) != tuple(st.local_shape):
+                raise CheckpointingException(
+                    f"checkpoint has no shard {st.key!r} at offset {tuple(st.global_offset)} with shape "
+                    f"{tuple(st.local_shape)} (CPU checkpoints resume only with the same parallel layout)")
+            return found.to(dtype=st.dtype)
+
+        dict_list_map_inplace(fill, sharded_state_dict)
+        return sharded_state_dict
+
+
+register_default_strategy(StrategyAction.SAVE_SHARDED, RANK_FILES_BACKEND, 1, RankFileSaveStrategy())
+register_default_strategy(StrategyAction.LOAD_SHARDED, RANK_FILES_BACKEND, 1, RankFileLoadStrategy())
+
+
+def _save_strategy():
+    return None if torch.cuda.is_available() else RankFileSaveStrategy()
+
+
+# --------------------------------------------------------------------------- RNG
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded(data) -> ShardedObject:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return ShardedObject("rng_state", data, (world,), (rank,), replica_id=0)
+
+
+# --------------------------------------------------------------------------- routing state
+def _router_counters(model) -> dict:
+    """Per-router Python counters that are not tensors (MoPE Sigma lives in the state dict)."""
+    from mpmoe.megatron.router import iter_routers
+
+    return {str(r.layer_number): int(getattr(r, "_counted_forwards", 0)) for r in iter_routers(model)}
+
+
+def _set_router_counters(model, counters: dict) -> None:
+    from mpmoe.megatron.router import iter_routers
+
+    for r in iter_routers(model):
+        if str(r.layer_number) in counters and hasattr(r, "_counted_forwards"):
+            r._counted_forwards = counters[str(r.layer_number)]
+
+
+# --------------------------------------------------------------------------- save / load
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(root, iteration: int, model, optimizer, scheduler, train_state: dict) -> Path:
+    """Write ``<root>/iter_XXXXXXX`` atomically and point the tracker file at it."""
+    from mpmoe.megatron.router import sync_routing_state
+
+    sync_routing_state(model)  # fold pending Sigma counts so the saved state is complete
+    final = iteration_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if _is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_sd = model.sharded_state_dict()
+    state = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd),
+        "rng": _rng_sharded(_rng_state()),
+        "train_state": {
+            **train_state,
+            "iteration": iteration,
+            "scheduler": scheduler.state_dict(),
+            "router_counters": _router_counters(model),
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        },
+    }
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy())
+    _barrier()
+    if _is_rank0():
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        tracker_tmp = Path(root) / (TRACKER + ".tmp")
+        tracker_tmp.write_text(f"{iteration}\n")
+        os.replace(tracker_tmp, Path(root) / TRACKER)
+    _barrier()
+    return final
+
+
+def latest_iteration(root) -> Optional[int]:
+    """The iteration in ``<root>/latest_checkpointed_iteration.txt`` (None: no checkpoint)."""
+    path = Path(root) / TRACKER
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointingException(f"{path}: expected an iteration number, got {text!r}") from None
+
+
+def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = True,
+                    load_rng: bool = True) -> Optional[dict]:
+    """Restore the latest checkpoint under ``root``; returns its ``train_state`` (None: none)."""
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return None
+    path = iteration_dir(root, iteration)
+    if not path.is_dir():
+        raise CheckpointingException(f"{path} (named by {TRACKER}) does not exist")
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    saved_world = common["train_state"]["world_size"]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    model_sd = model.sharded_state_dict()
+    request = {"model": model_sd}
+    if load_optim:
+        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+    restore_rng = load_rng and saved_world == world
+    if restore_rng:
+        request["rng"] = _rng_sharded(None)
+    strategy = None if torch.cuda.is_available() else RankFileLoadStrategy()
+    state = dist_checkpointing.load(request, str(path), sharded_strategy=strategy)
+    model.load_state_dict(state["model"], strict=True)
+    if load_optim:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["train_state"]["scheduler"])
+    if restore_rng:
+        _set_rng_state(state["rng"])
+    _set_router_counters(model, state["train_state"].get("router_counters", {}))
+    return state["train_state"]

@@ -1,0 +1,56 @@
+"""``mpmoe train``: parse Megatron-LM-style flags over a preset and run :func:`mpmoe.train.loop.train`.
+
+Exit codes: 0 success, 2 configuration error (one line: ``mpmoe train: error: ...``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Optional
+
+__all__ = ["main"]
+
+
+def _error(message: str) -> int:
+    print(f"mpmoe train: error: {message.splitlines()[0] if message else 'failed'}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from mpmoe.train.args import ConfigError, parse_args
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+    except ConfigError as exc:
+        return _error(str(exc))
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+    warnings.filterwarnings("ignore", message=".*Apex.*")
+    from mpmoe.train.loop import train
+
+    try:
+        result = train(args)
+    except ConfigError as exc:
+        return _error(str(exc))
+    except ValueError as exc:  # megatron / mpmoe config validation: one line
+        if len(str(exc).splitlines()) <= 1:
+            return _error(str(exc))
+        raise
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    if result["train_loss"] != result["train_loss"]:  # NaN: no iteration ran
+        print(f"mpmoe train: nothing to do: at iteration {result['iteration']} (--train-iters "
+              f"{args.train_iters})", file=sys.stderr)
+        return 0
+    print(f"mpmoe train: done at iteration {result['iteration']}: train loss "
+          f"{result['train_loss']:.4f}, validation loss {result['val_loss']:.4f}; run dir "
+          f"{result['run_dir']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

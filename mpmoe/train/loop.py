@@ -1,0 +1,295 @@
+"""The training loop, top to bottom.
+
+::
+
+    args = mpmoe.train.args.parse_args(["--preset", "tiny-cpu", "--train-iters", "50"])
+    result = mpmoe.train.loop.train(args)      # {"iteration": 50, "val_loss": ..., ...}
+
+1. processes and parallel groups (megatron ``parallel_state``: TP / EP / DP, RNG seeds);
+2. data: megatron ``GPTDataset``s from ``--data-path`` or the embedded corpus;
+3. model: a megatron ``GPTModel`` with MoE or MoPE layers (:func:`mpmoe.megatron.build_gpt_model`);
+4. data-parallel wrapper, optimizer, LR schedule (:mod:`mpmoe.train.optim`);
+5. resume from ``--load`` (model, optimizer, schedule, data position, RNG, routing state);
+6. iterations: tell the routers the step (MoPE warm-up), forward-backward over the
+   micro-batches (megatron's schedule), optimizer step, schedule step, routing statistics
+   window, logging, evaluation, checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["train", "evaluate", "forward_backward"]
+
+
+# --------------------------------------------------------------------------- one micro-batch
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Megatron's 3-tuple loss: (sum of token losses, token count, values to report)."""
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.float().reshape(-1)
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def forward_backward(model, data_iterator, num_microbatches: int, args, *, forward_only: bool = False):
+    """Forward (and backward) over this rank's micro-batches; returns the reported losses.
+
+    On GPU this is megatron's schedule (``get_forward_backward_func``). megatron-core
+    0.16.1's no-pipelining schedule allocates a CUDA tensor for its token count, so on CPU
+    the same loop is driven here with megatron's per-micro-batch ``forward_step`` and
+    ``backward_step`` (same loss scaling, MoE aux-loss scaling and gradient hook).
+    """
+    from megatron.core.pipeline_parallel.schedules import (
+        backward_step,
+        forward_step,
+        get_forward_backward_func,
+    )
+    from megatron.core.utils import get_model_config, get_model_type
+
+    if torch.cuda.is_available():
+        return get_forward_backward_func()(
+            forward_step_func=_forward_step, data_iterator=data_iterator, model=model,
+            num_microbatches=num_microbatches, seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size, forward_only=forward_only,
+        )
+    config = get_model_config(model)
+    store: list = []
+    for i in range(num_microbatches):
+        output, _ = forward_step(
+            _forward_step, data_iterator, model, num_microbatches, None, store, config,
+            cp_group_size=1, is_first_microbatch=i == 0, current_microbatch=i,
+        )
+        if not forward_only:
+            backward_step(None, output, None, get_model_type(model), config)
+    if not forward_only and config.finalize_model_grads_func is not None:
+        config.finalize_model_grads_func([model], None)
+    return store
+
+
+def _reduce_losses(reports: list) -> float:
+    """Mean token loss over the micro-batches of all data-parallel ranks."""
+    from megatron.core import parallel_state as ps
+
+    if not reports:
+        return float("nan")
+    total = torch.stack([r["lm loss"] for r in reports]).sum(dim=0).double()
+    if dist.is_initialized():
+        dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return float(total[0] / total[1].clamp_min(1))
+
+
+@torch.no_grad()
+def evaluate(model, dataset, args, dp_rank: int, dp_size: int) -> float:
+    """Validation loss on the first ``--eval-iters`` global batches of ``dataset`` (fixed set)."""
+    from mpmoe.train.data import micro_batches
+
+    model.eval()
+    reports = []
+    nmb = args.global_batch_size // (args.micro_batch_size * dp_size)
+    for i in range(args.eval_iters):
+        it = micro_batches(dataset, i * args.global_batch_size, args.global_batch_size,
+                           args.micro_batch_size, dp_rank, dp_size)
+        reports += forward_backward(model, it, nmb, args, forward_only=True)
+    model.train()
+    return _reduce_losses(reports)
+
+
+def _pad_vocab(vocab: int, divisible_by: int, tp: int) -> int:
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab / multiple) * multiple)
+
+
+def _default_run_dir(args) -> Path:
+    return Path("runs") / f"{Path(args.preset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _broadcast_str(text: str) -> str:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return text
+    box = [text]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --------------------------------------------------------------------------- the run
+def train(args) -> dict:
+    """Run training as configured by ``args`` (see :mod:`mpmoe.train.args`); returns a summary."""
+    from mpmoe.megatron import build_gpt_model, destroy_distributed, init_distributed
+    from mpmoe.megatron.config import MoPEConfig
+    from mpmoe.megatron.router import set_training_progress
+    from mpmoe.train import checkpoint as ckpt
+    from mpmoe.train.args import model_config_kwargs, validate
+    from mpmoe.train.data import build_datasets, micro_batches, resolve_data
+    from mpmoe.train.metrics import ExpertLoadMonitor, RunLogger, Throughput, environment_summary
+    from mpmoe.train.optim import build_optimizer, build_scheduler, schedule_lengths, wrap_model
+
+    # 1. processes and parallel groups ------------------------------------------------
+    info = init_distributed(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        backend=args.distributed_backend, seed=args.seed,
+    )
+    try:
+        validate(args, world_size=info.world_size)
+        _reset_megatron_moe_globals()
+        dp_rank, dp_size = info.data_parallel_rank, info.data_parallel_size
+        num_microbatches = args.global_batch_size // (args.micro_batch_size * dp_size)
+        run_dir = Path(_broadcast_str(str(args.run_dir or _default_run_dir(args))))
+
+        # 2. data -----------------------------------------------------------------------
+        spec = resolve_data(args)
+        vocab = _pad_vocab(spec.vocab_size, args.make_vocab_size_divisible_by, info.tensor_model_parallel_size)
+        train_ds, valid_ds, _ = build_datasets(spec, args, seed=args.seed)
+
+        # 3. model ----------------------------------------------------------------------
+        config = MoPEConfig(**model_config_kwargs(args))
+        model = build_gpt_model(
+            config, vocab_size=vocab, max_sequence_length=args.max_position_embeddings,
+            position_embedding_type=args.position_embedding_type,
+            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        )
+        module = model
+        if args.bf16:
+            from megatron.core.transformer.module import Float16Module
+
+            module = Float16Module(config, model)
+        if torch.cuda.is_available():
+            module.cuda()
+
+        # 4. data parallelism, optimizer, LR schedule ------------------------------------
+        wrapped, finalize_grads, megatron_ddp = wrap_model(module, config, args)
+        config.finalize_model_grads_func = finalize_grads
+        optimizer = build_optimizer(wrapped, config, args, megatron_ddp)
+        if megatron_ddp:
+            config.grad_scale_func = optimizer.scale_loss
+        scheduler = build_scheduler(optimizer, args)
+
+        # 5. resume ---------------------------------------------------------------------
+        iteration, consumed = 0, 0
+        if args.load is not None:
+            state = ckpt.load_checkpoint(args.load, model, optimizer, scheduler,
+                                         load_optim=not args.no_load_optim,
+                                         load_rng=not args.no_load_rng)
+            if state is not None:
+                iteration, consumed = state["iteration"], state["consumed_samples"]
+        stats = None
+        if args.num_experts is not None and args.moe_stats_dir is not None:
+            from mpmoe.megatron.stats import RoutingStatsTracker
+
+            stats = RoutingStatsTracker(model)
+
+        tokens_per_iter = args.global_batch_size * args.seq_length
+        logger = RunLogger(run_dir, args, args.train_iters, iteration, tokens_per_iter=tokens_per_iter)
+        if logger.rank0:
+            (run_dir / "config.json").write_text(json.dumps(
+                {"args": {k: v for k, v in vars(args).items() if _jsonable(v)},
+                 "data": {"source": spec.source, "vocab_size": spec.vocab_size, "padded_vocab": vocab,
+                          "tokenizer_dir": spec.tokenizer_dir},
+                 "schedule": schedule_lengths(args), "num_microbatches": num_microbatches,
+                 "parameters": _count_parameters(model), "environment": environment_summary()},
+                indent=2))
+        load_monitor = ExpertLoadMonitor(model)
+        throughput = Throughput(tokens_per_iter)
+        last_log = iteration
+        last_saved = iteration if args.load is not None and iteration > 0 else None
+        train_loss = val_loss = float("nan")
+        wrapped.train()
+
+        # 6. iterations -----------------------------------------------------------------
+        while iteration < args.train_iters:
+            set_training_progress(model, iteration, args.train_iters)  # MoPE warm-up clock
+            optimizer.zero_grad()
+            if megatron_ddp:
+                wrapped.zero_grad_buffer()
+            data = micro_batches(train_ds, consumed, args.global_batch_size, args.micro_batch_size,
+                                 dp_rank, dp_size)
+            reports = forward_backward(wrapped, data, num_microbatches, args)
+            ok, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=1)
+            iteration += 1
+            consumed += args.global_batch_size
+            throughput.tick()
+            if stats is not None:
+                stats.on_optimizer_step(iteration)
+            logger.step(iteration)
+
+            record = {}
+            if iteration % args.log_interval == 0 or iteration == args.train_iters:
+                train_loss = _reduce_losses(reports)
+                sec, tok_s = throughput.read()
+                record.update(loss=train_loss, lr=optimizer.param_groups[0]["lr"],
+                              grad_norm=float(grad_norm) if grad_norm is not None else None,
+                              tokens_per_s=tok_s, iter_time_s=sec, consumed_samples=consumed,
+                              skipped=not ok)
+                if args.num_experts is not None:
+                    logger.moe_scalars(iteration, load_monitor, model, iteration - last_log,
+                                       num_microbatches)
+                last_log = iteration
+            if valid_ds is not None and (iteration % args.eval_interval == 0
+                                         or iteration == args.train_iters):
+                val_loss = evaluate(wrapped, valid_ds, args, dp_rank, dp_size)
+                record["val_loss"] = val_loss
+            if record:
+                logger.log(iteration, record)
+            if args.save and args.save_interval and iteration % args.save_interval == 0:
+                ckpt.save_checkpoint(args.save, iteration, model, optimizer, scheduler,
+                                     {"consumed_samples": consumed})
+                last_saved = iteration
+        if args.save and last_saved != iteration:  # the final state, unless just saved
+            ckpt.save_checkpoint(args.save, iteration, model, optimizer, scheduler,
+                                 {"consumed_samples": consumed})
+        logger.close()
+        load_monitor.close()
+        return {"iteration": iteration, "train_loss": train_loss, "val_loss": val_loss,
+                "run_dir": str(run_dir), "consumed_samples": consumed}
+    finally:
+        destroy_distributed()
+
+
+def _reset_megatron_moe_globals() -> None:
+    """Clear megatron's process-wide MoE logging/loss-scale state left by an earlier run.
+
+    ``MoEAuxLossAutoScaler.main_loss_backward_scale`` is created as a 0-d tensor by a
+    backward that ran outside megatron's schedule, after which the schedule's
+    ``set_loss_scale`` (a 1-element tensor) fails to ``copy_`` into it; the aux-loss
+    tracker would carry another run's values.
+    """
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        get_moe_layer_wise_logging_tracker,
+    )
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    get_moe_layer_wise_logging_tracker().clear()
+
+
+def _jsonable(v) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except TypeError:
+        return False
+
+
+def _count_parameters(model) -> dict:
+    """Total and per-token active parameters of this rank's model (see presets test)."""
+    from mpmoe.train.presets import count_parameters
+
+    return count_parameters(model)

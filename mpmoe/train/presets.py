@@ -1,0 +1,82 @@
+"""Presets: model + training settings as data files (``configs/<name>.toml``).
+
+A preset is a TOML file whose tables (``[model]``, ``[moe]``, ``[training]``, ...) hold
+``mpmoe train`` options under their Megatron-LM names with underscores
+(``num_layers = 9`` is ``--num-layers 9``). Tables only group the keys for the reader;
+they are merged into one flat dict. Command-line flags override preset values.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+__all__ = ["CONFIG_DIR", "PresetError", "list_presets", "load_preset", "preset_path"]
+
+#: ``configs/`` at the repository root (this package is installed editable from it).
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+class PresetError(ValueError):
+    """Unknown preset or malformed preset file (one-line message)."""
+
+
+def list_presets() -> list[str]:
+    """Names of the presets in :data:`CONFIG_DIR` (file names without ``.toml``)."""
+    if not CONFIG_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def preset_path(name_or_path: str) -> Path:
+    """The file of a preset name (``flame-moe-38m``) or an explicit ``.toml`` path."""
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml" and candidate.is_file():
+        return candidate
+    path = CONFIG_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = ", ".join(list_presets()) or f"none found in {CONFIG_DIR}"
+        raise PresetError(f"unknown preset {name_or_path!r} (known: {known})")
+    return path
+
+
+def load_preset(name_or_path: str) -> dict:
+    """Flat ``{option: value}`` of a preset; raises :class:`PresetError`."""
+    path = preset_path(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise PresetError(f"{path}: {exc}") from None
+    flat: dict = {}
+    for key, value in data.items():
+        items = value.items() if isinstance(value, dict) else [(key, value)]
+        for k, v in items:
+            if k in flat:
+                raise PresetError(f"{path}: option {k!r} is set twice")
+            flat[k] = v
+    return flat
+
+
+def count_parameters(model) -> dict:
+    """``{"total": N, "active": A}`` parameters of a (single-rank) GPT MoE model.
+
+    Active = what one token uses: everything except the routed experts it is not sent to,
+    i.e. per MoE layer only ``moe_router_topk`` of its ``num_moe_experts`` routed experts
+    (shared experts, router, attention, norms and embeddings all count).
+    """
+    import re
+
+    cfg = model.config
+    total = sum(p.numel() for p in model.parameters())
+    expert_re = re.compile(r"(.*\.mlp\.experts)\.")
+    per_layer: dict = {}
+    for name, p in model.named_parameters():
+        m = expert_re.match(name)
+        if m:
+            per_layer[m.group(1)] = per_layer.get(m.group(1), 0) + p.numel()
+    active = total
+    if cfg.num_moe_experts:
+        local = cfg.num_moe_experts // cfg.expert_model_parallel_size
+        for n in per_layer.values():
+            active -= n - n // local * cfg.moe_router_topk
+    return {"total": int(total), "active": int(active)}

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Launch `mpmoe train` with torchrun over the GPUs of this machine (or nodes of a job).
+#
+#   scripts/train.sh PRESET [ROUTER] [extra mpmoe train flags...]
+#
+#   PRESET  a configs/*.toml name: tiny-cpu, flame-moe-38m ... flame-moe-1.7b
+#   ROUTER  mope (OTEP routing, --moe-router-load-balancing-type otep) or moe / topk
+#           (megatron's top-k with aux loss); default: the preset's own choice
+#
+# GPUs: counted with nvidia-smi (or torch). Expert parallelism is set to the largest
+# divisor of the preset's expert count that is <= the total number of GPUs (and divides it).
+# No GPU: one CPU process with gloo (NPROC_PER_NODE=N to run N CPU processes).
+# Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (torchrun's rendezvous);
+# under SLURM they default to SLURM_NNODES, SLURM_NODEID and the first host of the job.
+# The python used is $PYTHON (default: .venv/bin/python next to this script, else python3).
+#
+# Examples:
+#   scripts/train.sh tiny-cpu                       # embedded corpus, MoPE, CPU
+#   scripts/train.sh flame-moe-38m mope --data-path /data/dolma_text_document \
+#       --tokenizer-model /data/tokenizer --train-iters 8800 --save ckpt/38m-mope
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
+    sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    exit 0
+fi
+PRESET="$1"; shift
+if [[ ! -f "$ROOT/configs/$PRESET.toml" ]]; then
+    echo "train.sh: error: unknown preset '$PRESET' (configs: $(cd "$ROOT/configs" && ls *.toml | sed 's/.toml//' | tr '\n' ' '))" >&2
+    exit 2
+fi
+ROUTER_FLAGS=()
+if [[ $# -gt 0 && "$1" != --* ]]; then
+    case "$1" in
+        mope|otep) ROUTER_FLAGS=(--moe-router-load-balancing-type otep) ;;
+        moe|topk|aux_loss) ROUTER_FLAGS=(--moe-router-load-balancing-type aux_loss) ;;
+        *) echo "train.sh: error: unknown router '$1' (mope, moe)" >&2; exit 2 ;;
+    esac
+    shift
+fi
+
+PYTHON="${PYTHON:-}"
+if [[ -z "$PYTHON" ]]; then
+    if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+
+# --- GPUs on this node
+GPUS=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+    GPUS=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l || echo 0)
+fi
+if [[ "$GPUS" -eq 0 ]]; then
+    GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+fi
+
+# --- nodes (torchrun rendezvous; SLURM-friendly defaults)
+NNODES="${NNODES:-${SLURM_NNODES:-1}}"
+NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-0}}"
+if [[ -z "${MASTER_ADDR:-}" ]]; then
+    if [[ -n "${SLURM_JOB_NODELIST:-}" ]] && command -v scontrol >/dev/null 2>&1; then
+        MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    else
+        MASTER_ADDR=127.0.0.1
+    fi
+fi
+MASTER_PORT="${MASTER_PORT:-29500}"
+
+EXTRA=()
+if [[ "$GPUS" -gt 0 ]]; then
+    NPROC="${NPROC_PER_NODE:-$GPUS}"
+else
+    NPROC="${NPROC_PER_NODE:-1}"
+    EXTRA+=(--distributed-backend gloo)
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
+fi
+WORLD=$(( NPROC * NNODES ))
+
+# --- expert parallelism: the largest divisor of the expert count that divides the world size
+EXPERTS=$("$PYTHON" - "$PRESET" "$@" <<'PY'
+import sys
+from mpmoe.train.presets import load_preset
+argv = sys.argv[2:]
+n = load_preset(sys.argv[1]).get("num_experts") or 0
+if "--num-experts" in argv:
+    n = int(argv[argv.index("--num-experts") + 1])
+print(n)
+PY
+)
+EP=1
+case " $* " in *" --expert-model-parallel-size "*) EP=0 ;; esac   # given explicitly: keep it
+if [[ "$EP" -eq 1 && "$EXPERTS" -gt 0 ]]; then
+    for (( d=WORLD; d>=1; d-- )); do
+        if (( EXPERTS % d == 0 && WORLD % d == 0 )); then EP=$d; break; fi
+    done
+    EXTRA+=(--expert-model-parallel-size "$EP")
+fi
+
+echo "train.sh: preset $PRESET, $NNODES node(s) x $NPROC process(es) ($([[ $GPUS -gt 0 ]] && echo "$GPUS GPU(s)" || echo CPU/gloo)), EP=${EP/#0/given}" >&2
+cd "$ROOT"
+exec "$PYTHON" -m torch.distributed.run \
+    --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC" \
+    --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
+    -m mpmoe.train.cli --preset "$PRESET" "${ROUTER_FLAGS[@]}" "${EXTRA[@]}" "$@"

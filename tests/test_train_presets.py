@@ -1,0 +1,113 @@
+"""Presets construct with the published FLAME-MoE shapes; config errors are one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mpmoe.train.args import ConfigError, model_config_kwargs, parse_args
+from mpmoe.train.presets import list_presets, load_preset
+
+# FLAME-MoE model cards: (active, total) parameters and layers.
+CARDS = {
+    "flame-moe-38m": (38e6, 100e6, 9),
+    "flame-moe-98m": (98e6, 349e6, 9),
+    "flame-moe-115m": (115e6, 459e6, 12),
+    "flame-moe-290m": (290e6, 1.3e9, 9),
+    "flame-moe-419m": (419e6, 2.2e9, 15),
+    "flame-moe-721m": (721e6, 3.8e9, 12),
+    "flame-moe-1.7b": (1.7e9, 10.3e9, 18),
+}
+
+
+def test_all_presets_present():
+    assert set(CARDS) | {"tiny-cpu"} <= set(list_presets())
+
+
+@pytest.mark.parametrize("name", sorted(CARDS))
+def test_flame_preset_shape(name):
+    p = load_preset(name)
+    active, total, layers = CARDS[name]
+    assert p["num_layers"] == layers
+    assert p["num_experts"] == 64 and p["moe_router_topk"] == 6
+    # 2 shared experts of the routed experts' size, dense first layer, seq 2048, WSD 3e-4 -> 3e-5
+    assert p["moe_shared_expert_intermediate_size"] == 2 * p["moe_ffn_hidden_size"]
+    assert p["moe_layer_freq"] == [0] + [1] * (layers - 1)
+    assert p["seq_length"] == 2048 and p["global_batch_size"] == 1024
+    assert (p["lr"], p["min_lr"], p["lr_decay_style"]) == (3e-4, 3e-5, "WSD")
+
+
+def _build_on_meta(argv):
+    """Build the preset's GPTModel on the meta device (no memory) and count its parameters."""
+    from mpmoe.megatron import build_gpt_model, destroy_distributed, init_distributed
+    from mpmoe.megatron.config import MoPEConfig
+    from mpmoe.train.presets import count_parameters
+
+    args = parse_args(argv)
+    init_distributed(seed=1)
+    try:
+        kw = model_config_kwargs(args)
+        kw.update(perform_initialization=False, params_dtype=torch.float32, bf16=False,
+                  pipeline_dtype=torch.float32)
+        config = MoPEConfig(**kw)
+        with torch.device("meta"):
+            model = build_gpt_model(config, vocab_size=args.vocab_size,
+                                    max_sequence_length=args.max_position_embeddings,
+                                    share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
+        return count_parameters(model), model
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.parametrize("router", ["aux_loss", "otep"])
+@pytest.mark.parametrize("name", sorted(CARDS))
+def test_flame_preset_parameter_counts(name, router):
+    """Every preset builds as MoE and as MoPE; counts within 5% of the model card."""
+    active, total, layers = CARDS[name]
+    counts, model = _build_on_meta(["--preset", name, "--train-iters", "1", "--no-bf16",
+                                    "--global-batch-size", "4", "--micro-batch-size", "4",
+                                    "--moe-router-load-balancing-type", router])
+    assert len(model.decoder.layers) == layers
+    assert abs(counts["active"] / active - 1) < 0.05, counts
+    assert abs(counts["total"] / total - 1) < 0.05, counts
+
+
+def test_tiny_cpu_preset_is_mope():
+    counts, model = _build_on_meta(["--preset", "tiny-cpu"])
+    from mpmoe.megatron.router import MoPERouter, iter_routers
+
+    routers = list(iter_routers(model))
+    assert len(routers) == 3 and all(isinstance(r, MoPERouter) for r in routers)
+    assert counts["active"] < counts["total"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--moe-router-topk", "9"], "--moe-router-topk 9 must be between 1 and --num-experts 8"),
+    (["--expert-model-parallel-size", "3"], "--num-experts 8 is not divisible by --expert-model-parallel-size 3"),
+    (["--global-batch-size", "10", "--micro-batch-size", "4"], "--global-batch-size 10 is not divisible"),
+    (["--data-path", "/nonexistent/prefix", "--vocab-size", "100"], "/nonexistent/prefix.bin/.idx not found"),
+    (["--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
+    (["--load", "/nonexistent/ckpt"], "--load: /nonexistent/ckpt is not a directory"),
+    (["--preset", "flame-moe-38m", "--train-iters", "1", "--global-batch-size", "1023"],
+     "--global-batch-size 1023 is not divisible by --micro-batch-size 4"),
+])
+def test_config_errors(argv, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_args(argv)
+
+
+def test_cli_error_is_one_line_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "mpmoe.train.cli", "--moe-router-topk", "20"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "mpmoe train: error: --moe-router-topk 20 must be between 1 and --num-experts 8"]
+
+
+def test_layer_freq_megatron_syntax():
+    args = parse_args(["--preset", "flame-moe-38m", "--no-bf16", "--train-iters", "1", "--global-batch-size", "4",
+                       "--micro-batch-size", "4", "--moe-layer-freq", "([0]*1+[1]*8)"])
+    assert args.moe_layer_freq == [0] + [1] * 8
