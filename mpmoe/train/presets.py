@@ -13,8 +13,9 @@ from pathlib import Path
 
 __all__ = ["CONFIG_DIR", "PresetError", "list_presets", "load_preset", "preset_path"]
 
-#: ``configs/`` at the repository root (this package is installed editable from it).
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+#: The presets ship inside the package (``mpmoe/configs``, package data) so that a
+#: non-editable ``pip install`` has them; ``configs/`` at the repository root links here.
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 class PresetError(ValueError):
