@@ -347,3 +347,18 @@ def test_sdpa_attention_rejects_unsupported_features():
     x = torch.zeros(4, 1, 4, 16)
     with pytest.raises(ValueError, match="attention_bias"):
         attn(x, x[:, :, :2], x[:, :, :2], None, attention_bias=torch.zeros(1))
+
+
+def test_expert_bias_is_a_clear_error_not_an_autograd_failure(monkeypatch):
+    cfg = tiny_config(add_bias_linear=True)
+    with pytest.raises(ValueError, match="add_bias_linear"):
+        build_gpt_model(cfg, VOCAB, SEQ)
+    # What the check prevents: megatron's sequential experts with a bias cannot run a
+    # backward-enabled forward (delete the check when this stops raising).
+    import mpmoe.megatron.model as model_module
+
+    monkeypatch.setattr(model_module, "check_model_config", lambda config: None)
+    model = build_gpt_model(cfg, VOCAB, SEQ)
+    tokens, pos, labels = make_batch(0, batch=2, seq=SEQ, vocab=VOCAB)
+    with pytest.raises(RuntimeError, match="view"):
+        model(tokens, pos, None, labels=labels)

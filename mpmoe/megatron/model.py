@@ -59,6 +59,14 @@ def check_model_config(config: TransformerConfig) -> None:
                 f"moe_token_dispatcher_type={config.moe_token_dispatcher_type!r} is not one of "
                 f"{_DISPATCHERS}"
             )
+        if config.add_bias_linear and not config.moe_grouped_gemm:
+            # megatron-core 0.16.1's SequentialMLP adds the expert bias in place on the
+            # output of an autograd Function that returns its input as-is (TP=1), which
+            # autograd forbids: the first backward-enabled forward fails deep inside.
+            raise ValueError(
+                "add_bias_linear=True is not supported with megatron's sequential (local) "
+                "experts in megatron-core 0.16; set add_bias_linear=False"
+            )
         if config.moe_token_dispatcher_type == "flex" and not torch.cuda.is_available():
             raise ValueError("moe_token_dispatcher_type='flex' needs CUDA; use 'allgather' or "
                              "'alltoall' on CPU")
