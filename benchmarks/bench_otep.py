@@ -12,7 +12,7 @@ For each (tokens, experts, k) it prints, measured side by side in one run
 their ratios, and whether the selections agree (OTEP vs demo on a learned Sigma;
 all three on Sigma = I, where OTEP must equal top-k).
 
-    python benchmarks/bench_otep.py [--repeats 15] [--threads N] [--shapes 16384x64x8,...]
+    python benchmarks/bench_otep.py [--repeats 7] [--burst 5] [--threads N] [--shapes 16384x64x8,...]
 """
 
 from __future__ import annotations
@@ -94,29 +94,36 @@ def router_probs(tokens: int, num_experts: int, seed: int = 1) -> torch.Tensor:
     return (1.5 * torch.randn(tokens, num_experts, generator=g)).softmax(-1)
 
 
-def timeit(fns: dict, repeats: int) -> dict:
-    """Median seconds per function, runs interleaved so noise hits all alike."""
+def timeit(fns: dict, repeats: int, burst: int = 5) -> dict:
+    """Median seconds per call. Rounds alternate between the functions (so machine
+    noise hits all alike); within a round each runs ``burst`` calls back to back, the
+    steady state a router sees layer after layer."""
     for fn in fns.values():
         fn()  # warm-up
     samples = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
+            for _ in range(burst):
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t0)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated TxExK (default: %(default)s)")
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=7, help="rounds (each function runs --burst calls per round)")
+    ap.add_argument("--burst", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--skip-demo", action="store_true", help="do not time the demo formulation")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32, median of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32, "
+        f"median of {args.repeats} alternating rounds x {args.burst} calls"
+    )
     header = f"{'T x E x k':>16} {'topk ms':>9} {'otep ms':>9} {'demo ms':>9} {'otep/topk':>10} {'demo/otep':>10}  agree(otep=demo, I: otep=topk=demo)"
     print(header)
     print("-" * len(header))
@@ -130,7 +137,7 @@ def main(argv=None) -> int:
         }
         if not args.skip_demo:
             fns["demo"] = lambda: demo_formulation(probs, sigma, k)
-        times = timeit(fns, args.repeats)
+        times = timeit(fns, args.repeats, args.burst)
         # agreement on selections
         ours = otep_select(probs, sigma, k)
         if args.skip_demo:
