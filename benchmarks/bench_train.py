@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         ts = sorted(ts)
         med[name] = statistics.median(ts)
         q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))]  # noqa: E731
-        active = runs[name][5]["active"]
+        active = runs[name][-1]["active"]
         line = (f"  {name:5s} step {med[name] * 1e3:9.1f} ms (p10 {q(0.1) * 1e3:.1f}, p90 {q(0.9) * 1e3:.1f})"
                 f"  {tokens / med[name]:10.0f} tokens/s")
         if torch.cuda.is_available():
