@@ -48,6 +48,32 @@ The patches (name: target):
 ``alltoall_dispatcher_streams``
     ``MoEAlltoAllTokenDispatcher.cuda_dtoh_stream`` and ``._maybe_dtoh_and_synchronize``:
     a ``torch.cuda.Stream()`` created in the constructor and used for device-to-host copies.
+``ddp_grad_buffer_device``
+    ``distributed.param_and_grad_buffer._ParamAndGradBuffer.__init__``: DDP's contiguous
+    param/grad buffers on ``torch.cuda.current_device()``.
+``schedule_token_count_device``
+    ``pipeline_parallel.schedules.forward_backward_no_pipelining``: token counter created
+    with ``device="cuda"``.
+``fp32_optimizer_scale_device``
+    ``optimizer.optimizer.FP32Optimizer.__init__``: loss scale created with ``device="cuda"``.
+``grad_norm_device`` / ``grad_norm_l2_device`` / ``grad_clip_device``
+    ``get_grad_norm_fp32`` and ``clip_grad_by_total_norm_fp32`` as ``optimizer.optimizer``
+    sees them, and ``clip_grads.l2_norm_impl``: CUDA scratch tensors (and a
+    ``torch.cuda.FloatTensor`` type assertion in the clip).
+``dist_ckpt_preload_sync`` / ``dist_ckpt_finalize_device``
+    ``FileSystemWriterAsync.preload_tensors`` (``torch.cuda.synchronize()``) and
+    ``save_state_dict_async_finalize`` as ``strategies.torch`` sees it (failure flag on
+    ``torch.cuda.current_device()``): the ``torch_dist`` checkpoint writer.
+
+Most of the newer patches do not rewrite anything: :func:`_with_cuda_on_cpu` runs upstream's
+own function (same code object) with the global name ``torch`` resolving to a view in
+which ``torch.cuda.current_device()`` is the CPU, ``device="cuda"`` factories allocate on
+the CPU and ``torch.cuda.synchronize()`` does nothing; the rest of that function, and
+everything outside it, is untouched.
+
+Not patched: megatron's distributed optimizer (``DistributedOptimizer`` checks parameter
+types against ``torch.cuda.*Tensor`` names and its grad buffers reduce-scatter, which gloo
+lacks), so CPU training uses megatron's plain optimizer.
 """
 
 from __future__ import annotations
