@@ -361,7 +361,7 @@ def test_ddp_grad_buffer_upstream_needs_cuda(monkeypatch):
         _ddp(_tiny_gpt())
 
 
-def test_schedule_upstream_needs_cuda(monkeypatch):
+def test_schedule_upstream_needs_cuda(monkeypatch, restore_moe_loss_scale):
     from megatron.core.pipeline_parallel import schedules
 
     monkeypatch.setattr(schedules, "forward_backward_no_pipelining",
@@ -373,7 +373,18 @@ def test_schedule_upstream_needs_cuda(monkeypatch):
             num_microbatches=1, seq_length=16, micro_batch_size=2, forward_only=True)
 
 
-def test_ddp_and_schedule_on_cpu_match_plain_autograd():
+@pytest.fixture()
+def restore_moe_loss_scale():
+    """megatron's schedule sets the process-wide MoE aux-loss gradient scale
+    (1 / micro-batches); put back what later tests expect."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    saved = MoEAuxLossAutoScaler.main_loss_backward_scale
+    yield
+    MoEAuxLossAutoScaler.main_loss_backward_scale = saved
+
+
+def test_ddp_and_schedule_on_cpu_match_plain_autograd(restore_moe_loss_scale):
     """megatron's DDP (CPU buffers) + get_forward_backward_func() over 2 micro-batches give
     the loss and gradient of plain autograd on the unwrapped model."""
     from megatron.core.distributed import finalize_model_grads
