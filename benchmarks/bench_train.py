@@ -52,12 +52,11 @@ def _build(preset: str, router: str, extra: list[str]):
         module = Float16Module(config, model)
     if torch.cuda.is_available():
         module.cuda()
-    wrapped, finalize, megatron_ddp = wrap_model(module, config, args)
+    wrapped, finalize = wrap_model(module, config, args)
     config.finalize_model_grads_func = finalize
-    optimizer = build_optimizer(wrapped, config, args, megatron_ddp)
-    if megatron_ddp:
-        config.grad_scale_func = optimizer.scale_loss
-    return args, model, wrapped, optimizer, megatron_ddp, count_parameters(model)
+    optimizer = build_optimizer(wrapped, config, args)
+    config.grad_scale_func = optimizer.scale_loss
+    return args, model, wrapped, optimizer, count_parameters(model)
 
 
 def _batches(args, n: int, seed: int):
@@ -73,15 +72,14 @@ def _step(run, seed: int) -> float:
     from mpmoe.megatron.router import set_training_progress
     from mpmoe.train.loop import forward_backward
 
-    args, model, wrapped, optimizer, megatron_ddp, _ = run
+    args, model, wrapped, optimizer, _ = run
     nmb = args.global_batch_size // args.micro_batch_size
     set_training_progress(model, 10**6, None)  # warm-up over: MoPE routes with OTEP
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     optimizer.zero_grad()
-    if megatron_ddp:
-        wrapped.zero_grad_buffer()
+    wrapped.zero_grad_buffer()
     forward_backward(wrapped, _batches(args, nmb, seed), nmb, args)
     optimizer.step()
     if torch.cuda.is_available():
@@ -130,7 +128,7 @@ def main(argv=None) -> int:
         ts = sorted(ts)
         med[name] = statistics.median(ts)
         q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))]  # noqa: E731
-        active = runs[name][5]["active"]
+        active = runs[name][-1]["active"]
         line = (f"  {name:5s} step {med[name] * 1e3:9.1f} ms (p10 {q(0.1) * 1e3:.1f}, p90 {q(0.9) * 1e3:.1f})"
                 f"  {tokens / med[name]:10.0f} tokens/s")
         if torch.cuda.is_available():

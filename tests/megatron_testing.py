@@ -149,8 +149,10 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = DEFAU
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = find_free_port()
+    # Not daemonic: like torchrun's workers, they may start processes of their own (megatron's
+    # torch_dist checkpoint writer forks writer processes). Leftovers are killed below.
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results), daemon=True)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results), daemon=False)
         for r in range(world_size)
     ]
     for p in procs:

@@ -315,3 +315,205 @@ def test_all_to_all_on_gloo_forward_and_backward(collectives):
     torch.testing.assert_close(collectives[0]["a2a_grad"], torch.tensor([[1.0], [1.0], [2.0]]))
     torch.testing.assert_close(collectives[1]["a2a_grad"], torch.tensor([[1.0], [2.0], [2.0],
                                                                          [2.0]]))
+
+
+# --------------------------------------------------------------------------- DDP, schedule, optimizer
+
+
+def _ddp(model):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=False)
+    return DistributedDataParallel(model.config, ddp_config, model)
+
+
+def _tiny_gpt(seed=0):
+    from mpmoe.megatron import build_gpt_model
+
+    torch.manual_seed(seed)
+    return build_gpt_model(tiny_config(), 64, 16)
+
+
+def _batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        ids = torch.randint(0, 64, (2, 17), generator=g)
+        yield ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def _schedule_step(data, model):
+    tokens, labels = next(data)
+    out = model(tokens, torch.arange(16).expand(2, 16), None, labels=labels)
+
+    def loss_func(output):
+        loss = output.float().mean()
+        return loss, {"loss": loss.detach().clone()}  # the schedule divides loss in place
+
+    return out, loss_func
+
+
+def test_ddp_grad_buffer_upstream_needs_cuda(monkeypatch):
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
+
+    monkeypatch.setattr(_ParamAndGradBuffer, "__init__", cpu_compat.original("ddp_grad_buffer_device"))
+    with pytest.raises(CUDA_ERRORS):
+        _ddp(_tiny_gpt())
+
+
+def test_schedule_upstream_needs_cuda(monkeypatch, restore_moe_loss_scale):
+    from megatron.core.pipeline_parallel import schedules
+
+    monkeypatch.setattr(schedules, "forward_backward_no_pipelining",
+                        cpu_compat.original("schedule_token_count_device"))
+    model = _tiny_gpt()
+    with pytest.raises(CUDA_ERRORS):
+        schedules.get_forward_backward_func()(
+            forward_step_func=_schedule_step, data_iterator=_batches(1), model=model,
+            num_microbatches=1, seq_length=16, micro_batch_size=2, forward_only=True)
+
+
+@pytest.fixture()
+def restore_moe_loss_scale():
+    """megatron's schedule sets the process-wide MoE aux-loss gradient scale
+    (1 / micro-batches); put back what later tests expect."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    saved = MoEAuxLossAutoScaler.main_loss_backward_scale
+    yield
+    MoEAuxLossAutoScaler.main_loss_backward_scale = saved
+
+
+def test_ddp_and_schedule_on_cpu_match_plain_autograd(restore_moe_loss_scale):
+    """megatron's DDP (CPU buffers) + get_forward_backward_func() over 2 micro-batches give
+    the loss and gradient of plain autograd on the unwrapped model."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    reference = _tiny_gpt()
+    ref_losses = []
+    for tokens, labels in _batches(2):
+        loss = reference(tokens, torch.arange(16).expand(2, 16), None, labels=labels).mean() / 2
+        loss.backward()
+        ref_losses.append(loss.detach() * 2)
+
+    model = _tiny_gpt()
+    ddp = _ddp(model)
+    assert all(p.main_grad.device.type == "cpu" for p in model.parameters())
+    model.config.finalize_model_grads_func = finalize_model_grads
+    try:
+        ddp.zero_grad_buffer()
+        reports = get_forward_backward_func()(
+            forward_step_func=_schedule_step, data_iterator=_batches(2), model=ddp,
+            num_microbatches=2, seq_length=16, micro_batch_size=2, forward_only=False)
+    finally:
+        model.config.finalize_model_grads_func = None
+    torch.testing.assert_close(torch.stack([r["loss"] for r in reports]), torch.stack(ref_losses))
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.main_grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _megatron_adam(model, clip_grad=1.0):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    oc = OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.0, clip_grad=clip_grad,
+                         bf16=False, params_dtype=torch.float32, use_distributed_optimizer=False)
+    return get_megatron_optimizer(oc, [model])
+
+
+def test_megatron_optimizer_upstream_needs_cuda(monkeypatch):
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    grads = [torch.ones(3)]
+    with pytest.raises(CUDA_ERRORS):
+        cpu_compat.original("grad_norm_device")(grads)
+    with pytest.raises(CUDA_ERRORS):
+        cpu_compat.original("grad_norm_l2_device")(2048, torch.zeros(1, dtype=torch.int), [grads], False)
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    with pytest.raises(CUDA_ERRORS):
+        cpu_compat.original("grad_clip_device")([p], 1.0, 10.0)
+    monkeypatch.setattr(optimizer.FP32Optimizer, "__init__",
+                        cpu_compat.original("fp32_optimizer_scale_device"))
+    with pytest.raises(CUDA_ERRORS):
+        _megatron_adam(_ddp(_tiny_gpt()))
+    assert clip_grads.l2_norm_impl is not cpu_compat.original("grad_norm_l2_device")
+
+
+def test_megatron_optimizer_on_cpu_clips_by_global_norm_and_steps():
+    from megatron.core.optimizer import clip_grads
+
+    # the patched pieces on their own
+    grads = [torch.full((4,), 3.0), torch.full((9,), 4.0)]  # squares: 36 + 144
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    norm = moptimizer.get_grad_norm_fp32(grads, grad_stats_parallel_group=None)
+    assert abs(float(norm) - 180 ** 0.5) < 1e-5
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    moptimizer.clip_grad_by_total_norm_fp32([p], 1.0, 5.0)
+    torch.testing.assert_close(p.grad, torch.tensor([0.6, 0.8]), rtol=1e-5, atol=0)
+    moptimizer.clip_grad_by_total_norm_fp32([p], 10.0, 1.0)  # below the limit: unchanged
+    torch.testing.assert_close(p.grad, torch.tensor([0.6, 0.8]), rtol=1e-5, atol=0)
+
+    # get_megatron_optimizer over megatron's DDP: one clipped Adam step
+    model = _tiny_gpt()
+    ddp = _ddp(model)
+    opt = _megatron_adam(ddp, clip_grad=0.5)
+    ddp.zero_grad_buffer()
+    for tokens, labels in _batches(1):
+        model(tokens, torch.arange(16).expand(2, 16), None, labels=labels).mean().backward()
+    expected_norm = torch.sqrt(sum(q.main_grad.double().pow(2).sum() for q in model.parameters()))
+    before = [q.detach().clone() for q in model.parameters()]
+    ok, grad_norm, _ = opt.step()
+    assert ok and abs(grad_norm - float(expected_norm)) <= 1e-4 * float(expected_norm)
+    assert expected_norm > 0.5  # so the step clipped
+    moved = [float((q.detach() - b).abs().max()) for q, b in zip(model.parameters(), before)]
+    assert max(moved) == pytest.approx(1e-2, rel=1e-3)  # Adam's first step: lr * sign(grad)
+    assert float(opt.get_loss_scale()) == 1.0
+
+
+# --------------------------------------------------------------------------- torch_dist checkpoints
+
+
+def test_dist_ckpt_preload_upstream_needs_cuda():
+    bucket = ("f", "k", ([], [("item", torch.ones(2))]))
+    with pytest.raises(CUDA_ERRORS):
+        cpu_compat.original("dist_ckpt_preload_sync")([bucket], True)
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    (got,) = FileSystemWriterAsync.preload_tensors([bucket], True)
+    assert got[:2] == ("f", "k") and torch.equal(got[2][1][0][1], torch.ones(2))
+
+
+def _sharded(value):
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    return {"w": ShardedTensor.from_rank_offsets("w", value, replica_id=0),
+            "step": 3}
+
+
+def test_torch_dist_save_upstream_needs_cuda(monkeypatch, tmp_path):
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
+
+    monkeypatch.setattr(filesystem_async.FileSystemWriterAsync, "preload_tensors",
+                        staticmethod(lambda buckets, non_blocking=True: [
+                            (f, k, (b, [(i, t.cpu()) for i, t in ts])) for f, k, (b, ts) in buckets]))
+    monkeypatch.setattr(torch_strategy, "save_state_dict_async_finalize",
+                        cpu_compat.original("dist_ckpt_finalize_device"))
+    with pytest.raises(CUDA_ERRORS):
+        dist_checkpointing.save(_sharded(torch.ones(2, 3)), str(tmp_path))
+
+
+def test_torch_dist_checkpoint_round_trip_on_cpu(tmp_path):
+    from megatron.core import dist_checkpointing
+
+    value = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    dist_checkpointing.save(_sharded(value), str(tmp_path))
+    loaded = dist_checkpointing.load(_sharded(torch.zeros(2, 3)), str(tmp_path))
+    torch.testing.assert_close(loaded["w"], value)
+    assert loaded["step"] == 3

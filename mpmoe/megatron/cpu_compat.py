@@ -48,13 +48,41 @@ The patches (name: target):
 ``alltoall_dispatcher_streams``
     ``MoEAlltoAllTokenDispatcher.cuda_dtoh_stream`` and ``._maybe_dtoh_and_synchronize``:
     a ``torch.cuda.Stream()`` created in the constructor and used for device-to-host copies.
+``ddp_grad_buffer_device``
+    ``distributed.param_and_grad_buffer._ParamAndGradBuffer.__init__``: DDP's contiguous
+    param/grad buffers on ``torch.cuda.current_device()``.
+``schedule_token_count_device``
+    ``pipeline_parallel.schedules.forward_backward_no_pipelining``: token counter created
+    with ``device="cuda"``.
+``fp32_optimizer_scale_device``
+    ``optimizer.optimizer.FP32Optimizer.__init__``: loss scale created with ``device="cuda"``.
+``grad_norm_device`` / ``grad_norm_l2_device`` / ``grad_clip_device``
+    ``get_grad_norm_fp32`` and ``clip_grad_by_total_norm_fp32`` as ``optimizer.optimizer``
+    sees them, and ``clip_grads.l2_norm_impl``: CUDA scratch tensors (and a
+    ``torch.cuda.FloatTensor`` type assertion in the clip).
+``dist_ckpt_preload_sync`` / ``dist_ckpt_finalize_device``
+    ``FileSystemWriterAsync.preload_tensors`` (``torch.cuda.synchronize()``) and
+    ``save_state_dict_async_finalize`` as ``strategies.torch`` sees it (failure flag on
+    ``torch.cuda.current_device()``): the ``torch_dist`` checkpoint writer.
+
+Most of the newer patches do not rewrite anything: :func:`_with_cuda_on_cpu` runs upstream's
+own function (same code object) with the global name ``torch`` resolving to a view in
+which ``torch.cuda.current_device()`` is the CPU, ``device="cuda"`` factories allocate on
+the CPU and ``torch.cuda.synchronize()`` does nothing; the rest of that function, and
+everything outside it, is untouched.
+
+Not patched: megatron's distributed optimizer (``DistributedOptimizer`` checks parameter
+types against ``torch.cuda.*Tensor`` names and its grad buffers reduce-scatter, which gloo
+lacks), so CPU training uses megatron's plain optimizer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
+import types
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -392,6 +420,166 @@ def _alltoall_dtoh_and_synchronize(self, point, tokens_per_expert=None):
 
 
 # ---------------------------------------------------------------------------------------
+# Functions that only need "the CUDA device" to mean the CPU: ddp_grad_buffer_device,
+# schedule_token_count_device, fp32_optimizer_scale_device, grad_norm_device,
+# dist_ckpt_preload_sync, dist_ckpt_finalize_device
+# ---------------------------------------------------------------------------------------
+
+
+def _cpu_device(device):
+    """``device`` with any CUDA device replaced by the CPU."""
+    if device is None:
+        return None
+    if isinstance(device, int) or torch.device(device).type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class _CpuCudaView:
+    """``torch.cuda`` as one patched upstream function sees it: the current device is the
+    CPU and ``synchronize`` has nothing to wait for; every other name is ``torch.cuda``'s."""
+
+    @staticmethod
+    def current_device():
+        return torch.device("cpu")
+
+    @staticmethod
+    def synchronize(device=None):
+        return None
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+def _factory_on_cpu(factory):
+    def call(*args, device=None, **kwargs):
+        return factory(*args, device=_cpu_device(device), **kwargs)
+
+    call.__name__ = factory.__name__
+    return call
+
+
+class _CpuTorchView:
+    """``torch`` as one patched upstream function sees it: ``torch.cuda`` is
+    :class:`_CpuCudaView` and the tensor factories put ``device="cuda"`` tensors on the CPU;
+    every other name is ``torch``'s."""
+
+    cuda = _CpuCudaView()
+    zeros = staticmethod(_factory_on_cpu(torch.zeros))
+    ones = staticmethod(_factory_on_cpu(torch.ones))
+    empty = staticmethod(_factory_on_cpu(torch.empty))
+    full = staticmethod(_factory_on_cpu(torch.full))
+    tensor = staticmethod(_factory_on_cpu(torch.tensor))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+_CPU_TORCH = _CpuTorchView()
+
+
+class _GlobalsWithCpuTorch(dict):
+    """A function's globals: the name ``torch`` is :data:`_CPU_TORCH`, every other name is
+    looked up (live) in the upstream module's namespace."""
+
+    def __init__(self, module_globals: dict):
+        super().__init__(torch=_CPU_TORCH, __builtins__=module_globals.get("__builtins__"))
+        self._module_globals = module_globals
+
+    def __missing__(self, name):
+        return self._module_globals[name]
+
+
+def _with_cuda_on_cpu(fn):
+    """Upstream's own function ``fn`` (same code object, defaults, closure), run with the
+    global name ``torch`` bound to :data:`_CPU_TORCH`: its ``torch.cuda.current_device()``
+    and ``device="cuda"`` allocations land on the CPU, ``torch.cuda.synchronize()`` is a
+    no-op. Nothing outside that one function changes."""
+    patched = types.FunctionType(fn.__code__, _GlobalsWithCpuTorch(fn.__globals__),
+                                 fn.__name__, fn.__defaults__, fn.__closure__)
+    patched.__kwdefaults__ = fn.__kwdefaults__
+    patched.__dict__.update(fn.__dict__)
+    patched.__wrapped__ = fn
+    functools.update_wrapper(patched, fn, assigned=("__module__", "__qualname__", "__doc__"),
+                             updated=())
+    return patched
+
+
+def _upstream(owner_fn: Callable[[], Any], attr: str, static: bool = False):
+    """``replacement`` factory: upstream's ``owner.attr`` run with CUDA routed to the CPU."""
+
+    def build():
+        fn = _original_or_current(owner_fn, attr)
+        if isinstance(fn, staticmethod):
+            fn = fn.__func__
+        patched = _with_cuda_on_cpu(fn)
+        return staticmethod(patched) if static else patched
+
+    return build
+
+
+def _grad_buffer_cls():
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
+
+    return _ParamAndGradBuffer
+
+
+def _schedules():
+    from megatron.core.pipeline_parallel import schedules
+
+    return schedules
+
+
+def _fp32_optimizer_cls():
+    from megatron.core.optimizer.optimizer import FP32Optimizer
+
+    return FP32Optimizer
+
+
+def _optimizer_module():
+    from megatron.core.optimizer import optimizer
+
+    return optimizer
+
+
+@torch.no_grad()
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Scale fp32 gradients in place by ``max_norm / (total_norm + 1e-6)`` when that is < 1
+    (``.decoupled_grad`` instead of ``.grad`` when ``use_decoupled_grad``)."""
+    from megatron.core.utils import to_local_if_dtensor
+
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    name = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [to_local_if_dtensor(g).detach() for g in
+             (getattr(p, name, None) for p in parameters) if g is not None]
+    allowed = (torch.float32, torch.bfloat16) if use_decoupled_grad else (torch.float32,)
+    assert all(g.dtype in allowed for g in grads), "clip_grad_by_total_norm_fp32: fp32 grads only"
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if coeff < 1.0:
+        for g in grads:
+            g.mul_(coeff)
+
+
+def _clip_grads_module():
+    from megatron.core.optimizer import clip_grads
+
+    return clip_grads
+
+
+def _fs_writer_cls():
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    return FileSystemWriterAsync
+
+
+def _torch_strategy_module():
+    from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
+
+    return torch_strategy
+
+
+# ---------------------------------------------------------------------------------------
 # The registry
 # ---------------------------------------------------------------------------------------
 
@@ -516,6 +704,91 @@ PATCHES: Tuple[Patch, ...] = (
         "sizes to the host on that CUDA stream and records/synchronizes a CUDA event. "
         "Replacement: host numpy splits, no stream. Delete when the dispatcher supports "
         "a CPU device.",
+    ),
+    Patch(
+        "ddp_grad_buffer_device",
+        _grad_buffer_cls,
+        "__init__",
+        _upstream(_grad_buffer_cls, "__init__"),
+        "Upstream: distributed._ParamAndGradBuffer.__init__ allocates the contiguous "
+        "param/grad buffers on torch.cuda.current_device(), so megatron's "
+        "DistributedDataParallel cannot be built without CUDA. Replacement: upstream's own "
+        "__init__ with torch.cuda.current_device() answering the CPU (buffers on CPU). "
+        "Delete when the buffer allocates on its parameters' device.",
+    ),
+    Patch(
+        "schedule_token_count_device",
+        _schedules,
+        "forward_backward_no_pipelining",
+        _upstream(_schedules, "forward_backward_no_pipelining"),
+        "Upstream: schedules.forward_backward_no_pipelining (what get_forward_backward_func() "
+        "returns without pipeline parallelism) counts tokens in torch.zeros(..., "
+        "device='cuda'). Replacement: upstream's own schedule with that counter on the CPU. "
+        "Delete when the schedule allocates on the model's device.",
+    ),
+    Patch(
+        "fp32_optimizer_scale_device",
+        _fp32_optimizer_cls,
+        "__init__",
+        _upstream(_fp32_optimizer_cls, "__init__"),
+        "Upstream: optimizer.FP32Optimizer.__init__ (get_megatron_optimizer's fp32 "
+        "optimizer) creates its loss scale with torch.tensor(..., device='cuda'). "
+        "Replacement: upstream's own __init__ with that tensor on the CPU. Delete when "
+        "FP32Optimizer allocates on the parameters' device.",
+    ),
+    Patch(
+        "grad_norm_device",
+        _optimizer_module,
+        "get_grad_norm_fp32",
+        _upstream(_optimizer_module, "get_grad_norm_fp32"),
+        "Upstream: clip_grads.get_grad_norm_fp32 (imported by name into "
+        "optimizer.optimizer, which MegatronOptimizer.get_grad_norm/clip_grad_norm call) "
+        "creates its overflow buffer and norm with device='cuda'. Replacement: upstream's "
+        "own function with those tensors on the CPU, bound where the optimizer looks it up. "
+        "Delete when the grad norm allocates on the gradients' device.",
+    ),
+    Patch(
+        "grad_norm_l2_device",
+        _clip_grads_module,
+        "l2_norm_impl",
+        _upstream(_clip_grads_module, "l2_norm_impl"),
+        "Upstream: without Apex/Transformer Engine, clip_grads.l2_norm_impl is "
+        "utils.local_multi_tensor_l2_norm, which returns the norm in a tensor created with "
+        "device='cuda'. Replacement: that same function with the tensor on the CPU. Delete "
+        "when the local fallback allocates on the gradients' device.",
+    ),
+    Patch(
+        "grad_clip_device",
+        _optimizer_module,
+        "clip_grad_by_total_norm_fp32",
+        lambda: _clip_grad_by_total_norm_fp32,
+        "Upstream: clip_grads.clip_grad_by_total_norm_fp32 (imported by name into "
+        "optimizer.optimizer) asserts grad.type() == 'torch.cuda.FloatTensor' and creates "
+        "its overflow buffer with device='cuda'. Replacement: the same in-place scaling by "
+        "max_norm / (total_norm + 1e-6) when that is < 1, asserting fp32 grads on any "
+        "device; bound where the optimizer looks it up. Delete when upstream checks the "
+        "dtype instead of the CUDA tensor type.",
+    ),
+    Patch(
+        "dist_ckpt_preload_sync",
+        _fs_writer_cls,
+        "preload_tensors",
+        _upstream(_fs_writer_cls, "preload_tensors", static=True),
+        "Upstream: filesystem_async.FileSystemWriterAsync.preload_tensors (torch_dist save) "
+        "copies tensors to the host and calls torch.cuda.synchronize(), which raises "
+        "without CUDA. Replacement: upstream's own static method with synchronize a no-op "
+        "(CPU copies are synchronous). Delete when it synchronizes only when CUDA is used.",
+    ),
+    Patch(
+        "dist_ckpt_finalize_device",
+        _torch_strategy_module,
+        "save_state_dict_async_finalize",
+        _upstream(_torch_strategy_module, "save_state_dict_async_finalize"),
+        "Upstream: state_dict_saver.save_state_dict_async_finalize (imported by name into "
+        "strategies.torch, which the torch_dist save calls) broadcasts its failure flag in a "
+        "tensor on torch.cuda.current_device(). Replacement: upstream's own function with "
+        "that tensor on the CPU (gloo), bound where strategies.torch looks it up. Delete "
+        "when it allocates on the process group's device.",
     ),
 )
 

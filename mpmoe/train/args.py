@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--use-distributed-optimizer", action=B, default=True,
-                   help="GPU: megatron's distributed optimizer (CPU always uses the substitute)")
+                   help="GPU: megatron's distributed optimizer (CPU: megatron's plain optimizer)")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
                    help="default: nccl with CUDA, gloo without")
 

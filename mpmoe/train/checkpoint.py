@@ -16,14 +16,9 @@ distributed-optimizer state), ``rng`` (one ShardedObject per rank: Python, NumPy
 CUDA and megatron's model-parallel tracker states) and ``train_state`` (iteration,
 consumed samples = the data-iterator position, scheduler state, router counters).
 
-Tensor storage: megatron's default ``torch_dist`` strategy on GPU. On CPU, megatron-core
-0.16.1's ``torch_dist`` writer calls ``torch.cuda.synchronize()`` and
-``torch.cuda.current_device()`` (filesystem_async.preload_tensors,
-state_dict_saver.save_state_dict_async_finalize); until the CPU-compatibility layer covers
-those, CPU runs store tensors with :class:`RankFileSaveStrategy` / :class:`RankFileLoadStrategy`
-(``mpmoe_rank_files`` backend): each rank ``torch.save``-s the main replicas of its shards,
-and loading matches shards by (key, global offset, shape). Loading therefore needs the
-same sharding (parallel layout) on CPU; ``torch_dist`` checkpoints reshard.
+Tensor storage: megatron's default ``torch_dist`` strategy, on GPU and CPU (on CPU through
+:mod:`mpmoe.megatron.cpu_compat`, patches ``dist_ckpt_preload_sync`` and
+``dist_ckpt_finalize_device``), so checkpoints reshard and move between CPU and GPU runs.
 """
 
 from __future__ import annotations
@@ -39,87 +34,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.core import CheckpointingException
-from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, is_main_replica
-from megatron.core.dist_checkpointing.strategies.base import (
-    LoadShardedStrategy,
-    SaveShardedStrategy,
-    StrategyAction,
-    register_default_strategy,
-)
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-__all__ = ["RankFileLoadStrategy", "RankFileSaveStrategy", "latest_iteration", "load_checkpoint",
-           "save_checkpoint"]
+__all__ = ["latest_iteration", "load_checkpoint", "save_checkpoint"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
-RANK_FILES_BACKEND = "mpmoe_rank_files"
 
 
 def iteration_dir(root, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
-
-
-# --------------------------------------------------------------------------- CPU tensor storage
-class RankFileSaveStrategy(SaveShardedStrategy):
-    """Each rank writes the main replicas of its ShardedTensors to ``rank_XXXXX.pt``."""
-
-    def __init__(self):
-        super().__init__(RANK_FILES_BACKEND, 1)
-
-    def save(self, sharded_state_dict, checkpoint_dir):
-        shards = {}
-        for st in nested_values(sharded_state_dict):
-            if not isinstance(st, ShardedTensor):
-                raise CheckpointingException(f"{RANK_FILES_BACKEND}: unexpected {type(st).__name__}")
-            if st.flattened_range is not None:
-                raise CheckpointingException(f"{RANK_FILES_BACKEND}: flattened shards are not supported")
-            if is_main_replica(st.replica_id):
-                shards[(st.key, tuple(st.global_offset))] = st.data.detach().cpu().clone()
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        torch.save(shards, Path(checkpoint_dir) / f"rank_{rank:05d}.pt")
-        if dist.is_initialized():
-            dist.barrier()
-
-
-class RankFileLoadStrategy(LoadShardedStrategy):
-    """Reads every rank file and fills each requested shard by (key, global offset, shape)."""
-
-    def check_backend_compatibility(self, loaded_backend):
-        if loaded_backend != RANK_FILES_BACKEND:
-            raise CheckpointingException(f"checkpoint backend {loaded_backend!r} is not {RANK_FILES_BACKEND!r}")
-
-    def check_version_compatibility(self, loaded_version):
-        if loaded_version != 1:
-            raise CheckpointingException(f"{RANK_FILES_BACKEND}: unknown version {loaded_version}")
-
-    def load_tensors_metadata(self, checkpoint_dir):
-        raise NotImplementedError(f"{RANK_FILES_BACKEND} does not store global metadata")
-
-    def load(self, sharded_state_dict, checkpoint_dir):
-        saved = {}
-        for path in sorted(Path(checkpoint_dir).glob("rank_*.pt")):
-            saved.update(torch.load(path, map_location="cpu", weights_only=True))
-
-        def fill(st):
-            if not isinstance(st, ShardedTensor):
-                return st
-            found = saved.get((st.key, tuple(st.global_offset)))
-            if found is None or tuple(found.shape) != tuple(st.local_shape):
-                raise CheckpointingException(
-                    f"checkpoint has no shard {st.key!r} at offset {tuple(st.global_offset)} with shape "
-                    f"{tuple(st.local_shape)} (CPU checkpoints resume only with the same parallel layout)")
-            return found.to(dtype=st.dtype)
-
-        dict_list_map_inplace(fill, sharded_state_dict)
-        return sharded_state_dict
-
-
-register_default_strategy(StrategyAction.SAVE_SHARDED, RANK_FILES_BACKEND, 1, RankFileSaveStrategy())
-register_default_strategy(StrategyAction.LOAD_SHARDED, RANK_FILES_BACKEND, 1, RankFileLoadStrategy())
-
-
-def _save_strategy():
-    return None if torch.cuda.is_available() else RankFileSaveStrategy()
 
 
 # --------------------------------------------------------------------------- RNG
@@ -204,7 +127,7 @@ def save_checkpoint(root, iteration: int, model, optimizer, scheduler, train_sta
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         },
     }
-    dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy())
+    dist_checkpointing.save(state, str(tmp))
     _barrier()
     if _is_rank0():
         if final.exists():
@@ -248,8 +171,7 @@ def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = Tru
     restore_rng = load_rng and saved_world == world
     if restore_rng:
         request["rng"] = _rng_sharded(None)
-    strategy = None if torch.cuda.is_available() else RankFileLoadStrategy()
-    state = dist_checkpointing.load(request, str(path), sharded_strategy=strategy)
+    state = dist_checkpointing.load(request, str(path))
     model.load_state_dict(state["model"], strict=True)
     if load_optim:
         optimizer.load_state_dict(state["optimizer"])

@@ -49,38 +49,16 @@ def _forward_step(data_iterator, model):
 
 
 def forward_backward(model, data_iterator, num_microbatches: int, args, *, forward_only: bool = False):
-    """Forward (and backward) over this rank's micro-batches; returns the reported losses.
+    """Forward (and backward) over this rank's micro-batches with megatron's schedule
+    (``get_forward_backward_func``); returns the reported losses. On CPU the schedule runs
+    through :mod:`mpmoe.megatron.cpu_compat` (patch ``schedule_token_count_device``)."""
+    from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 
-    On GPU this is megatron's schedule (``get_forward_backward_func``). megatron-core
-    0.16.1's no-pipelining schedule allocates a CUDA tensor for its token count, so on CPU
-    the same loop is driven here with megatron's per-micro-batch ``forward_step`` and
-    ``backward_step`` (same loss scaling, MoE aux-loss scaling and gradient hook).
-    """
-    from megatron.core.pipeline_parallel.schedules import (
-        backward_step,
-        forward_step,
-        get_forward_backward_func,
+    return get_forward_backward_func()(
+        forward_step_func=_forward_step, data_iterator=data_iterator, model=model,
+        num_microbatches=num_microbatches, seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size, forward_only=forward_only,
     )
-    from megatron.core.utils import get_model_config, get_model_type
-
-    if torch.cuda.is_available():
-        return get_forward_backward_func()(
-            forward_step_func=_forward_step, data_iterator=data_iterator, model=model,
-            num_microbatches=num_microbatches, seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size, forward_only=forward_only,
-        )
-    config = get_model_config(model)
-    store: list = []
-    for i in range(num_microbatches):
-        output, _ = forward_step(
-            _forward_step, data_iterator, model, num_microbatches, None, store, config,
-            cp_group_size=1, is_first_microbatch=i == 0, current_microbatch=i,
-        )
-        if not forward_only:
-            backward_step(None, output, None, get_model_type(model), config)
-    if not forward_only and config.finalize_model_grads_func is not None:
-        config.finalize_model_grads_func([model], None)
-    return store
 
 
 def _reduce_losses(reports: list) -> float:
@@ -174,11 +152,10 @@ def train(args) -> dict:
             module.cuda()
 
         # 4. data parallelism, optimizer, LR schedule ------------------------------------
-        wrapped, finalize_grads, megatron_ddp = wrap_model(module, config, args)
+        wrapped, finalize_grads = wrap_model(module, config, args)
         config.finalize_model_grads_func = finalize_grads
-        optimizer = build_optimizer(wrapped, config, args, megatron_ddp)
-        if megatron_ddp:
-            config.grad_scale_func = optimizer.scale_loss
+        optimizer = build_optimizer(wrapped, config, args)
+        config.grad_scale_func = optimizer.scale_loss
         scheduler = build_scheduler(optimizer, args)
 
         # 5. resume ---------------------------------------------------------------------
@@ -216,8 +193,7 @@ def train(args) -> dict:
         while iteration < args.train_iters:
             set_training_progress(model, iteration, args.train_iters)  # MoPE warm-up clock
             optimizer.zero_grad()
-            if megatron_ddp:
-                wrapped.zero_grad_buffer()
+            wrapped.zero_grad_buffer()
             data = micro_batches(train_ds, consumed, args.global_batch_size, args.micro_batch_size,
                                  dp_rank, dp_size)
             reports = forward_backward(wrapped, data, num_microbatches, args)
