@@ -118,3 +118,26 @@ def test_ot_distance_identical_zero_and_shift():
     assert M.ot_distance([[0.0], [1.0]], [[2.0], [4.0]], p=1) == pytest.approx(2.5)
     d = M.ot_distance_matrix(np.stack([x, x, x + shift]))
     np.testing.assert_allclose(d, [[0, 0, 5], [0, 0, 5], [5, 5, 0]], atol=1e-5)
+
+
+def test_matrix_cka_ignores_the_diagonal():
+    rng = np.random.default_rng(2)
+
+    def sym(e):
+        a = rng.normal(size=(e, e))
+        s = (a + a.T) / 2
+        np.fill_diagonal(s, 1.0)
+        return s
+
+    a, b = sym(32), sym(32)
+    assert M.matrix_cka(a, a) == pytest.approx(1.0)
+    assert M.matrix_cka(a, 2.0 * a + 5.0 * np.eye(32)) == pytest.approx(1.0)  # diagonal and scale ignored
+    chance = M.matrix_cka_baseline(a, b)
+    assert abs(M.matrix_cka(a, b) - chance) < 0.15  # unrelated: at chance level
+    assert 0.1 < chance < 0.8 and M.matrix_cka_baseline(a, a) < 0.8
+    # plain linear CKA is pulled up by the shared unit diagonal; matrix_cka is not
+    weak_a, weak_b = np.eye(32) + 0.01 * (a - np.eye(32)), np.eye(32) + 0.01 * (b - np.eye(32))
+    assert M.linear_cka(weak_a, weak_b) > 0.9
+    assert M.matrix_cka(weak_a, weak_b) == pytest.approx(M.matrix_cka(a, b))
+    with pytest.raises(ValueError):
+        M.matrix_cka(a, b[:4, :4])

@@ -211,7 +211,8 @@ def probe_numbers(p: ExpertProbe, *, ot_samples: int = 128, progress: bool = Fal
         "mean_offdiag_output_similarity": finite(M.mean_offdiagonal(sim)),
         "max_offdiag_output_similarity": finite(np.max(sim[~np.eye(e, dtype=bool)])) if e > 1 else None,
         "most_similar_pairs": [[i, j, round(v, 6)] for i, j, v in M.top_pairs(sim, 5)],
-        "cka_similarity_vs_npmi": finite(M.linear_cka(sim, npmi)),
+        "cka_similarity_vs_npmi": finite(M.matrix_cka(sim, npmi)),
+        "cka_similarity_vs_npmi_chance": finite(M.matrix_cka_baseline(sim, npmi)),
         "effective_experts": finite(M.effective_num_experts(usage)),
         "coactivation_concentration": finite(M.coactivation_concentration(p.cooccurrence)),
     }
@@ -219,12 +220,13 @@ def probe_numbers(p: ExpertProbe, *, ot_samples: int = 128, progress: bool = Fal
         wsim = M.cosine_similarity_matrix(p.weights)
         mats["weight_similarity"] = wsim
         out["mean_offdiag_weight_similarity"] = finite(M.mean_offdiagonal(wsim))
-        out["cka_output_vs_weight_similarity"] = finite(M.linear_cka(sim, wsim))
+        out["cka_output_vs_weight_similarity"] = finite(M.matrix_cka(sim, wsim))
     if p.sigma is not None:
         corr = M.covariance_to_correlation(p.sigma)
         mats["sigma"] = corr
-        out["cka_similarity_vs_sigma"] = finite(M.linear_cka(sim, corr))
-        out["cka_npmi_vs_sigma"] = finite(M.linear_cka(npmi, corr))
+        out["cka_similarity_vs_sigma"] = finite(M.matrix_cka(sim, corr))
+        out["cka_similarity_vs_sigma_chance"] = finite(M.matrix_cka_baseline(sim, corr))
+        out["cka_npmi_vs_sigma"] = finite(M.matrix_cka(npmi, corr))
         out["sigma_mean_abs_offdiag_correlation"] = finite(M.mean_offdiagonal(corr, absolute=True))
     if ot_samples and ot_samples > 0:
         n = min(ot_samples, p.outputs.shape[1])
@@ -233,7 +235,7 @@ def probe_numbers(p: ExpertProbe, *, ot_samples: int = 128, progress: bool = Fal
         mats["ot"] = ot_m
         out["ot_samples"] = int(n)
         out["mean_offdiag_ot_distance"] = finite(M.mean_offdiagonal(ot_m))
-        out["cka_similarity_vs_ot"] = finite(M.linear_cka(sim, -ot_m))
+        out["cka_similarity_vs_ot"] = finite(M.matrix_cka(sim, -ot_m))
     out["_m"] = mats
     return out
 
@@ -279,7 +281,7 @@ def _plots(runs: list[tuple[str, dict[int, ExpertProbe], dict[int, dict]]], out:
                 for c, (a, b) in enumerate(pairs):
                     ms = nums[l]["_m"]
                     if a in ms and b in ms:
-                        mat[r, c] = M.linear_cka(ms[a], -ms[b] if b == "ot" else ms[b])
+                        mat[r, c] = M.matrix_cka(ms[a], -ms[b] if b == "ot" else ms[b])
             fig, ax = plt.subplots(figsize=(WIDTH_IN, 1.5 + 0.5 * len(layers)))
             im = ax.imshow(mat, cmap="viridis", vmin=0, vmax=1, aspect="auto")
             for r in range(mat.shape[0]):
@@ -288,7 +290,7 @@ def _plots(runs: list[tuple[str, dict[int, ExpertProbe], dict[int, dict]]], out:
                         ax.text(c, r, f"{mat[r, c]:.2f}", ha="center", va="center", fontsize=8, color="w")
             ax.set_xticks(range(len(pairs)), [f"{a} vs {b}" for a, b in pairs], fontsize=7)
             ax.set_yticks(range(len(layers)), [f"L{l}" for l in layers], fontsize=7)
-            ax.set_title(f"{name}: linear CKA per layer", fontsize=10)
+            ax.set_title(f"{name}: linear CKA per layer (off-diagonal structure)", fontsize=10)
             fig.colorbar(im, ax=ax)
             fig.tight_layout()
             images.append((save(fig, out / f"cka_heatmap{tag}.png", DPI).name, f"{name}: linear CKA per layer"))

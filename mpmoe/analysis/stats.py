@@ -202,7 +202,7 @@ def layer_summary(ls: LayerStats) -> dict:
         out["sigma_max_offdiag_correlation"] = finite(np.max(corr[~np.eye(len(corr), dtype=bool)])) \
             if len(corr) > 1 else None
         out["sigma_cka_with_cooccurrence_npmi"] = finite(
-            M.linear_cka(corr, M.pmi_cooccurrence(total_c, tokens))) if tokens > 0 else None
+            M.matrix_cka(corr, M.pmi_cooccurrence(total_c, tokens))) if tokens > 0 else None
     return out
 
 
@@ -424,7 +424,7 @@ def _compare(a: StatsSet, b: StatsSet) -> dict:
             va, vb = sa.get(key), sb.get(key)
             row[key] = [va, vb]
         if a.layers[l].num_experts == b.layers[l].num_experts:
-            row["cka_normalized_cooccurrence"] = M.linear_cka(
+            row["cka_normalized_cooccurrence"] = M.matrix_cka(
                 M.row_normalized_cooccurrence(a.layers[l].total_cooccurrence),
                 M.row_normalized_cooccurrence(b.layers[l].total_cooccurrence))
         out[str(l)] = row
