@@ -54,8 +54,9 @@ def _train_args(argv: list[str]):
               "--pipeline-model-parallel-size", "1", "--no-tensorboard"]
     if not torch.cuda.is_available():
         forced += ["--no-bf16"]
+    # --train-iters only sizes the training schedule, which the analysis does not use
     try:
-        return parse_args(list(argv) + forced)
+        return parse_args(["--train-iters", "1"] + list(argv) + forced)
     except ConfigError as exc:
         raise AnalysisError(f"model flags: {exc}") from None
     except SystemExit:
