@@ -111,3 +111,16 @@ def test_cli_report_with_compare(tmp_path):
 def test_synthetic_routing_has_k_per_token():
     m = synthetic_routing(np.random.default_rng(0), 50, 8, 3)
     assert (m.sum(1) == 3).all()
+
+
+def test_import_is_light():
+    """Importing the package and running the CLI's parser pulls in neither matplotlib nor megatron."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mpmoe.analysis, mpmoe.analysis.stats, mpmoe.analysis.cli as c; "
+            "assert c.main(['stats', '/nonexistent-dir', '--out', '/tmp/x']) == 2; "
+            "bad = [m for m in ('matplotlib', 'megatron', 'sklearn', 'ot', 'torch') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--load", required=True, help="checkpoint folder written by `mpmoe train --save`")
     c.add_argument("--compare-load", default=None, help="a second checkpoint (e.g. the MoE run vs the MoPE run)")
     c.add_argument("--compare-args", default=None,
-                   help="trainer flags of the second model as one string (default: the first model's, "
-                        "with the routing type read from nothing: pass them when the runs differ)")
+                   help="`mpmoe train` flags of the second model as one string (default: the first "
+                        "model's flags; pass them when the runs differ, e.g. in routing type)")
     c.add_argument("--name", default=None)
     c.add_argument("--compare-name", default=None)
     c.add_argument("--out", required=True)
