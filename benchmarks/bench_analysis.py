@@ -1,6 +1,6 @@
 """Time `mpmoe analyze` on a 64-expert, 9-layer statistics set and a flame-moe-38m checkpoint.
 
-    python benchmarks/bench_analysis.py [--workdir DIR] [--windows 20] [--num-tokens 2048] [--ot-samples 64]
+    python benchmarks/bench_analysis.py [--workdir DIR] [--windows 20] [--num-tokens 2048] [--ot-samples 128]
 
 1. writes a synthetic statistics set the shape of a flame-moe-38m run (layers 2..9 MoPE, 64
    experts, top-6 routed, --windows windows; and a top-k set for --compare), then times
@@ -52,7 +52,7 @@ def main() -> int:
     p.add_argument("--workdir", default=None)
     p.add_argument("--windows", type=int, default=20)
     p.add_argument("--num-tokens", type=int, default=2048)
-    p.add_argument("--ot-samples", type=int, default=64)
+    p.add_argument("--ot-samples", type=int, default=128)
     a = p.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench-analysis-"))
     env = dict(os.environ, PYTHONWARNINGS="ignore")
