@@ -131,3 +131,16 @@ def test_checkpoint_directory_is_atomic(tmp_path, dataset):
     assert sorted(p.name for p in ck.iterdir()) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
     # resuming a finished run does no more iterations and keeps the state
     assert main(tiny_flags(dataset, tmp_path / "run2", load=str(ck), **{"train-iters": 2})) == 0
+
+
+def test_loading_a_checkpoint_of_another_shape_is_a_one_line_error(tmp_path, dataset, capsys):
+    from mpmoe.train.cli import main
+
+    ckpt = tmp_path / "ckpt"
+    assert main(tiny_flags(dataset, tmp_path / "a", **{"train-iters": 0}) + ["--save", str(ckpt)]) == 0
+    assert (ckpt / "latest_checkpointed_iteration.txt").is_file()
+    capsys.readouterr()
+    rc = main(tiny_flags(dataset, tmp_path / "b", **{"train-iters": 1, "hidden-size": 48}) + ["--load", str(ckpt)])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mpmoe train: error:") and "does not fit this model" in err[-1], err[-3:]

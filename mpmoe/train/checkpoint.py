@@ -32,6 +32,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -140,6 +141,17 @@ def save_checkpoint(root, iteration: int, model, optimizer, scheduler, train_sta
     return final
 
 
+def _last_line(exc: BaseException) -> str:
+    failures = getattr(exc, "failures", None) or {}
+    for failure in failures.values():
+        inner = failure.args[0] if isinstance(failure, BaseException) and failure.args else failure
+        lines = [ln.strip() for ln in str(inner).strip().splitlines() if ln.strip()]
+        if lines:
+            return lines[-1]
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
 def latest_iteration(root) -> Optional[int]:
     """The iteration in ``<root>/latest_checkpointed_iteration.txt`` (None: no checkpoint)."""
     path = Path(root) / TRACKER
@@ -171,7 +183,14 @@ def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = Tru
     restore_rng = load_rng and saved_world == world
     if restore_rng:
         request["rng"] = _rng_sharded(None)
-    state = dist_checkpointing.load(request, str(path))
+    try:
+        state = dist_checkpointing.load(request, str(path))
+    except CheckpointException as exc:
+        # torch's CheckpointException derives from BaseException (so `except Exception`
+        # misses it) and carries every rank's traceback; keep the first failure's last line.
+        raise CheckpointingException(
+            f"{path} does not fit this model: {_last_line(exc)}"
+        ) from exc
     model.load_state_dict(state["model"], strict=True)
     if load_optim:
         optimizer.load_state_dict(state["optimizer"])

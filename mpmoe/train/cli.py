@@ -32,9 +32,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     warnings.filterwarnings("ignore", message=".*Apex.*")
     from mpmoe.train.loop import train
 
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
     try:
         result = train(args)
-    except ConfigError as exc:
+    except (ConfigError, CheckpointingException) as exc:
         return _error(str(exc))
     except ValueError as exc:  # megatron / mpmoe config validation: one line
         if len(str(exc).splitlines()) <= 1:
