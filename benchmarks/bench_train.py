@@ -32,26 +32,15 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10"
 
 
 def _build(preset: str, router: str, extra: list[str]):
-    from mpmoe.megatron import build_gpt_model
-    from mpmoe.megatron.config import MoPEConfig
-    from mpmoe.train.args import model_config_kwargs, parse_args
+    from mpmoe.train.args import parse_args
+    from mpmoe.train.loop import build_model
     from mpmoe.train.optim import build_optimizer, wrap_model
     from mpmoe.train.presets import count_parameters
 
     bf16 = [] if torch.cuda.is_available() else ["--no-bf16"]
     args = parse_args(["--preset", preset, "--moe-router-load-balancing-type", router,
                        "--train-iters", "1000", *bf16, *extra])
-    config = MoPEConfig(**model_config_kwargs(args))
-    model = build_gpt_model(config, vocab_size=args.vocab_size,
-                            max_sequence_length=args.max_position_embeddings,
-                            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
-    module = model
-    if args.bf16:
-        from megatron.core.transformer.module import Float16Module
-
-        module = Float16Module(config, model)
-    if torch.cuda.is_available():
-        module.cuda()
+    config, model, module = build_model(args, args.vocab_size)
     wrapped, finalize = wrap_model(module, config, args)
     config.finalize_model_grads_func = finalize
     optimizer = build_optimizer(wrapped, config, args)

@@ -68,13 +68,9 @@ def load_model(load_dir, train_argv: list[str]):
 
     ``train_argv``: the ``mpmoe train`` flags that describe the model (preset, sizes, routing).
     """
-    import torch
-
-    from mpmoe.megatron import build_gpt_model
-    from mpmoe.megatron.config import MoPEConfig
-    from mpmoe.train.args import model_config_kwargs
     from mpmoe.train.checkpoint import latest_iteration, load_checkpoint
     from mpmoe.train.data import resolve_data
+    from mpmoe.train.loop import build_model, padded_vocab_size
 
     root = Path(load_dir)
     if not root.is_dir():
@@ -89,14 +85,8 @@ def load_model(load_dir, train_argv: list[str]):
     if args.num_experts is None:
         raise AnalysisError("model flags describe a dense model (no --num-experts)")
     spec = resolve_data(args)
-    multiple = args.make_vocab_size_divisible_by
-    vocab = int(math.ceil(spec.vocab_size / multiple) * multiple)
-    config = MoPEConfig(**model_config_kwargs(args))
-    model = build_gpt_model(config, vocab_size=vocab, max_sequence_length=args.max_position_embeddings,
-                            position_embedding_type=args.position_embedding_type,
-                            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
-    if torch.cuda.is_available():
-        model.cuda()
+    args.bf16 = False  # analysis runs the fp32 model
+    _, model, _ = build_model(args, padded_vocab_size(spec.vocab_size, args.make_vocab_size_divisible_by))
     try:
         load_checkpoint(root, model, None, None, load_optim=False, load_rng=False)
     except Exception as exc:  # noqa: BLE001 - one line for a mismatched model / checkpoint

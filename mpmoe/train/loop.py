@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-__all__ = ["train", "evaluate", "forward_backward"]
+__all__ = ["train", "evaluate", "forward_backward", "build_model", "padded_vocab_size"]
 
 
 # --------------------------------------------------------------------------- one micro-batch
@@ -89,7 +89,36 @@ def evaluate(model, dataset, args, dp_rank: int, dp_size: int) -> float:
     return _reduce_losses(reports)
 
 
-def _pad_vocab(vocab: int, divisible_by: int, tp: int) -> int:
+def build_model(args, vocab_size: int):
+    """The model ``args`` describe: ``(config, model, module)``.
+
+    ``model`` is megatron's ``GPTModel`` (MoE or MoPE layers, :class:`MoPEConfig`);
+    ``module`` is what trains: the model itself, or wrapped in megatron's
+    ``Float16Module`` under ``--bf16``; on the GPU when there is one. Used by the loop,
+    the training benchmark and ``mpmoe analyze checkpoint`` alike.
+    """
+    from mpmoe.megatron import build_gpt_model
+    from mpmoe.megatron.config import MoPEConfig
+    from mpmoe.train.args import model_config_kwargs
+
+    config = MoPEConfig(**model_config_kwargs(args))
+    model = build_gpt_model(
+        config, vocab_size=vocab_size, max_sequence_length=args.max_position_embeddings,
+        position_embedding_type=args.position_embedding_type,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+    )
+    module = model
+    if args.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        module = Float16Module(config, model)
+    if torch.cuda.is_available():
+        module.cuda()
+    return config, model, module
+
+
+def padded_vocab_size(vocab: int, divisible_by: int, tp: int = 1) -> int:
+    """Megatron-LM's padding of the vocabulary to a multiple of ``divisible_by * tp``."""
     multiple = divisible_by * tp
     return int(math.ceil(vocab / multiple) * multiple)
 
@@ -109,11 +138,10 @@ def _broadcast_str(text: str) -> str:
 # --------------------------------------------------------------------------- the run
 def train(args) -> dict:
     """Run training as configured by ``args`` (see :mod:`mpmoe.train.args`); returns a summary."""
-    from mpmoe.megatron import build_gpt_model, destroy_distributed, init_distributed
-    from mpmoe.megatron.config import MoPEConfig
+    from mpmoe.megatron import destroy_distributed, init_distributed
     from mpmoe.megatron.router import set_training_progress
     from mpmoe.train import checkpoint as ckpt
-    from mpmoe.train.args import model_config_kwargs, validate
+    from mpmoe.train.args import validate
     from mpmoe.train.data import build_datasets, micro_batches, resolve_data
     from mpmoe.train.metrics import ExpertLoadMonitor, RunLogger, Throughput, environment_summary
     from mpmoe.train.optim import build_optimizer, build_scheduler, schedule_lengths, wrap_model
@@ -133,23 +161,11 @@ def train(args) -> dict:
 
         # 2. data -----------------------------------------------------------------------
         spec = resolve_data(args)
-        vocab = _pad_vocab(spec.vocab_size, args.make_vocab_size_divisible_by, info.tensor_model_parallel_size)
+        vocab = padded_vocab_size(spec.vocab_size, args.make_vocab_size_divisible_by, info.tensor_model_parallel_size)
         train_ds, valid_ds, _ = build_datasets(spec, args, seed=args.seed)
 
         # 3. model ----------------------------------------------------------------------
-        config = MoPEConfig(**model_config_kwargs(args))
-        model = build_gpt_model(
-            config, vocab_size=vocab, max_sequence_length=args.max_position_embeddings,
-            position_embedding_type=args.position_embedding_type,
-            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        )
-        module = model
-        if args.bf16:
-            from megatron.core.transformer.module import Float16Module
-
-            module = Float16Module(config, model)
-        if torch.cuda.is_available():
-            module.cuda()
+        config, model, module = build_model(args, vocab)
 
         # 4. data parallelism, optimizer, LR schedule ------------------------------------
         wrapped, finalize_grads = wrap_model(module, config, args)
