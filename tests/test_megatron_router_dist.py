@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from test_megatron_router_support import (
     build_moe_layer,
     destroy_parallel,
-    free_port,
+    find_free_port as free_port,
     init_parallel,
     make_config,
     single_process_group,

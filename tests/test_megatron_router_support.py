@@ -7,43 +7,35 @@ Single-process tests get megatron's parallel_state on a 1-rank gloo group
 from __future__ import annotations
 
 import contextlib
-import socket
 import warnings
 
 import torch
-import torch.distributed as dist
 
 warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
 warnings.filterwarnings("ignore", message=".*Apex.*")
 
-from megatron.core import parallel_state  # noqa: E402
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec  # noqa: E402
 from megatron.core.transformer.spec_utils import build_module  # noqa: E402
 
 from mpmoe.megatron.config import MoPEConfig  # noqa: E402
+from mpmoe.megatron.parallel import destroy_distributed, find_free_port, init_distributed  # noqa: E402
 from mpmoe.megatron.router import MoPERouter, TopKStatsRouter  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_parallel(rank: int, world_size: int, port: int, *, ep: int = 1, tp: int = 1) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+    init_distributed(
+        tensor_model_parallel_size=tp, expert_model_parallel_size=ep, rank=rank,
+        world_size=world_size, init_method=f"tcp://127.0.0.1:{port}", backend="gloo",
+    )
 
 
 def destroy_parallel() -> None:
-    parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    destroy_distributed()
 
 
 @contextlib.contextmanager
 def single_process_group():
-    init_parallel(0, 1, free_port())
+    init_parallel(0, 1, find_free_port())
     try:
         yield
     finally:

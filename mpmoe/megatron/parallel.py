@@ -33,6 +33,7 @@ __all__ = [
     "ParallelInfo",
     "current_parallel_info",
     "destroy_distributed",
+    "reset_moe_globals",
     "find_free_port",
     "init_distributed",
     "token_parallel_group",
@@ -169,6 +170,7 @@ def init_distributed(
         distributed_timeout_minutes=timeout_minutes,
         create_gloo_process_groups=True,
     )
+    reset_moe_globals()
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
     return current_parallel_info()
@@ -192,14 +194,33 @@ def current_parallel_info() -> ParallelInfo:
     )
 
 
-def destroy_distributed() -> None:
-    """End a run: destroy megatron's groups, the default group if :func:`init_distributed`
-    made it, and megatron's process-global MoE aux-loss logging tracker (sized for the
-    last model's layer count, it would break the next model built in this process)."""
-    global _OWNS_DEFAULT_GROUP
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+def reset_moe_globals() -> None:
+    """Clear megatron-core's process-global MoE state, so one run cannot leak into the next.
+
+    * the layer-wise aux-loss logging tracker, sized for the last model's layer count
+      (a model with more layers built later in the process would index past it);
+    * ``MoEAuxLossAutoScaler.main_loss_backward_scale``, the aux-loss gradient scale the
+      forward-backward schedule sets (1 / micro-batches): left over, it rescales the aux
+      loss of the next run's backward; and a 0-d scale left by a backward outside the
+      schedule makes the schedule's ``copy_`` of its 1-element scale fail.
+
+    :func:`init_distributed` and :func:`destroy_distributed` both call it.
+    """
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        get_moe_layer_wise_logging_tracker,
+    )
 
     get_moe_layer_wise_logging_tracker().clear()
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+
+
+def destroy_distributed() -> None:
+    """End a run: destroy megatron's groups, the default group if :func:`init_distributed`
+    made it, and megatron's process-global MoE state (:func:`reset_moe_globals`)."""
+    global _OWNS_DEFAULT_GROUP
+
+    reset_moe_globals()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if _OWNS_DEFAULT_GROUP and dist.is_initialized():

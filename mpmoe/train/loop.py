@@ -154,7 +154,6 @@ def train(args) -> dict:
     )
     try:
         validate(args, world_size=info.world_size)
-        _reset_megatron_moe_globals()
         dp_rank, dp_size = info.data_parallel_rank, info.data_parallel_size
         num_microbatches = args.global_batch_size // (args.micro_batch_size * dp_size)
         run_dir = Path(_broadcast_str(str(args.run_dir or _default_run_dir(args))))
@@ -253,23 +252,6 @@ def train(args) -> dict:
                 "run_dir": str(run_dir), "consumed_samples": consumed}
     finally:
         destroy_distributed()
-
-
-def _reset_megatron_moe_globals() -> None:
-    """Clear megatron's process-wide MoE logging/loss-scale state left by an earlier run.
-
-    ``MoEAuxLossAutoScaler.main_loss_backward_scale`` is created as a 0-d tensor by a
-    backward that ran outside megatron's schedule, after which the schedule's
-    ``set_loss_scale`` (a 1-element tensor) fails to ``copy_`` into it; the aux-loss
-    tracker would carry another run's values.
-    """
-    from megatron.core.transformer.moe.moe_utils import (
-        MoEAuxLossAutoScaler,
-        get_moe_layer_wise_logging_tracker,
-    )
-
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    get_moe_layer_wise_logging_tracker().clear()
 
 
 def _jsonable(v) -> bool:
