@@ -36,7 +36,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mpmoe.megatron import cpu_compat
-from mpmoe.megatron.spec import get_gpt_block_spec, resolve_backend
+from mpmoe.megatron.spec import check_expert_parallel, get_gpt_block_spec, resolve_backend
 
 __all__ = ["build_gpt_model", "check_model_config", "init_experts_by_global_index"]
 
@@ -48,12 +48,7 @@ _DISPATCHERS = ("allgather", "alltoall", "flex")
 def check_model_config(config: TransformerConfig) -> None:
     """Validate ``config`` against the current parallel state; one-line ValueError if not."""
     if config.num_moe_experts:
-        ep = config.expert_model_parallel_size
-        if config.num_moe_experts % ep != 0:
-            raise ValueError(
-                f"num_moe_experts={config.num_moe_experts} is not divisible by "
-                f"expert_model_parallel_size={ep}"
-            )
+        check_expert_parallel(config)
         if config.moe_token_dispatcher_type not in _DISPATCHERS:
             raise ValueError(
                 f"moe_token_dispatcher_type={config.moe_token_dispatcher_type!r} is not one of "

@@ -270,11 +270,12 @@ def get_gpt_layer_specs(
         moe_router = moe_router or default_moe
         mope_router = mope_router or default_mope
     if config.num_moe_experts:
-        _check_expert_parallel(config)
+        check_expert_parallel(config)
     return [_layer_spec(backend, config, k, moe_router, mope_router) for k in layer_kinds(config)]
 
 
-def _check_expert_parallel(config: TransformerConfig) -> None:
+def check_expert_parallel(config: TransformerConfig) -> None:
+    """Experts divide evenly over expert-parallel ranks and k <= experts (one-line ValueError)."""
     ep = config.expert_model_parallel_size
     if config.num_moe_experts % ep != 0:
         raise ValueError(
