@@ -34,8 +34,11 @@ from mpmoe.megatron.parallel import find_free_port  # noqa: E402
 DEFAULT_TIMEOUT_S = 180
 
 
-def tiny_config(**overrides):
-    """A 2-layer GPT MoE: hidden 64, 4 heads (2 KV groups), 8 experts, top-2, fp32."""
+def tiny_config(config_cls=None, **overrides):
+    """A 2-layer GPT MoE: hidden 64, 4 heads (2 KV groups), 8 experts, top-2, fp32.
+
+    ``config_cls``: megatron's ``TransformerConfig`` by default (``MoPEConfig`` for MoPE).
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     kwargs = dict(
@@ -60,7 +63,7 @@ def tiny_config(**overrides):
         bias_dropout_fusion=False,
     )
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return (config_cls or TransformerConfig)(**kwargs)
 
 
 def make_batch(seed: int, batch: int = 4, seq: int = 32, vocab: int = 128):

@@ -24,7 +24,7 @@ from mpmoe.megatron.router import (  # noqa: E402
     set_training_progress,
     sync_routing_state,
 )
-from mpmoe.routing import covariance_from_counts, dynamic_drop_one, normalized_cooccurrence, otep_select  # noqa: E402
+from mpmoe.routing import covariance_from_counts, otep_select  # noqa: E402
 
 H = 32
 E = 8
@@ -350,20 +350,27 @@ def test_activation_recompute_counts_once_and_routes_identically():
     assert float(sp.num_tokens + sp._pending_tokens) == 4 * 24
 
 
-@pytest.mark.parametrize("use_reentrant", [True, False])
-def test_torch_checkpoint_counts_once(use_reentrant):
+def _plain_and_torch_checkpointed(cfg, use_reentrant: bool, steps: int = 3):
+    """Two identical layers trained ``steps`` steps, the second under torch.utils.checkpoint;
+    asserts equal gradients and returns both layers."""
     import torch.utils.checkpoint as cp
 
-    plain = build_moe_layer(make_config(moe_router_load_balancing_type="otep"), seed=4)
-    ckpt = build_moe_layer(make_config(moe_router_load_balancing_type="otep"), seed=4)
+    plain = build_moe_layer(cfg, seed=4)
+    ckpt = build_moe_layer(cfg, seed=4)
 
     def wrapped(x):
         return cp.checkpoint(lambda t: ckpt(t)[0], x, use_reentrant=use_reentrant), None
 
-    g_plain = _train_steps(plain, 3)
-    g_ckpt = _train_steps(ckpt, 3, wrap=wrapped)
+    g_plain = _train_steps(plain, steps)
+    g_ckpt = _train_steps(ckpt, steps, wrap=wrapped)
     for a, b in zip(g_plain, g_ckpt):
         torch.testing.assert_close(a, b)
+    return plain, ckpt
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_torch_checkpoint_counts_once(use_reentrant):
+    _, ckpt = _plain_and_torch_checkpointed(make_config(moe_router_load_balancing_type="otep"), use_reentrant)
     s = ckpt.router.cooccurrence_stats
     assert float(s.num_tokens + s._pending_tokens) == 3 * 24
     assert ckpt.router._counted_forwards == 3
@@ -572,19 +579,8 @@ def test_iter_routers_finds_all():
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_random_dynamic_mask_is_reproduced_by_recompute(use_reentrant):
-    import torch.utils.checkpoint as cp
-
     cfg = make_config(moe_router_load_balancing_type="otep", moe_router_topk=3, moe_dynamic_mask_mode="random")
-    plain = build_moe_layer(cfg, seed=4)
-    ckpt = build_moe_layer(cfg, seed=4)
-
-    def wrapped(x):
-        return cp.checkpoint(lambda t: ckpt(t)[0], x, use_reentrant=use_reentrant), None
-
-    g_plain = _train_steps(plain, 3)
-    g_ckpt = _train_steps(ckpt, 3, wrap=wrapped)
-    for a, b in zip(g_plain, g_ckpt):
-        torch.testing.assert_close(a, b)
+    plain, ckpt = _plain_and_torch_checkpointed(cfg, use_reentrant)
     sp, sc = plain.router.cooccurrence_stats, ckpt.router.cooccurrence_stats
     assert torch.equal(sp.cooccurrence, sc.cooccurrence) and torch.equal(sp._pending_cooccurrence, sc._pending_cooccurrence)
     # Different forwards draw different experts; eval forwards too.

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_testing import make_batch
+from megatron_testing import make_batch, tiny_config
 
 from mpmoe.megatron import build_gpt_model, destroy_distributed, init_distributed  # noqa: E402
 from mpmoe.megatron.config import MoPEConfig  # noqa: E402
@@ -25,29 +25,14 @@ def single_process():
 
 def mope_config(**overrides):
     kw = dict(
-        num_layers=2,
-        hidden_size=64,
-        ffn_hidden_size=128,
-        num_attention_heads=4,
-        num_moe_experts=8,
-        moe_router_topk=2,
-        moe_ffn_hidden_size=64,
-        moe_token_dispatcher_type="allgather",
+        num_query_groups=None,
         moe_router_load_balancing_type="otep",
         moe_aux_loss_coeff=1e-2,
         moe_router_dtype="fp32",
         moe_otep_warmup_fraction=0.34,  # steps 0-2 top-k, 3-5 OTEP
-        normalization="RMSNorm",
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bf16=False,
-        params_dtype=torch.float32,
-        use_cpu_initialization=True,
-        bias_dropout_fusion=False,
     )
     kw.update(overrides)
-    return MoPEConfig(**kw)
+    return tiny_config(MoPEConfig, **kw)
 
 
 def test_tiny_gpt_mope_training_routes_as_specified():
