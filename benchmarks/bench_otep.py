@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from mpmoe.routing import otep_select, otep_select_indices
+from mpmoe.routing import otep_select
 
 DEFAULT_SHAPES = "16384x64x8,4096x128x8,4096x8x2"
 EPS = 1e-12

@@ -441,8 +441,6 @@ def test_megatron_optimizer_upstream_needs_cuda(monkeypatch):
 
 
 def test_megatron_optimizer_on_cpu_clips_by_global_norm_and_steps():
-    from megatron.core.optimizer import clip_grads
-
     # the patched pieces on their own
     grads = [torch.full((4,), 3.0), torch.full((9,), 4.0)]  # squares: 36 + 144
     from megatron.core.optimizer import optimizer as moptimizer
