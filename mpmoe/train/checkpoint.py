@@ -14,7 +14,10 @@ Contents: ``model`` (the model's sharded state dict, including each MoPE layer's
 counters), ``optimizer`` (Adam moments sharded like their parameters, or megatron's
 distributed-optimizer state), ``rng`` (one ShardedObject per rank: Python, NumPy, torch,
 CUDA and megatron's model-parallel tracker states) and ``train_state`` (iteration,
-consumed samples = the data-iterator position, scheduler state, router counters).
+consumed samples = the data-iterator position, scheduler state, router counters, and
+from the trainer the run's flags ``args`` and vocabulary ``data``, so that a checkpoint
+alone rebuilds its model: :func:`saved_run_info`). The trainer also copies the run's
+tokenizer to ``<save>/tokenizer/`` (:func:`save_tokenizer`).
 
 Tensor storage: megatron's default ``torch_dist`` strategy, on GPU and CPU (on CPU through
 :mod:`mpmoe.megatron.cpu_compat`, patches ``dist_ckpt_preload_sync`` and
@@ -37,9 +40,12 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-__all__ = ["latest_iteration", "load_checkpoint", "save_checkpoint"]
+__all__ = ["latest_iteration", "load_checkpoint", "resolve_checkpoint", "save_checkpoint",
+           "save_tokenizer", "saved_run_info", "TOKENIZER_DIR"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
+TOKENIZER_DIR = "tokenizer"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def iteration_dir(root, iteration: int) -> Path:
@@ -165,14 +171,16 @@ def latest_iteration(root) -> Optional[int]:
 
 
 def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = True,
-                    load_rng: bool = True) -> Optional[dict]:
-    """Restore the latest checkpoint under ``root``; returns its ``train_state`` (None: none)."""
-    iteration = latest_iteration(root)
+                    load_rng: bool = True, iteration: Optional[int] = None) -> Optional[dict]:
+    """Restore the latest checkpoint under ``root`` (or its ``iteration``); returns its
+    ``train_state`` (None: no checkpoint)."""
     if iteration is None:
-        return None
+        iteration = latest_iteration(root)
+        if iteration is None:
+            return None
     path = iteration_dir(root, iteration)
     if not path.is_dir():
-        raise CheckpointingException(f"{path} (named by {TRACKER}) does not exist")
+        raise CheckpointingException(f"{path} does not exist")
     common = dist_checkpointing.load_common_state_dict(str(path))
     saved_world = common["train_state"]["world_size"]
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -199,3 +207,53 @@ def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = Tru
         _set_rng_state(state["rng"])
     _set_router_counters(model, state["train_state"].get("router_counters", {}))
     return state["train_state"]
+
+
+# --------------------------------------------------------------------------- for eval / analysis
+def save_tokenizer(root, tokenizer_dir) -> Optional[Path]:
+    """Copy the run's tokenizer files to ``<root>/tokenizer/`` (once; rank 0 calls it)."""
+    src = Path(tokenizer_dir)
+    if not (src / "tokenizer.json").is_file():
+        return None
+    dst = Path(root) / TOKENIZER_DIR
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in _TOKENIZER_FILES:
+        if (src / name).is_file() and not (dst / name).is_file():
+            tmp = dst / (name + ".tmp")
+            shutil.copyfile(src / name, tmp)
+            os.replace(tmp, dst / name)
+    return dst
+
+
+def resolve_checkpoint(path, step: Optional[int] = None) -> tuple[Path, Path, int]:
+    """``(root, iteration directory, iteration)`` of a checkpoint given as a save folder
+    (its latest iteration, or ``step``) or as one ``iter_XXXXXXX`` folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointingException(f"{path}: no such checkpoint directory")
+    if path.name.startswith("iter_") and not path.name.endswith(".tmp"):
+        try:
+            it = int(path.name[len("iter_"):])
+        except ValueError:
+            raise CheckpointingException(f"{path}: not an iter_XXXXXXX checkpoint folder") from None
+        if step is not None and step != it:
+            raise CheckpointingException(f"{path} is iteration {it}, not the requested {step}")
+        return path.parent, path, it
+    it = step if step is not None else latest_iteration(path)
+    if it is None:
+        raise CheckpointingException(f"{path}: no checkpoint ({TRACKER} is missing)")
+    it_dir = iteration_dir(path, it)
+    if not it_dir.is_dir():
+        raise CheckpointingException(f"{it_dir} does not exist")
+    return path, it_dir, it
+
+
+def saved_run_info(iteration_path) -> dict:
+    """The ``train_state`` a checkpoint folder stores without loading tensors: ``iteration``,
+    and from checkpoints written by ``mpmoe train``, ``args`` (the run's flags) and ``data``."""
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(iteration_path))
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign folder: one line
+        raise CheckpointingException(f"{iteration_path}: cannot read the checkpoint's metadata "
+                                     f"({type(exc).__name__}: {str(exc).strip()[:200]})") from None
+    return dict(common.get("train_state", {}))

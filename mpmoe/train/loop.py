@@ -197,6 +197,13 @@ def train(args) -> dict:
                  "schedule": schedule_lengths(args), "num_microbatches": num_microbatches,
                  "parameters": _count_parameters(model), "environment": environment_summary()},
                 indent=2))
+        # What `mpmoe eval` / `mpmoe analyze` need to rebuild the model from a checkpoint
+        # alone: the run's flags (in every checkpoint) and its tokenizer (next to them).
+        run_info = {"args": {k: v for k, v in vars(args).items() if _jsonable(v)},
+                    "data": {"source": spec.source, "vocab_size": spec.vocab_size,
+                             "padded_vocab": vocab, "eod_id": spec.eod_id}}
+        if args.save and logger.rank0 and spec.tokenizer_dir:
+            ckpt.save_tokenizer(args.save, spec.tokenizer_dir)
         load_monitor = ExpertLoadMonitor(model)
         throughput = Throughput(tokens_per_iter)
         last_log = iteration
@@ -241,11 +248,11 @@ def train(args) -> dict:
                 logger.log(iteration, record)
             if args.save and args.save_interval and iteration % args.save_interval == 0:
                 ckpt.save_checkpoint(args.save, iteration, model, optimizer, scheduler,
-                                     {"consumed_samples": consumed})
+                                     {"consumed_samples": consumed, **run_info})
                 last_saved = iteration
         if args.save and last_saved != iteration:  # the final state, unless just saved
             ckpt.save_checkpoint(args.save, iteration, model, optimizer, scheduler,
-                                 {"consumed_samples": consumed})
+                                 {"consumed_samples": consumed, **run_info})
         logger.close()
         load_monitor.close()
         return {"iteration": iteration, "train_loss": train_loss, "val_loss": val_loss,
