@@ -515,3 +515,40 @@ def test_torch_dist_checkpoint_round_trip_on_cpu(tmp_path):
     loaded = dist_checkpointing.load(_sharded(torch.zeros(2, 3)), str(tmp_path))
     torch.testing.assert_close(loaded["w"], value)
     assert loaded["step"] == 3
+
+
+# --------------------------------------------------------------------------- KV cache
+def _decode_with_kv_cache(model, ids, prefill):
+    """Logits of each position after ``prefill``, decoded one token at a time."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    b, s = ids.shape
+    ctx = StaticInferenceContext(b, s)
+    pos = torch.arange(s).expand(b, s)
+    out = [model(ids[:, :prefill], pos[:, :prefill], None, inference_context=ctx,
+                 runtime_gather_output=True)[:, -1]]
+    ctx.sequence_len_offset = prefill
+    for t in range(prefill, s - 1):
+        out.append(model(ids[:, t:t + 1], pos[:, t:t + 1], None, inference_context=ctx,
+                         runtime_gather_output=True)[:, -1])
+        ctx.sequence_len_offset = t + 1
+    return torch.stack(out, dim=1)  # predictions for positions prefill .. s-1
+
+
+def test_kv_cache_upstream_needs_cuda(monkeypatch):
+    from megatron.core.transformer.attention import Attention
+
+    monkeypatch.setattr(Attention, "_allocate_memory", cpu_compat.original("inference_kv_cache_device"))
+    model = _tiny_gpt().eval()
+    with torch.no_grad(), pytest.raises(CUDA_ERRORS):
+        _decode_with_kv_cache(model, torch.randint(0, 64, (2, 8)), 4)
+
+
+def test_kv_cache_decoding_on_cpu_matches_full_forward():
+    model = _tiny_gpt().eval()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids, torch.arange(12).expand(2, 12), None)
+        cached = _decode_with_kv_cache(model, ids, 5)
+    torch.testing.assert_close(cached, full[:, 4:11], rtol=1e-4, atol=1e-5)
+    assert cached.device.type == "cpu"

@@ -64,6 +64,10 @@ The patches (name: target):
     ``FileSystemWriterAsync.preload_tensors`` (``torch.cuda.synchronize()``) and
     ``save_state_dict_async_finalize`` as ``strategies.torch`` sees it (failure flag on
     ``torch.cuda.current_device()``): the ``torch_dist`` checkpoint writer.
+``inference_kv_cache_device``
+    ``transformer.attention.Attention._allocate_memory``: the static-batching KV cache
+    (``StaticInferenceContext``, used by ``mpmoe eval`` generation) on
+    ``torch.cuda.current_device()``.
 
 Most of the newer patches do not rewrite anything: :func:`_with_cuda_on_cpu` runs upstream's
 own function (same code object) with the global name ``torch`` resolving to a view in
@@ -573,6 +577,12 @@ def _fs_writer_cls():
     return FileSystemWriterAsync
 
 
+def _attention_cls():
+    from megatron.core.transformer.attention import Attention
+
+    return Attention
+
+
 def _torch_strategy_module():
     from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
 
@@ -789,6 +799,16 @@ PATCHES: Tuple[Patch, ...] = (
         "tensor on torch.cuda.current_device(). Replacement: upstream's own function with "
         "that tensor on the CPU (gloo), bound where strategies.torch looks it up. Delete "
         "when it allocates on the process group's device.",
+    ),
+    Patch(
+        "inference_kv_cache_device",
+        _attention_cls,
+        "_allocate_memory",
+        _upstream(_attention_cls, "_allocate_memory"),
+        "Upstream: transformer.attention.Attention._allocate_memory (the KV cache of a "
+        "StaticInferenceContext, allocated on a layer's first inference forward) uses "
+        "device=torch.cuda.current_device(). Replacement: upstream's own method with that "
+        "device the CPU. Delete when it allocates on the device of the keys.",
     ),
 )
 
