@@ -84,6 +84,18 @@ def test_checkpoint_ablations_mope_vs_moe(runs, tmp_path):
     assert "pca.png" in (report / "index.md").read_text()
 
 
+def test_checkpoints_record_the_flags_the_analysis_needs(runs, tmp_path):
+    """No trainer flags: each checkpoint's recorded flags rebuild its own model."""
+    report = tmp_path / "ck"
+    rc = analyze(["checkpoint", "--load", str(runs["root"] / "ckpt-otep"),
+                  "--compare-load", str(runs["root"] / "ckpt-aux_loss"), "--out", str(report),
+                  "--num-tokens", "64", "--ot-samples", "0", "--layers", "2", "--no-progress"])
+    assert rc == 0
+    mope, moe = json.loads((report / "summary.json").read_text())["runs"]
+    assert mope["routing"] == "otep" and moe["routing"] == "aux_loss"
+    assert set(mope["layers"]) == {"2"} and "cka_similarity_vs_sigma" in mope["layers"]["2"]
+
+
 def test_all_experts_bypass_matches_routed_outputs(runs):
     """The bypass equals each expert's own MLP applied to the captured MoE input."""
     import torch

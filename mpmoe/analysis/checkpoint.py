@@ -45,30 +45,38 @@ class ExpertProbe:
 
 
 # --------------------------------------------------------------------------- model
-def _train_args(argv: list[str]):
+def _train_args(argv: list[str], it_dir: Path):
     import torch
 
-    from mpmoe.train.args import ConfigError, parse_args
+    from mpmoe.train.args import ConfigError, args_from_saved
+    from mpmoe.train.checkpoint import saved_run_info
 
-    forced = ["--tensor-model-parallel-size", "1", "--expert-model-parallel-size", "1",
-              "--pipeline-model-parallel-size", "1", "--no-tensorboard"]
-    if not torch.cuda.is_available():
-        forced += ["--no-bf16"]
     # --train-iters only sizes the training schedule, which the analysis does not use
     try:
-        return parse_args(["--train-iters", "1"] + list(argv) + forced)
+        saved = None if argv else saved_run_info(it_dir).get("args")
+        args = args_from_saved(saved, list(argv))
     except ConfigError as exc:
         raise AnalysisError(f"model flags: {exc}") from None
     except SystemExit:
         raise AnalysisError(f"model flags: cannot parse {' '.join(argv)!r} (see `mpmoe train --help`)") from None
+    except Exception as exc:  # noqa: BLE001 - unreadable checkpoint metadata
+        raise AnalysisError(str(exc)) from None
+    args.tensor_model_parallel_size = args.pipeline_model_parallel_size = 1
+    args.expert_model_parallel_size = 1
+    args.no_tensorboard = True
+    args.load = args.save = args.moe_stats_dir = None
+    if not torch.cuda.is_available():
+        args.bf16 = False
+    return args
 
 
 def load_model(load_dir, train_argv: list[str]):
     """(model, args, data spec) of the latest checkpoint in ``load_dir``; needs init_distributed.
 
-    ``train_argv``: the ``mpmoe train`` flags that describe the model (preset, sizes, routing).
+    ``train_argv``: the ``mpmoe train`` flags that describe the model (preset, sizes,
+    routing); empty: the flags the checkpoint records (checkpoints written by ``mpmoe train``).
     """
-    from mpmoe.train.checkpoint import latest_iteration, load_checkpoint
+    from mpmoe.train.checkpoint import iteration_dir, latest_iteration, load_checkpoint
     from mpmoe.train.data import resolve_data
     from mpmoe.train.loop import build_model, padded_vocab_size
 
@@ -81,7 +89,7 @@ def load_model(load_dir, train_argv: list[str]):
         raise AnalysisError(f"{root}: {exc}") from None
     if it is None:
         raise AnalysisError(f"{root}: no checkpoint (latest_checkpointed_iteration.txt is missing)")
-    args = _train_args(train_argv)
+    args = _train_args(train_argv, iteration_dir(root, it))
     if args.num_experts is None:
         raise AnalysisError("model flags describe a dense model (no --num-experts)")
     spec = resolve_data(args)

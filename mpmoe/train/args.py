@@ -184,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse ``argv`` over the preset's values and validate; raises :class:`ConfigError`."""
+def parse_args(argv: Optional[Sequence[str]] = None, *, check: bool = True) -> argparse.Namespace:
+    """Parse ``argv`` over the preset's values and (``check``) validate them for this
+    world size; raises :class:`ConfigError`."""
     argv = list(argv or [])
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
@@ -201,7 +202,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if isinstance(args.moe_layer_freq, str):
         args.moe_layer_freq = _layer_freq(args.moe_layer_freq)
-    validate(args)
+    if check:
+        validate(args)
     return args
 
 
@@ -367,3 +369,29 @@ def model_config_kwargs(args: argparse.Namespace) -> dict:
             moe_stats_dir=args.moe_stats_dir,
         )
     return kw
+
+
+def args_from_saved(saved: Optional[dict], flags: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The options of a run rebuilt from a checkpoint's record of them.
+
+    ``saved``: the ``args`` a checkpoint written by ``mpmoe train`` stores (see
+    :func:`mpmoe.train.checkpoint.saved_run_info`): the run's preset is parsed, then every
+    recorded value laid over it. ``flags``: ``mpmoe train`` flags that describe the model
+    instead (for checkpoints that record nothing, or to override the record). Raises
+    :class:`ConfigError` (one line).
+    """
+    # Not validated against this process's world size: the batch sizes and parallel sizes
+    # were the training run's; the caller sets the parallel layout it builds with.
+    if flags:
+        return parse_args(["--train-iters", "1", *flags], check=False)
+    if not saved:
+        raise ConfigError("the checkpoint does not record its run's flags (written before mpmoe "
+                          "stored them); give the `mpmoe train` flags that built it")
+    args = parse_args(["--preset", str(saved.get("preset", "tiny-cpu")), "--train-iters", "1"], check=False)
+    known = vars(args)
+    for key, value in saved.items():
+        if key in known:
+            setattr(args, key, value)
+    if isinstance(args.moe_layer_freq, str):
+        args.moe_layer_freq = _layer_freq(args.moe_layer_freq)
+    return args
