@@ -14,6 +14,7 @@ import sys
 VERBS: dict[str, tuple[str, str]] = {
     "train": ("mpmoe.train.cli", "train a GPT MoE / MoPE model on megatron-core (default: tiny-cpu, embedded corpus)"),
     "data": ("mpmoe.data.cli", "text -> tokenizer -> Megatron indexed dataset (.bin/.idx)"),
+    "eval": ("mpmoe.eval.cli", "evaluate checkpoints with lm-evaluation-harness (offline local tasks or the hub suite)"),
     "analyze": ("mpmoe.analysis.cli", "routing/expert analysis: plots + summary.json from statistics dumps and checkpoints"),
 }
 

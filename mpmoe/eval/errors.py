@@ -1,0 +1,16 @@
+"""The one exception type of :mod:`mpmoe.eval`.
+
+Problems with user input (a missing checkpoint, an unknown task, a dataset that cannot
+be fetched, a model option the checkpoint does not support) are raised as
+:class:`EvalError` with a one-line message; ``mpmoe eval`` prints it as
+``mpmoe eval: error: <message>`` and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class EvalError(Exception):
+    """Bad input to evaluation; ``str(err)`` is a one-line explanation."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
