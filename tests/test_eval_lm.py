@@ -187,6 +187,31 @@ def test_bf16_is_close_to_fp32(eval_checkpoints, lm):
     assert isinstance(text, str)
 
 
+def test_routing_dump_of_evaluation_forwards(eval_checkpoints, tmp_path):
+    import numpy as np
+
+    from mpmoe.eval.lm import MpmoeLM
+
+    dump = tmp_path / "dump"
+    model = MpmoeLM(load=str(eval_checkpoints["trained"]), routing_dump_dir=str(dump), batch_size=2,
+                    progress=False)
+    try:
+        _ll(model, [("Lists are", " mutable sequences"), ("The", " built-in function len")])
+        k = model.em.args.moe_router_topk
+    finally:
+        model.close()
+    files = sorted(p.name for p in dump.iterdir())
+    assert files == ["layer2_rank0_fwd000000.npz", "layer3_rank0_fwd000000.npz"]
+    with np.load(dump / files[0]) as z:
+        experts, weights = z["experts"], z["weights"]
+    assert experts.shape[1] == k and weights.shape == experts.shape
+    # one forward of a right-padded batch: padding positions route nowhere (-1)
+    padded = (experts == -1).all(axis=1)
+    assert 0 < padded.sum() < len(padded)
+    routed = weights[~padded]
+    np.testing.assert_allclose(routed.sum(axis=1), 1.0, rtol=1e-5)
+
+
 def test_bad_arguments_are_one_line_errors(eval_checkpoints, tmp_path):
     from mpmoe.eval.errors import EvalError
     from mpmoe.eval.lm import MpmoeLM
