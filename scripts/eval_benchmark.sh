@@ -54,21 +54,8 @@ CKPT="$1"; OUT_DIR="$2"; shift 2
 EXTRA=("$@")
 
 # --- commands
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python; fi
-fi
-if [[ -z "${MPMOE:-}" ]]; then
-    if command -v mpmoe >/dev/null 2>&1; then MPMOE=mpmoe
-    elif [[ -x "$ROOT/.venv/bin/mpmoe" ]]; then MPMOE="$ROOT/.venv/bin/mpmoe"
-    else MPMOE="$PYTHON -m mpmoe"; fi
-fi
-if [[ -z "${TORCHRUN:-}" ]]; then
-    if command -v torchrun >/dev/null 2>&1; then TORCHRUN=torchrun
-    elif [[ -x "$ROOT/.venv/bin/torchrun" ]]; then TORCHRUN="$ROOT/.venv/bin/torchrun"
-    else TORCHRUN="$PYTHON -m torch.distributed.run"; fi
-fi
-read -r -a MPMOE_CMD <<< "$MPMOE"
-read -r -a TORCHRUN_CMD <<< "$TORCHRUN"
+# shellcheck source=eval_commands.sh
+source "$ROOT/scripts/eval_commands.sh"
 
 # --- settings
 SUITE="${SUITE:-mmlu zeroshot bbh gsm8k flame}"

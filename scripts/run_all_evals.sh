@@ -50,16 +50,8 @@ BENCH="${EVAL_BENCHMARK:-$ROOT/scripts/eval_benchmark.sh}"
 DRY_RUN="${DRY_RUN:-0}"
 export DRY_RUN
 
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python; fi
-fi
-if [[ -z "${MPMOE:-}" ]]; then
-    if command -v mpmoe >/dev/null 2>&1; then MPMOE=mpmoe
-    elif [[ -x "$ROOT/.venv/bin/mpmoe" ]]; then MPMOE="$ROOT/.venv/bin/mpmoe"
-    else MPMOE="$PYTHON -m mpmoe"; fi
-fi
-export PYTHON MPMOE
-read -r -a MPMOE_CMD <<< "$MPMOE"
+# shellcheck source=eval_commands.sh
+source "$ROOT/scripts/eval_commands.sh"
 
 # --- the checkpoints: iter_* folders with a metadata.json, not *.tmp, not inside OUT_DIR
 #     (symbolic links to checkpoint folders are followed)
