@@ -127,6 +127,12 @@ class MpmoeLM(TemplateLM):
 
                 self._owns_distributed = not dist.is_initialized()
                 init_distributed(seed=_as_int(seed, "seed", 0))
+            elif max(parallel_state.get_tensor_model_parallel_world_size(),
+                     parallel_state.get_pipeline_model_parallel_world_size(),
+                     parallel_state.get_expert_model_parallel_world_size()) > 1:
+                raise EvalError("the mpmoe model evaluates with one whole model per process; megatron's "
+                                "parallel state here has tensor/pipeline/expert parallelism > 1 "
+                                "(call mpmoe.megatron.init_distributed() with the defaults first)")
             import shlex
 
             try:
@@ -243,7 +249,7 @@ class MpmoeLM(TemplateLM):
             self.counters["forwards"] += 1
             for row, (i, inp, targets) in enumerate(chunk):
                 n = len(targets)
-                lp = torch.log_softmax(logits[row, len(inp) - n: len(inp)], dim=-1)
+                lp = torch.log_softmax(logits[row, len(inp) - n: len(inp)].float(), dim=-1)
                 target = torch.tensor(targets, device=lp.device)
                 score = float(lp.gather(1, target.unsqueeze(1)).sum())
                 greedy = bool((lp.argmax(dim=-1) == target).all())
@@ -343,7 +349,7 @@ class MpmoeLM(TemplateLM):
             logits = self.em.forward(tokens[:, :pos])
         self.counters["forwards"] += 1
         while True:
-            next_ids = logits[:, -1].argmax(dim=-1).cpu()
+            next_ids = logits[:, -1].float().argmax(dim=-1).cpu()
             for row in range(b):
                 if pos < lens[row] or done[row]:
                     continue  # still inside its prompt, or finished (its tokens are ignored)
