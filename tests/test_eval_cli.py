@@ -152,3 +152,23 @@ def test_run_all_evals_script_end_to_end(eval_checkpoints, tmp_path):
     assert res["n-samples"]["mpmoe_docs_mc"]["effective"] == 4
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "skip" in second.stdout + second.stderr
+
+
+def test_lm_eval_own_cli_resolves_the_mpmoe_model(eval_checkpoints, tmp_path):
+    """`mpmoe eval harness ...` is lm-eval's CLI with the model registered; --model_args
+    batch_size wins over the CLI's default, and its default --device cuda:0 falls back
+    to the CPU here."""
+    from mpmoe.eval import TASKS_DIR
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "mpmoe", "eval", "harness", "--model", "mpmoe",
+           "--model_args", f"load={eval_checkpoints['trained']},batch_size=4,progress=false",
+           "--tasks", "mpmoe_docs_lastword", "--include_path", str(TASKS_DIR), "--limit", "4",
+           "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mpmoe_docs_lastword" in proc.stdout
+    written = list((tmp_path / "out").rglob("results_*.json"))
+    assert len(written) == 1
+    res = json.loads(written[0].read_text())
+    assert "perplexity,none" in res["results"]["mpmoe_docs_lastword"]

@@ -86,7 +86,27 @@ class MpmoeLM(TemplateLM):
         routing_dump_dir: write every forward's routing decisions there.
         progress: progress bars (default true; rank 0 only).
         eval_model: an already loaded :class:`~mpmoe.eval.loader.EvalModel` (Python use).
+        max_batch_size: accepted for lm-eval's CLI, unused (no automatic batch size).
+
+    Under lm-eval's own CLI (``mpmoe eval harness``), ``--batch_size`` and ``--device``
+    apply unless ``--model_args`` sets them.
     """
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: Optional[dict] = None) -> "MpmoeLM":
+        # lm-eval passes its CLI's batch_size/device/max_batch_size on top of --model_args;
+        # a value given in --model_args wins instead of clashing with them.
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        if str(extra.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI passes --device cuda:0 unless told otherwise
+            log.warning("no CUDA device: evaluating on the CPU (lm-eval asked for %s)", extra.pop("device"))
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> "MpmoeLM":
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     def __init__(
         self,
@@ -105,6 +125,7 @@ class MpmoeLM(TemplateLM):
         progress=True,
         seed=1234,
         eval_model: Optional[EvalModel] = None,
+        max_batch_size=None,
         **unused,
     ) -> None:
         super().__init__()

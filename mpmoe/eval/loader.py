@@ -177,6 +177,9 @@ def load_eval_model(
     cuda = torch.cuda.is_available()
     if device is None:
         device = "cuda" if cuda else "cpu"
+    device = str(device)
+    if device.startswith("cuda:") and device[5:].isdigit():
+        device = "cuda"  # each process uses the GPU of its LOCAL_RANK (init_distributed)
     if device not in ("cpu", "cuda"):
         raise EvalError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not cuda:
