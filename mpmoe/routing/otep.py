@@ -269,38 +269,41 @@ def _choose_path(backend, probs, k, tie_break) -> str:
 
 def _otep_small(probs, sig, diag, k, allowed, eps, out):
     """The greedy loop for a few tokens (CPU decode): the blocked loop's arithmetic, op
-    for op (identical picks), with the fewest tensor ops: no packed keys, no workspace,
-    ``torch.argmax`` (first maximum: the lowest index among exact ties)."""
+    for op (identical picks), in the fewest tensor ops, since at T <= 64 each op's fixed
+    cost is the whole cost: no packed keys and no workspace; ``torch.argmax`` (the first
+    maximum: the lowest index among exact ties); picks gathered by one ``cat`` at the end."""
     num_tokens, num_experts = probs.shape
     r = probs.to(sig.dtype, copy=True)
     s = diag.expand(num_tokens, num_experts).clone()
     if allowed is not None:
-        blocked = ~allowed
-        s.masked_fill_(blocked, math.inf)
+        s.masked_fill_(~allowed, math.inf)
         allowed_bit = allowed.expand(num_tokens, num_experts).to(torch.int64)
-    rows = torch.empty(max(k - 1, 1), num_tokens, num_experts, dtype=sig.dtype)
+    rows = torch.empty(max(k - 1, 1), num_tokens, num_experts, dtype=sig.dtype).unbind(0)
     gain = torch.empty_like(r)
+    picked = torch.zeros(num_tokens, num_experts, dtype=torch.bool)
+    picks = []
     for t in range(k):
         torch.mul(r, r, out=gain)
         gain.div_(s)
         if t:
-            gain.scatter_(1, out[:, :t], -math.inf)
+            gain.masked_fill_(picked, -math.inf)
         if allowed is None:
             j = gain.argmax(dim=1, keepdim=True)
         else:
             j = _argmax_generic(gain, allowed_bit, None).unsqueeze(1)
-        out[:, t : t + 1] = j
+        picks.append(j)
         if t == k - 1:
             break
+        picked.scatter_(1, j, True)
         r_j, s_j = r.gather(1, j), s.gather(1, j)
-        col = rows[t]
-        torch.index_select(sig, 0, j.view(-1), out=col)
+        col = torch.index_select(sig, 0, j.view(-1), out=rows[t])
         for i in range(t):
             col.addcmul_(rows[i], rows[i].gather(1, j), value=-1.0)
         inv_l = s_j.rsqrt_()
         col.mul_(inv_l)
         s.addcmul_(col, col, value=-1.0).clamp_min_(eps)
         r.addcmul_(col, r_j.mul_(inv_l), value=-1.0)
+    torch.cat(picks, dim=1, out=out)
 
 
 class _Workspace:

@@ -1,9 +1,10 @@
 """Fused OTEP selection in Triton: one program per block of tokens, the whole greedy loop.
 
 The same arithmetic as :func:`mpmoe.routing.otep._otep_block`, op for op and in the same
-order (so under Triton's interpreter the picks are bit-identical to the PyTorch path; on
-a GPU the compiler may contract ``a - b * c`` into one FMA, which can only flip exact
-near-ties). Per program, a block of ``BLOCK_T`` tokens keeps in registers the residuals
+order, so the picks are bit-identical to the PyTorch path on CPU (checked under Triton's
+interpreter): PyTorch's ``addcmul_`` rounds once (an FMA), so the kernel calls ``tl.fma``
+there; divisions and square roots are IEEE-rounded as PyTorch's are. On a GPU, PyTorch's
+CUDA path may round differently, which can only flip near-ties (cuda-marked tests). Per program, a block of ``BLOCK_T`` tokens keeps in registers the residuals
 ``r``, the Schur complements ``s``, the picked set and the new factor row; the earlier
 factor rows ``a_i`` (written once, read once per later round by the same program) live in
 a per-program scratch buffer of ``(k - 1) * BLOCK_T * E`` floats, which stays in L1/L2:
@@ -44,12 +45,35 @@ def available() -> bool:
     return triton is not None
 
 
-def interpreting() -> bool:
+def _interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Triton fixes interpreter mode for its own library when it is first imported.
+_INTERPRET_AT_IMPORT = _interpret_env()
+
+
+def interpreting() -> bool:
+    """Whether kernels run under Triton's interpreter (CPU tensors): TRITON_INTERPRET=1
+    both now and when Triton was imported."""
+    return triton is not None and _INTERPRET_AT_IMPORT and _interpret_env()
 
 
 def supports(num_experts: int, k: int) -> bool:
     return num_experts <= MAX_EXPERTS and k <= MAX_K
+
+
+def _div(a, b, FP64: tl.constexpr):
+    # IEEE-rounded division and square root, as PyTorch's (Triton's defaults are approximate).
+    if FP64:
+        return a / b
+    return tl.div_rn(a, b)
+
+
+def _sqrt(a, FP64: tl.constexpr):
+    if FP64:
+        return tl.sqrt(a)
+    return tl.sqrt_rn(a)
 
 
 def _otep_kernel(
@@ -71,7 +95,7 @@ def _otep_kernel(
 
     # Sigma symmetrised on the fly: 0.5 * (Sigma + Sigma^T), diagonal floored at eps.
     d = tl.load(sig_ptr + e * num_experts + e, mask=e_ok, other=1.0).to(cdt)
-    diag = tl.maximum(0.5 * (d + d), eps)
+    diag = tl.maximum(0.5 * (d + d), eps, propagate_nan=tl.PropagateNan.ALL)
     r = tl.load(probs_ptr + tok2 * num_experts + e2, mask=valid, other=0.0).to(cdt)
     s = tl.zeros([BLOCK_T, E_PAD], dtype=cdt) + diag[None, :]
     if HAS_ALLOWED:
@@ -84,10 +108,13 @@ def _otep_kernel(
     # Scratch rows of this program: [K - 1, BLOCK_T, E_PAD], row i at i * BLOCK_T * E_PAD.
     scratch = scratch_ptr + pid * ((K - 1) * BLOCK_T * E_PAD) + tl.arange(0, BLOCK_T)[:, None] * E_PAD + e2
     for t in tl.static_range(K):
-        gain = r * r / s
+        gain = _div(r * r, s, FP64)
         gain = tl.where(picked | (e2 >= num_experts), -inf, gain)
-        best = tl.max(gain, axis=1)
-        cand = gain == best[:, None]
+        # NaN (overflow on a degenerate Sigma) ranks first, as in torch.argmax.
+        nan = gain != gain
+        any_nan = tl.max(nan.to(tl.int32), axis=1)
+        best = tl.max(tl.where(nan, -inf, gain), axis=1)
+        cand = tl.where(any_nan[:, None] != 0, nan, gain == best[:, None])
         # Among exact ties an allowed expert first, then the lowest index.
         any_ok = tl.max((cand & ok).to(tl.int32), axis=1)
         cand = cand & (ok | (any_ok[:, None] == 0))
@@ -104,26 +131,27 @@ def _otep_kernel(
             for i in tl.static_range(t):
                 a_i = tl.load(scratch + i * (BLOCK_T * E_PAD))
                 a_ij = tl.max(tl.where(hit, a_i, -inf), axis=1)
-                col = col - a_i * a_ij[:, None]
-            inv_l = 1.0 / tl.sqrt_rn(s_j)
+                col = tl.fma(-a_i, a_ij[:, None], col)
+            inv_l = _div(tl.zeros_like(s_j) + 1.0, _sqrt(s_j, FP64), FP64)
             col = col * inv_l[:, None]
             if t < K - 2:  # the last row is never read again
                 tl.store(scratch + t * (BLOCK_T * E_PAD), col)
-            s = tl.maximum(s - col * col, eps)
-            r = r - col * (r_j * inv_l)[:, None]
+            s = tl.maximum(tl.fma(-col, col, s), eps, propagate_nan=tl.PropagateNan.ALL)
+            r = tl.fma(-col, (r_j * inv_l)[:, None], r)
     if WRITE_MASK:
         tl.store(mask_ptr + tok2 * num_experts + e2, picked, mask=valid)
 
 
-_KERNELS: dict = {}
+_KERNEL = []
 
 
 def _kernel():
-    """The jitted kernel; built on first use so that TRITON_INTERPRET is read then."""
-    key = interpreting()
-    if key not in _KERNELS:
-        _KERNELS[key] = triton.jit(_otep_kernel)
-    return _KERNELS[key]
+    """The jitted kernel, built on first use."""
+    global _div, _sqrt
+    if not _KERNEL:
+        _div, _sqrt = triton.jit(_div), triton.jit(_sqrt)
+        _KERNEL.append(triton.jit(_otep_kernel))
+    return _KERNEL[0]
 
 
 def otep_triton(probs, sigma, k, *, allowed=None, eps, want_mask):
