@@ -163,15 +163,14 @@ def _select(probs, sigma, k, tie_break, allowed, eps, chunk_size, check_finite, 
     sig = 0.5 * (sig + sig.t())  # the math assumes symmetry; be robust to round-off
     diag = sig.diagonal().clamp_min(eps)
 
-    if chunk_size is None:
-        # Blocks of tokens whose [block, E] state tensors stay cache-resident.
-        row_bytes = num_experts * torch.finfo(dtype).bits // 8
-        chunk_size = max(64, _CHUNK_BYTES // row_bytes)
-
     out = torch.empty(num_tokens, k, dtype=torch.long, device=device)
     if num_tokens and path == "small":
         _otep_small(probs, sig, diag, k, allowed, eps, out)
     elif num_tokens:
+        if chunk_size is None:
+            # Blocks of tokens whose [block, E] state tensors stay cache-resident.
+            row_bytes = num_experts * torch.finfo(dtype).bits // 8
+            chunk_size = max(64, _CHUNK_BYTES // row_bytes)
         _otep_blocked(probs, sig, diag, k, allowed, eps, gen, chunk_size, dtype, out)
     if not want_mask:
         return out
