@@ -166,7 +166,9 @@ def test_kernel_ties_masks_and_degenerate_sigma(interpret):
     # degenerate Sigma: singular, zero rows, duplicates, all zero, all ones
     probs = random_probs(8, 16, seed=7)
     for name, sig in degenerate_sigmas(16):
-        assert torch.equal(kernel(probs, sig.float(), 8), blocked(probs, sig.float(), 8)), name
+        for dtype in (torch.float32, torch.float64):
+            p, s = probs.to(dtype), sig.to(dtype)
+            assert torch.equal(kernel(p, s, 8), blocked(p, s, 8)), (name, dtype)
 
 
 @needs_triton

@@ -4,10 +4,12 @@ The same arithmetic as :func:`mpmoe.routing.otep._otep_block`, op for op and in 
 order, so the picks are bit-identical to the PyTorch path on CPU (checked under Triton's
 interpreter): PyTorch's ``addcmul_`` rounds once (an FMA), so the kernel calls ``tl.fma``
 there; divisions and square roots are IEEE-rounded as PyTorch's are. On a GPU, PyTorch's
-CUDA path may round differently, which can only flip near-ties (cuda-marked tests). Per program, a block of ``BLOCK_T`` tokens keeps in registers the residuals
-``r``, the Schur complements ``s``, the picked set and the new factor row; the earlier
-factor rows ``a_i`` (written once, read once per later round by the same program) live in
-a per-program scratch buffer of ``(k - 1) * BLOCK_T * E`` floats, which stays in L1/L2:
+CUDA path may round differently, which can only flip near-ties (cuda-marked tests).
+
+Per program, a block of ``BLOCK_T`` tokens keeps in registers the residuals ``r``, the
+Schur complements ``s``, the picked set and the new factor row; the earlier factor rows
+``a_i`` (written once, read once per later round by the same program) live in a
+per-program scratch buffer of ``(k - 1) * BLOCK_T * E`` floats, which stays in L1/L2:
 Triton has no dynamically indexable register arrays, and round ``t`` must subtract rows
 ``0 .. t-1`` in order to match the reference bit for bit.
 
@@ -78,7 +80,7 @@ def _sqrt(a, FP64: tl.constexpr):
 
 def _otep_kernel(
     probs_ptr, sig_ptr, allowed_ptr, idx_ptr, mask_ptr, scratch_ptr,
-    num_tokens, num_experts, allowed_stride, eps,
+    num_tokens, num_experts, allowed_stride, eps_ptr,
     K: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_ALLOWED: tl.constexpr, WRITE_MASK: tl.constexpr, FP64: tl.constexpr,
 ):
@@ -92,6 +94,7 @@ def _otep_kernel(
     valid = tok_ok[:, None] & e_ok[None, :]
     cdt = tl.float64 if FP64 else tl.float32
     inf = float("inf")
+    eps = tl.load(eps_ptr)  # in the compute dtype (a Python float argument would be fp32)
 
     # Sigma symmetrised on the fly: 0.5 * (Sigma + Sigma^T), diagonal floored at eps.
     d = tl.load(sig_ptr + e * num_experts + e, mask=e_ok, other=1.0).to(cdt)
@@ -139,7 +142,7 @@ def _otep_kernel(
             s = tl.maximum(tl.fma(-col, col, s), eps, propagate_nan=tl.PropagateNan.ALL)
             r = tl.fma(-col, (r_j * inv_l)[:, None], r)
     if WRITE_MASK:
-        tl.store(mask_ptr + tok2 * num_experts + e2, picked, mask=valid)
+        tl.store(mask_ptr + tok2 * num_experts + e2, picked.to(tl.uint8), mask=valid)
 
 
 _KERNEL = []
@@ -152,6 +155,17 @@ def _kernel():
         _div, _sqrt = triton.jit(_div), triton.jit(_sqrt)
         _KERNEL.append(triton.jit(_otep_kernel))
     return _KERNEL[0]
+
+
+_EPS: dict = {}
+
+
+def _eps_tensor(eps: float, dtype, device) -> torch.Tensor:
+    """eps as a one-element tensor of the compute dtype, made once per (eps, dtype, device)."""
+    key = (eps, dtype, str(device))
+    if key not in _EPS:
+        _EPS[key] = torch.full((1,), eps, dtype=dtype, device=device)
+    return _EPS[key]
 
 
 def otep_triton(probs, sigma, k, *, allowed=None, eps, want_mask):
@@ -187,8 +201,8 @@ def otep_triton(probs, sigma, k, *, allowed=None, eps, want_mask):
     else:
         allowed_arg, allowed_stride = idx, 0
     _kernel()[(grid,)](
-        probs, sigma, allowed_arg, idx, mask, scratch,
-        num_tokens, num_experts, allowed_stride, float(eps),
+        probs, sigma, allowed_arg, idx, mask.view(torch.uint8) if want_mask else idx, scratch,
+        num_tokens, num_experts, allowed_stride, _eps_tensor(float(eps), cdt, device),
         K=k, E_PAD=e_pad, BLOCK_T=block_t,
         HAS_ALLOWED=allowed is not None, WRITE_MASK=want_mask, FP64=fp64,
     )
