@@ -7,7 +7,8 @@ For each (tokens, experts, k) it prints, measured side by side in one run
 * ``otep_select``       - mpmoe: incremental pivoted Cholesky, O(T E k^2), the path
   ``otep_select`` takes by default (on CUDA with Triton: the fused kernel; on CPU: the
   blocked loop, or the lean small-batch loop for T <= 64),
-* ``torch path``        - on CUDA with Triton only: ``backend="torch"`` (the PyTorch loop),
+* ``torch path``        - on CUDA with Triton: ``backend="torch"`` (the PyTorch loop); on CPU
+  for T <= 64: the blocked loop that larger batches take (what T <= 64 took before),
 * ``demo formulation``  - the MP-MoE demo's per-round recompute of
   a_j = L^-1 Sigma_Sj for every candidate (O(T E k^3)), re-implemented here
   from the spec (shared/design/mope-routing.md),
@@ -31,7 +32,7 @@ import time
 
 import torch
 
-from mpmoe.routing import otep_select, otep_triton
+from mpmoe.routing import otep, otep_select, otep_triton
 
 DEFAULT_SHAPES = "16384x64x8,4096x128x8,4096x8x2"
 EPS = 1e-12
@@ -102,6 +103,15 @@ def router_probs(tokens: int, num_experts: int, seed: int = 1) -> torch.Tensor:
     return (1.5 * torch.randn(tokens, num_experts, generator=g)).softmax(-1)
 
 
+def blocked_loop(probs, sigma, k):
+    """otep_select through the blocked loop whatever the batch size."""
+    saved, otep.SMALL_BATCH = otep.SMALL_BATCH, -1
+    try:
+        return otep_select(probs, sigma, k, check_finite=False, backend="torch")
+    finally:
+        otep.SMALL_BATCH = saved
+
+
 def timeit(fns: dict, repeats: int, burst: int = 5, cuda: bool = False) -> dict:
     """Median seconds per call. Rounds alternate between the functions (so machine
     noise hits all alike); within a round each runs ``burst`` calls back to back, the
@@ -147,8 +157,9 @@ def main(argv=None) -> int:
     where = f"CUDA ({torch.cuda.get_device_name()}), fused kernel: {'yes' if fused else 'no (Triton missing)'}" if cuda \
         else f"{torch.get_num_threads()} threads, CPU"
     print(f"torch {torch.__version__}, {where}, fp32, median of {args.repeats} alternating rounds x {args.burst} calls")
-    header = (f"{'T x E x k':>16} {'topk ms':>9} {'otep ms':>9} {'torch ms' if fused else 'demo ms':>9} "
-              f"{'otep/topk':>10} {'torch/otep' if fused else 'demo/otep':>10}  agree")
+    header = (f"{'T x E x k':>16} {'topk ms':>9} {'otep ms':>9} {'other ms':>9} "
+              f"{'otep/topk':>10} {'other/otep':>10}  agree (other: demo; at T <= 64 on CPU or on "
+              f"CUDA the PyTorch loop otep_select took before)")
     print(header)
     print("-" * len(header))
     rows = []
@@ -160,14 +171,20 @@ def main(argv=None) -> int:
             "topk": lambda: torch.topk(probs, k, dim=1),
             "otep": lambda: otep_select(probs, sigma, k, check_finite=False),
         }
+        small = not cuda and tokens <= otep.SMALL_BATCH
         if fused:
             fns["torch"] = lambda: otep_select(probs, sigma, k, check_finite=False, backend="torch")
+        elif small:
+            fns["torch"] = lambda: blocked_loop(probs, sigma, k)
         if not skip_demo:
             fns["demo"] = lambda: demo_formulation(probs, sigma, k)
         times = timeit(fns, args.repeats, args.burst, cuda)
         ours = otep_select(probs, sigma, k)
-        other = "torch" if fused else "demo"
-        if fused:
+        other = "torch" if (fused or small) else "demo"
+        if small:
+            same = (ours == blocked_loop(probs, sigma, k)).all(dim=1).float().mean().item()
+            agree = f"small-batch loop = blocked loop on {same:.4%} of tokens"
+        elif fused:
             ref = otep_select(probs, sigma, k, backend="torch")
             same = (ours == ref).all(dim=1).float().mean().item()
             agree = f"fused = torch path on {same:.4%} of tokens"
