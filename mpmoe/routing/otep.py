@@ -31,6 +31,12 @@ Implementation notes, in the order they matter for speed on CPU and GPU:
   seeded random order). Selected experts get a gain of -0.0 (negative key), so a
   selection never repeats; disallowed experts get a gain of exactly 0 and a tag
   below every allowed expert, so they are picked only when nothing else is left.
+
+Three paths make the same picks (``tests/test_routing_otep_paths.py``): this blocked
+loop; for T <= ``SMALL_BATCH`` tokens on CPU (decode) :func:`_otep_small`, the same
+arithmetic in about half the tensor ops; on CUDA the fused Triton kernel of
+:mod:`mpmoe.routing.otep_triton` when Triton is importable. ``backend=`` or the
+environment variable ``MPMOE_OTEP_BACKEND`` forces one.
 """
 
 from __future__ import annotations
