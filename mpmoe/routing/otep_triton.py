@@ -84,7 +84,7 @@ def _otep_kernel(
     K: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_ALLOWED: tl.constexpr, WRITE_MASK: tl.constexpr, FP64: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: T * E and the scratch can pass 2^31
     tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
     e = tl.arange(0, E_PAD)  # [EP]
     tok_ok = tok < num_tokens
