@@ -20,6 +20,7 @@ KV cache (recomputing the prefix each token) for comparison.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-kv", action="store_true", help="also time generation without the KV cache")
     p.add_argument("--embedded-cache-dir", default=None)
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
 
     import torch
@@ -160,6 +162,13 @@ def main(argv=None) -> int:
     same = models["mope"].loglikelihood(ll_reqs[:16], disable_tqdm=True) == \
         models["topk"].loglikelihood(ll_reqs[:16], disable_tqdm=True)
     print(f"MoPE and top-k scores identical on 16 requests: {same} (expected False with a learned Sigma)")
+    if args.json:
+        rates = [{"measure": kind, "routing": mode, "batch": bs, "kv_cache": kv, "rate": rate((kind, mode, bs, kv))}
+                 for (kind, mode, bs, kv) in configs]
+        ratios = {f"generation_mope_over_topk_tokens_per_s_batch{bs}":
+                  rate(("generate", "mope", bs, True)) / rate(("generate", "topk", bs, True)) for bs in (1, b)}
+        with open(args.json, "w") as f:
+            json.dump({"device": str(em.device), "dtype": str(em.dtype), "rates": rates, **ratios}, f, indent=1)
     for lm in models.values():
         lm.close()
     destroy_distributed()

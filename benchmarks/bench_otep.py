@@ -4,7 +4,11 @@ For each (tokens, experts, k) it prints, measured side by side in one run
 (interleaved, median of repeats), the times of
 
 * ``torch.topk``        - plain top-k routing (the floor any router pays),
-* ``otep_select``       - mpmoe: incremental pivoted Cholesky, O(T E k^2),
+* ``otep_select``       - mpmoe: incremental pivoted Cholesky, O(T E k^2), the path
+  ``otep_select`` takes by default (on CUDA with Triton: the fused kernel; on CPU: the
+  blocked loop, or the lean small-batch loop for T <= 64),
+* ``torch path``        - on CUDA with Triton: ``backend="torch"`` (the PyTorch loop); on CPU
+  for T <= 64: the blocked loop that larger batches take (what T <= 64 took before),
 * ``demo formulation``  - the MP-MoE demo's per-round recompute of
   a_j = L^-1 Sigma_Sj for every candidate (O(T E k^3)), re-implemented here
   from the spec (shared/design/mope-routing.md),
@@ -13,17 +17,22 @@ their ratios, and whether the selections agree (OTEP vs demo on a learned Sigma;
 all three on Sigma = I, where OTEP must equal top-k).
 
     python benchmarks/bench_otep.py [--repeats 7] [--burst 5] [--threads N] [--shapes 16384x64x8,...]
+    python benchmarks/bench_otep.py --device cuda --shapes 16384x64x8,4096x128x8,1x64x8,8x64x8,64x64x8 --json out.json
+
+On CUDA the demo formulation is skipped and each sample is a burst of calls between two
+synchronisations (time per call = burst time / burst).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
 import torch
 
-from mpmoe.routing import otep_select
+from mpmoe.routing import otep, otep_select, otep_triton
 
 DEFAULT_SHAPES = "16384x64x8,4096x128x8,4096x8x2"
 EPS = 1e-12
@@ -94,15 +103,33 @@ def router_probs(tokens: int, num_experts: int, seed: int = 1) -> torch.Tensor:
     return (1.5 * torch.randn(tokens, num_experts, generator=g)).softmax(-1)
 
 
-def timeit(fns: dict, repeats: int, burst: int = 5) -> dict:
+def blocked_loop(probs, sigma, k):
+    """otep_select through the blocked loop whatever the batch size."""
+    saved, otep.SMALL_BATCH = otep.SMALL_BATCH, -1
+    try:
+        return otep_select(probs, sigma, k, check_finite=False, backend="torch")
+    finally:
+        otep.SMALL_BATCH = saved
+
+
+def timeit(fns: dict, repeats: int, burst: int = 5, cuda: bool = False) -> dict:
     """Median seconds per call. Rounds alternate between the functions (so machine
     noise hits all alike); within a round each runs ``burst`` calls back to back, the
-    steady state a router sees layer after layer."""
+    steady state a router sees layer after layer. On CUDA a sample is one burst between
+    two synchronisations, divided by ``burst``."""
     for fn in fns.values():
-        fn()  # warm-up
+        fn()  # warm-up (and the kernel's compilation)
     samples = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if cuda:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(burst):
+                    fn()
+                torch.cuda.synchronize()
+                samples[name].append((time.perf_counter() - t0) / burst)
+                continue
             for _ in range(burst):
                 t0 = time.perf_counter()
                 fn()
@@ -117,31 +144,52 @@ def main(argv=None) -> int:
     ap.add_argument("--burst", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--skip-demo", action="store_true", help="do not time the demo formulation")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--json", default=None, metavar="PATH", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32, "
-        f"median of {args.repeats} alternating rounds x {args.burst} calls"
-    )
-    header = f"{'T x E x k':>16} {'topk ms':>9} {'otep ms':>9} {'demo ms':>9} {'otep/topk':>10} {'demo/otep':>10}  agree(otep=demo, I: otep=topk=demo)"
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        ap.exit(2, "bench_otep: --device cuda but CUDA is not available\n")
+    fused = cuda and otep_triton.available()
+    skip_demo = args.skip_demo or cuda
+    where = f"CUDA ({torch.cuda.get_device_name()}), fused kernel: {'yes' if fused else 'no (Triton missing)'}" if cuda \
+        else f"{torch.get_num_threads()} threads, CPU"
+    print(f"torch {torch.__version__}, {where}, fp32, median of {args.repeats} alternating rounds x {args.burst} calls")
+    header = (f"{'T x E x k':>16} {'topk ms':>9} {'otep ms':>9} {'other ms':>9} "
+              f"{'otep/topk':>10} {'other/otep':>10}  agree (other: demo; at T <= 64 on CPU or on "
+              f"CUDA the PyTorch loop otep_select took before)")
     print(header)
     print("-" * len(header))
+    rows = []
     for shape in args.shapes.split(","):
         tokens, num_experts, k = (int(x) for x in shape.lower().split("x"))
-        probs = router_probs(tokens, num_experts)
-        sigma = learned_sigma(num_experts, k)
+        probs = router_probs(tokens, num_experts).to(args.device)
+        sigma = learned_sigma(num_experts, k).to(args.device)
         fns = {
             "topk": lambda: torch.topk(probs, k, dim=1),
             "otep": lambda: otep_select(probs, sigma, k, check_finite=False),
         }
-        if not args.skip_demo:
+        small = not cuda and tokens <= otep.SMALL_BATCH
+        if fused:
+            fns["torch"] = lambda: otep_select(probs, sigma, k, check_finite=False, backend="torch")
+        elif small:
+            fns["torch"] = lambda: blocked_loop(probs, sigma, k)
+        if not skip_demo:
             fns["demo"] = lambda: demo_formulation(probs, sigma, k)
-        times = timeit(fns, args.repeats, args.burst)
-        # agreement on selections
+        times = timeit(fns, args.repeats, args.burst, cuda)
         ours = otep_select(probs, sigma, k)
-        if args.skip_demo:
-            agree = "n/a"
+        other = "torch" if (fused or small) else "demo"
+        if small:
+            same = (ours == blocked_loop(probs, sigma, k)).all(dim=1).float().mean().item()
+            agree = f"small-batch loop = blocked loop on {same:.4%} of tokens"
+        elif fused:
+            ref = otep_select(probs, sigma, k, backend="torch")
+            same = (ours == ref).all(dim=1).float().mean().item()
+            agree = f"fused = torch path on {same:.4%} of tokens"
+        elif skip_demo:
+            same, agree = None, "n/a"
         else:
             demo = demo_formulation(probs, sigma, k)
             same = (ours == demo).all(dim=1).float().mean().item()
@@ -150,12 +198,20 @@ def main(argv=None) -> int:
             same_i = (
                 torch.equal(otep_select(probs, eye, k), top) and torch.equal(demo_formulation(probs, eye, k), top)
             )
-            agree = f"{same:.4%} of tokens, identity: {'yes' if same_i else 'NO'}"
-        demo_ms = times.get("demo", float("nan")) * 1e3
+            agree = f"otep = demo on {same:.4%} of tokens, identity: otep = topk = demo {'yes' if same_i else 'NO'}"
+        other_ms = times.get(other, float("nan")) * 1e3
         print(
-            f"{shape:>16} {times['topk'] * 1e3:9.2f} {times['otep'] * 1e3:9.2f} {demo_ms:9.2f} "
-            f"{times['otep'] / times['topk']:9.2f}x {times.get('demo', float('nan')) / times['otep']:9.2f}x  {agree}"
+            f"{shape:>16} {times['topk'] * 1e3:9.3f} {times['otep'] * 1e3:9.3f} {other_ms:9.3f} "
+            f"{times['otep'] / times['topk']:9.2f}x {times.get(other, float('nan')) / times['otep']:9.2f}x  {agree}"
         )
+        rows.append({"shape": [tokens, num_experts, k], "topk_ms": times["topk"] * 1e3,
+                     "otep_ms": times["otep"] * 1e3, f"{other}_ms": other_ms if other in times else None,
+                     "otep_over_topk": times["otep"] / times["topk"], "agreement": same})
+    if args.json:
+        info = {"device": args.device, "fused_kernel": fused, "torch": torch.__version__,
+                "triton": getattr(otep_triton.triton, "__version__", None), "rows": rows}
+        with open(args.json, "w") as f:
+            json.dump(info, f, indent=1)
     return 0
 
 

@@ -18,6 +18,7 @@ MoPE routes with OTEP from the first timed step (warm-up over) and a learned Sig
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -87,6 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps per router")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures to this JSON file")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more mpmoe train flags after --")
     ns = p.parse_args(argv)
     if ns.threads:
@@ -95,7 +97,10 @@ def main(argv=None) -> int:
 
     from mpmoe.megatron import destroy_distributed, init_distributed
 
+    from mpmoe.megatron.spec import resolve_backend
+
     init_distributed(seed=1234)
+    spec = resolve_backend()
     runs = {"mope": _build(ns.preset, "otep", extra), "topk": _build(ns.preset, "aux_loss", extra)}
     args = runs["mope"][0]
     tokens = args.global_batch_size * args.seq_length
@@ -111,7 +116,9 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"bench_train: preset {ns.preset}, {device}, {tokens} tokens/step "
           f"(global batch {args.global_batch_size} x seq {args.seq_length}), "
-          f"{args.num_experts} experts top-{args.moe_router_topk}, {ns.steps} interleaved steps each")
+          f"{args.num_experts} experts top-{args.moe_router_topk}, {ns.steps} interleaved steps each, "
+          f"{'bf16' if getattr(args, 'bf16', False) else 'fp32'}, {spec} layer spec, "
+          f"{args.moe_token_dispatcher_type} dispatcher")
     med = {}
     for name, ts in times.items():
         ts = sorted(ts)
@@ -131,6 +138,12 @@ def main(argv=None) -> int:
     print(f"  MoPE / top-k step time: {ratio:.3f}x by median, {best:.3f}x by fastest step "
           f"(goal <= {goal}x by median: {'met' if ratio <= goal else 'NOT met'}; on a shared machine "
           f"the fastest-step ratio is the less noisy one)")
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump({"preset": ns.preset, "device": device, "spec": spec, "bf16": bool(getattr(args, "bf16", False)),
+                       "dispatcher": args.moe_token_dispatcher_type, "tokens_per_step": tokens,
+                       "steps": ns.steps, "mope_ms": med["mope"] * 1e3, "topk_ms": med["topk"] * 1e3,
+                       "ratio_median": ratio, "ratio_fastest": best}, f, indent=1)
     return 0
 
 

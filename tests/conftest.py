@@ -6,6 +6,17 @@ from hypothesis import settings
 # Test helpers (reference implementations, multi-process utilities) live beside the tests.
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Without a GPU, Triton kernels run under Triton's interpreter on CPU tensors. The mode is
+# fixed when triton is first imported, so it is chosen here, before any test imports it.
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # CI runs the property tests with a fixed seed sequence so that a red run is
 # reproducible; locally they explore new examples each run.
 settings.register_profile("ci", derandomize=True, print_blob=True)

@@ -31,16 +31,30 @@ Implementation notes, in the order they matter for speed on CPU and GPU:
   seeded random order). Selected experts get a gain of -0.0 (negative key), so a
   selection never repeats; disallowed experts get a gain of exactly 0 and a tag
   below every allowed expert, so they are picked only when nothing else is left.
+
+Three paths make the same picks (``tests/test_routing_otep_paths.py``): this blocked
+loop; for T <= ``SMALL_BATCH`` tokens on CPU (decode) :func:`_otep_small`, the same
+arithmetic in about half the tensor ops; on CUDA the fused Triton kernel of
+:mod:`mpmoe.routing.otep_triton` when Triton is importable. ``backend=`` or the
+environment variable ``MPMOE_OTEP_BACKEND`` forces one.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import torch
 
-__all__ = ["otep_select", "otep_select_indices", "DEFAULT_EPS"]
+from mpmoe.routing import otep_triton
+
+__all__ = ["otep_select", "otep_select_indices", "DEFAULT_EPS", "BACKENDS"]
+
+#: Values of ``backend=`` / ``MPMOE_OTEP_BACKEND``.
+BACKENDS = ("auto", "torch", "triton")
+#: Largest batch of tokens that takes the lean small-batch loop on CPU (decode).
+SMALL_BATCH = 64
 
 #: Floor for diagonal entries and Schur complements (the demo code's value).
 DEFAULT_EPS = 1e-12
@@ -122,6 +136,7 @@ def otep_select_indices(
     eps: float = DEFAULT_EPS,
     chunk_size: int | None = None,
     check_finite: bool | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Greedy OTEP selection; returns the chosen expert ids [T, k] in pick order.
 
@@ -129,9 +144,24 @@ def otep_select_indices(
     greedy round ``t``, so ``indices[:, :t]`` is the greedy selection of size ``t``.
     The selection is not differentiable: it runs under ``torch.no_grad()``.
     """
+    return _select(probs, sigma, k, tie_break, allowed, eps, chunk_size, check_finite, backend, False)
+
+
+@torch.no_grad()
+def _select(probs, sigma, k, tie_break, allowed, eps, chunk_size, check_finite, backend, want_mask):
+    """Validate, pick a path (Triton kernel, small-batch loop, blocked loop), run it.
+
+    Returns the indices [T, k], or the bool map [T, E] when ``want_mask``.
+    """
     _validate(probs, sigma, k, allowed, check_finite)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"otep_select: chunk_size must be >= 1, got {chunk_size}")
     num_tokens, num_experts = probs.shape
     device = probs.device
+    path = _choose_path(backend, probs, k, tie_break)
+    if path == "triton":
+        idx, mask = otep_triton.otep_triton(probs, sigma, k, allowed=allowed, eps=eps, want_mask=want_mask)
+        return mask if want_mask else idx
     # Compute in fp32 at least (bf16/fp16 inputs are upcast), fp64 when given fp64.
     dtype = torch.promote_types(torch.promote_types(probs.dtype, sigma.dtype), torch.float32)
     gen = _as_generator(tie_break, device)
@@ -139,24 +169,30 @@ def otep_select_indices(
     sig = 0.5 * (sig + sig.t())  # the math assumes symmetry; be robust to round-off
     diag = sig.diagonal().clamp_min(eps)
 
-    if chunk_size is None:
-        # Blocks of tokens whose [block, E] state tensors stay cache-resident.
-        row_bytes = num_experts * torch.finfo(dtype).bits // 8
-        chunk_size = max(64, _CHUNK_BYTES // row_bytes)
-    if chunk_size < 1:
-        raise ValueError(f"otep_select: chunk_size must be >= 1, got {chunk_size}")
-
     out = torch.empty(num_tokens, k, dtype=torch.long, device=device)
-    if num_tokens == 0:
+    if num_tokens and path == "small":
+        _otep_small(probs, sig, diag, k, allowed, eps, out)
+    elif num_tokens:
+        if chunk_size is None:
+            # Blocks of tokens whose [block, E] state tensors stay cache-resident.
+            row_bytes = num_experts * torch.finfo(dtype).bits // 8
+            chunk_size = max(64, _CHUNK_BYTES // row_bytes)
+        _otep_blocked(probs, sig, diag, k, allowed, eps, gen, chunk_size, dtype, out)
+    if not want_mask:
         return out
-    work = _Workspace(min(chunk_size, num_tokens), num_experts, k, dtype, device, gen is not None)
+    mask = torch.zeros(probs.shape, dtype=torch.bool, device=device)
+    return mask.scatter_(1, out, True)
+
+
+def _otep_blocked(probs, sig, diag, k, allowed, eps, gen, chunk_size, dtype, out):
+    num_tokens, num_experts = probs.shape
+    work = _Workspace(min(chunk_size, num_tokens), num_experts, k, dtype, probs.device, gen is not None)
     for start in range(0, num_tokens, chunk_size):
         stop = min(start + chunk_size, num_tokens)
         allowed_chunk = allowed
         if allowed is not None and allowed.dim() == 2:
             allowed_chunk = allowed[start:stop]
         _otep_block(work, probs[start:stop], sig, diag, k, allowed_chunk, eps, gen, out[start:stop])
-    return out
 
 
 def otep_select(
@@ -169,6 +205,7 @@ def otep_select(
     eps: float = DEFAULT_EPS,
     chunk_size: int | None = None,
     check_finite: bool | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Select exactly ``k`` experts per token by greedy OTEP; returns a bool map [T, E].
 
@@ -191,22 +228,87 @@ def otep_select(
             (4096 at E = 64), a block whose state stays in cache.
         check_finite: raise ``ValueError`` on NaN/inf input. ``None`` checks only on
             CPU, where it costs no device synchronisation.
+        backend: ``"auto"`` (default), ``"torch"`` or ``"triton"``; ``None`` reads the
+            environment variable ``MPMOE_OTEP_BACKEND`` (default ``auto``). ``auto`` runs
+            the fused Triton kernel on CUDA tensors when Triton is importable, E <= 256,
+            k <= 16 and ``tie_break`` is None; on CPU it runs a lean loop for T <= 64
+            tokens (decode) and the blocked loop otherwise. ``torch`` forces the PyTorch
+            paths, ``triton`` the kernel (an error where it cannot run).
 
     Returns:
         ``torch.bool`` tensor [T, E] with exactly ``k`` True entries per row.
     """
-    idx = otep_select_indices(
-        probs,
-        sigma,
-        k,
-        tie_break=tie_break,
-        allowed=allowed,
-        eps=eps,
-        chunk_size=chunk_size,
-        check_finite=check_finite,
-    )
-    mask = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
-    return mask.scatter_(1, idx, True)
+    return _select(probs, sigma, k, tie_break, allowed, eps, chunk_size, check_finite, backend, True)
+
+
+def _choose_path(backend, probs, k, tie_break) -> str:
+    """"triton", "small" (CPU, T <= SMALL_BATCH) or "blocked"."""
+    if backend is None:
+        backend = os.environ.get("MPMOE_OTEP_BACKEND", "").strip().lower() or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"otep_select: backend (or MPMOE_OTEP_BACKEND) must be one of {', '.join(BACKENDS)}, got {backend!r}"
+        )
+    num_tokens, num_experts = probs.shape
+    on_cpu = probs.device.type == "cpu"
+    if backend == "triton":
+        if not otep_triton.available():
+            raise RuntimeError("otep_select: backend 'triton' needs Triton (pip install triton)")
+        if tie_break is not None:
+            raise ValueError("otep_select: backend 'triton' has no seeded tie-break; use tie_break=None")
+        if on_cpu and not otep_triton.interpreting():
+            raise ValueError("otep_select: backend 'triton' runs on CUDA tensors (on CPU only with TRITON_INTERPRET=1)")
+        return "triton"
+    if (
+        backend == "auto"
+        and probs.device.type == "cuda"
+        and tie_break is None
+        and otep_triton.available()
+        and otep_triton.supports(num_experts, k)
+    ):
+        return "triton"
+    if on_cpu and num_tokens <= SMALL_BATCH and tie_break is None:
+        return "small"
+    return "blocked"
+
+
+def _otep_small(probs, sig, diag, k, allowed, eps, out):
+    """The greedy loop for a few tokens (CPU decode): the blocked loop's arithmetic, op
+    for op (identical picks), in the fewest tensor ops, since at T <= 64 each op's fixed
+    cost is the whole cost: no packed keys and no workspace; ``torch.argmax`` (the first
+    maximum: the lowest index among exact ties); picks gathered by one ``cat`` at the end."""
+    num_tokens, num_experts = probs.shape
+    r = probs.to(sig.dtype, copy=True)
+    s = diag.expand(num_tokens, num_experts).clone()
+    if allowed is not None:
+        s.masked_fill_(~allowed, math.inf)
+        allowed_bit = allowed.expand(num_tokens, num_experts).to(torch.int64)
+    rows = torch.empty(max(k - 1, 1), num_tokens, num_experts, dtype=sig.dtype).unbind(0)
+    gain = torch.empty_like(r)
+    picked = torch.zeros(num_tokens, num_experts, dtype=torch.bool)
+    picks = []
+    for t in range(k):
+        torch.mul(r, r, out=gain)
+        gain.div_(s)
+        if t:
+            gain.masked_fill_(picked, -math.inf)
+        if allowed is None:
+            j = gain.argmax(dim=1, keepdim=True)
+        else:
+            j = _argmax_generic(gain, allowed_bit, None).unsqueeze(1)
+        picks.append(j)
+        if t == k - 1:
+            break
+        picked.scatter_(1, j, True)
+        r_j, s_j = r.gather(1, j), s.gather(1, j)
+        col = torch.index_select(sig, 0, j.view(-1), out=rows[t])
+        for i in range(t):
+            col.addcmul_(rows[i], rows[i].gather(1, j), value=-1.0)
+        inv_l = s_j.rsqrt_()
+        col.mul_(inv_l)
+        s.addcmul_(col, col, value=-1.0).clamp_min_(eps)
+        r.addcmul_(col, r_j.mul_(inv_l), value=-1.0)
+    torch.cat(picks, dim=1, out=out)
 
 
 class _Workspace:
