@@ -89,7 +89,7 @@ class MoPEConfig(TransformerConfig):
     """Routing-statistics window, in optimizer steps."""
 
     moe_stats_dir: Optional[str] = None
-    """Directory for ``layer{L}_seg{S}_{moe|mope}.npz`` statistics files; None = no tracking."""
+    """Directory for ``layer{L}_seg{S}_{moe|mope|remoe}.npz`` statistics files; None = no tracking."""
 
     moe_stats_layers: Optional[Tuple[int, ...]] = None
     """MoE layers (1-based) whose statistics are tracked; None = all MoE layers."""

@@ -8,7 +8,7 @@ drives a :class:`RoutingStatsTracker`: after each optimizer step it calls
 ``tracker.on_optimizer_step(step)``; every ``moe_plot_every`` steps the window counters
 are summed over the ranks that see different tokens and written, by one rank, as
 
-    {moe_stats_dir}/layer{L}_seg{S}_{moe|mope}.npz
+    {moe_stats_dir}/layer{L}_seg{S}_{moe|mope|remoe}.npz
 
 with keys ``expert_counts`` (int64 [E], tokens routed to each expert),
 ``cooccurrence_matrix`` (int64 [E, E], tokens routed to both i and j; diagonal =
