@@ -111,10 +111,11 @@ class ReMoERouter(TopKStatsRouter):
 
     stats_kind = "remoe"
 
-    def __init__(self, config, pg_collection=None) -> None:
+    def __init__(self, config, pg_collection=None, **kwargs) -> None:
+        # kwargs: what MoELayer passes besides (is_mtp_layer from megatron-core 0.17).
         if not getattr(config, "moe_relu_routing", False):
             raise ValueError("ReMoERouter needs an MoPEConfig with moe_relu_routing=True")
-        super().__init__(config=config, pg_collection=pg_collection)
+        super().__init__(config=config, pg_collection=pg_collection, **kwargs)
         f64 = dict(dtype=torch.float64, device=self.weight.device)
         # The adaptive L1 coefficient: training state, saved and resumed with the model.
         self.register_buffer("relu_l1_coeff", torch.full((), float(config.moe_relu_l1_reg_coeff_init), **f64))
