@@ -141,3 +141,19 @@ def test_softmax_expert_bias_steers_selection_only():
         _, eval_map = router(x)
     assert eval_map[:, 5].all()  # the bias also selects at inference
     assert router.local_tokens_per_expert.sum().item() == 2 * 2 * 32  # eval not counted
+
+
+def test_sigmoid_expert_bias_is_megatrons_own_path_on_cpu():
+    """Sigmoid scores + bias: megatron's selection and token counting, buffers on the CPU."""
+    cfg = make_config(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid",
+                      moe_router_load_balancing_type="none")
+    torch.manual_seed(0)
+    router = TopKStatsRouter(cfg)
+    router.set_layer_number(1)
+    assert not router._counts_expert_bias  # megatron counts (sigmoid path)
+    with torch.no_grad():
+        router.expert_bias[3] = 10.0
+    x = torch.randn(8, 4, 32)
+    probs, routing_map = router(x)
+    assert routing_map[:, 3].all()
+    assert router.local_tokens_per_expert.tolist() == routing_map.sum(dim=0).float().tolist()

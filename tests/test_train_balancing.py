@@ -154,3 +154,19 @@ def test_remoe_checkpoint_evaluates_with_relu_routing(tmp_path, embedded_cache):
     assert experts.shape[1] == 8 and len(set((experts >= 0).sum(axis=1).tolist())) > 1  # variable k
     assert main(["--load", str(save), "--tasks", "mpmoe_docs_lastword", "--routing", "topk",
                  "--output-path", str(tmp_path / "e2")]) == 2
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--moe-relu-routing"], "exclude each other"),  # the tiny-cpu preset is MoPE
+    (["--moe-relu-routing", "--moe-router-load-balancing-type", "none", "--moe-router-enable-expert-bias"],
+     "does not apply"),
+    (["--moe-relu-routing", "--moe-router-load-balancing-type", "none", "--moe-relu-l1-reg-coeff-init", "0"],
+     "must be > 0"),
+    (["--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "-1"], "must be >= 0"),
+    (["--moe-router-score-function", "sigmoid"], "needs --moe-router-score-function softmax"),
+])
+def test_flag_errors_are_one_line(flags, match):
+    from mpmoe.train.args import ConfigError, parse_args
+
+    with pytest.raises(ConfigError, match=match):
+        parse_args(flags)
