@@ -4,8 +4,10 @@
 #   scripts/train.sh PRESET [ROUTER] [extra mpmoe train flags...]
 #
 #   PRESET  a configs/*.toml name: tiny-cpu, flame-moe-38m ... flame-moe-1.7b
-#   ROUTER  mope (OTEP routing, --moe-router-load-balancing-type otep) or moe / topk
-#           (megatron's top-k with aux loss); default: the preset's own choice
+#   ROUTER  mope (OTEP routing, --moe-router-load-balancing-type otep), moe / topk
+#           (megatron's top-k with aux loss), remoe (ReLU routing + adaptive L1,
+#           --moe-relu-routing), topk-bias / mope-bias (aux-loss-free expert bias instead of
+#           the aux loss, docs/routing.md); default: the preset's own choice
 #
 # GPUs: counted with nvidia-smi (or torch). Expert parallelism is set to the largest
 # divisor of the preset's expert count that is <= the total number of GPUs (and divides it).
@@ -22,7 +24,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-    sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 PRESET="$1"; shift
@@ -35,7 +37,11 @@ if [[ $# -gt 0 && "$1" != --* ]]; then
     case "$1" in
         mope|otep) ROUTER_FLAGS=(--moe-router-load-balancing-type otep) ;;
         moe|topk|aux_loss) ROUTER_FLAGS=(--moe-router-load-balancing-type aux_loss) ;;
-        *) echo "train.sh: error: unknown router '$1' (mope, moe)" >&2; exit 2 ;;
+        remoe) ROUTER_FLAGS=(--moe-router-load-balancing-type none --moe-relu-routing) ;;
+        topk-bias) ROUTER_FLAGS=(--moe-router-load-balancing-type none --moe-router-enable-expert-bias) ;;
+        mope-bias) ROUTER_FLAGS=(--moe-router-load-balancing-type otep --moe-aux-loss-coeff 0
+                                 --moe-router-enable-expert-bias) ;;
+        *) echo "train.sh: error: unknown router '$1' (mope, moe, remoe, topk-bias, mope-bias)" >&2; exit 2 ;;
     esac
     shift
 fi

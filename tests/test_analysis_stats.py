@@ -123,3 +123,25 @@ def test_import_is_light():
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_remoe_windows_with_variable_experts_per_token(tmp_path):
+    """ReMoE files (kind remoe): a variable number of experts per token; the histogram
+    feeds the summary and the experts-per-token plot, load and co-occurrence stay exact."""
+    rng = np.random.default_rng(0)
+    d = tmp_path / "remoe"
+    d.mkdir()
+    m = rng.random((300, 8)) < np.linspace(0.05, 0.6, 8)  # 0..8 experts per token
+    k = m.sum(1)
+    np.savez(d / "layer2_seg0_remoe.npz", expert_counts=m.sum(0), cooccurrence_matrix=m.T.astype(int) @ m,
+             num_tokens=np.int64(300), experts_per_token=np.bincount(k, minlength=9))
+    out = tmp_path / "report"
+    assert main(["stats", str(d), "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    layer = summary["runs"][0]["layers"]["2"]
+    assert layer["kind"] == "remoe"
+    assert layer["experts_per_token"] == pytest.approx(k.mean())
+    assert layer["experts_per_token_std"] == pytest.approx(k.std())
+    assert layer["experts_per_token_max"] == k.max()
+    assert layer["tokens_with_no_expert_fraction"] == pytest.approx((k == 0).mean())
+    assert "experts_per_token.png" in summary["images"]

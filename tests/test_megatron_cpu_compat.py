@@ -583,3 +583,15 @@ def test_kv_cache_decoding_on_cpu_matches_full_forward():
         cached = _decode_with_kv_cache(model, ids, 5)
     torch.testing.assert_close(cached, full[:, 4:11], rtol=1e-4, atol=1e-5)
     assert cached.device.type == "cpu"
+
+
+def test_router_expert_bias_upstream_needs_cuda_and_replacement_allocates_on_cpu(monkeypatch):
+    cfg = tiny_config(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid")
+    pgs = moe_utils.get_default_pg_collection()
+    monkeypatch.setattr(TopKRouter, "__init__", cpu_compat.original("router_expert_bias_device"))
+    with pytest.raises(CUDA_ERRORS):
+        TopKRouter(cfg, pgs)
+    monkeypatch.undo()
+    router = TopKRouter(cfg, pgs)
+    assert router.expert_bias.device.type == "cpu" and router.local_tokens_per_expert.device.type == "cpu"
+    assert "expert_bias" in router.state_dict() and "local_tokens_per_expert" not in router.state_dict()

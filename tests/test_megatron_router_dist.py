@@ -176,7 +176,9 @@ def test_two_ranks_equal_one_process(tmp_path, ep):
     for step in range(STEPS):
         a = read_stats_file(ref_dir / "stats" / f"layer1_seg{step}_mope.npz")
         b = read_stats_file(out_dir / "stats" / f"layer1_seg{step}_mope.npz")
-        assert set(a) == set(b) == {"expert_counts", "cooccurrence_matrix", "num_tokens", "cov_matrix"}
+        assert set(a) == set(b) == {"expert_counts", "cooccurrence_matrix", "num_tokens", "cov_matrix",
+                                    "experts_per_token"}
         for k in a:
             assert (a[k] == b[k]).all(), k
         assert int(a["num_tokens"]) == 6 * 2 * WORLD
+        assert a["experts_per_token"].tolist() == [0, 0, 6 * 2 * WORLD] + [0] * (E - 2)  # top-2

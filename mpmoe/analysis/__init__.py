@@ -1,7 +1,7 @@
 """Routing and expert analysis: numbers and plots from statistics dumps and checkpoints.
 
 * :mod:`mpmoe.analysis.metrics` - the math (numpy; POT for optimal transport).
-* :mod:`mpmoe.analysis.stats` - ``layer{L}_seg{S}_{moe|mope}.npz`` windows -> plots + summary.
+* :mod:`mpmoe.analysis.stats` - ``layer{L}_seg{S}_{moe|mope|remoe}.npz`` windows -> plots + summary.
 * :mod:`mpmoe.analysis.checkpoint` - expert embeddings and ablations from a checkpoint.
 * :mod:`mpmoe.analysis.cli` - ``mpmoe analyze stats|checkpoint``.
 

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Routing and expert analysis: plots and numbers from "
                 "statistics dumps and checkpoints.")
     sub = p.add_subparsers(dest="command", metavar="{stats,checkpoint}", parser_class=_Parser)
-    s = sub.add_parser("stats", help="plots + summary.json from layer{L}_seg{S}_{moe|mope}.npz windows")
+    s = sub.add_parser("stats", help="plots + summary.json from layer{L}_seg{S}_{moe|mope|remoe}.npz windows")
     s.add_argument("path", help="statistics folder, run folder (config.json names it), or a tree of them")
     s.add_argument("--compare", default=None, help="a second run's statistics, shown side by side")
     s.add_argument("--name", default=None, help="label of the first run (default: folder name)")

@@ -1,4 +1,4 @@
-"""Analysis of routing-statistics dumps (``layer{L}_seg{S}_{moe|mope}.npz`` windows).
+"""Analysis of routing-statistics dumps (``layer{L}_seg{S}_{moe|mope|remoe}.npz`` windows).
 
 :func:`load_stats` reads a statistics folder (or a run folder whose ``config.json`` names
 one, or a tree holding several, e.g. one per rank or node: files of the same layer and
@@ -22,7 +22,7 @@ from mpmoe.analysis import metrics as M
 __all__ = ["AnalysisError", "LayerStats", "StatsSet", "analyze_stats", "find_stats_files", "load_stats",
            "summarize"]
 
-_FILE_RE = re.compile(r"^layer(\d+)_seg(\d+)_(moe|mope)\.npz$")
+_FILE_RE = re.compile(r"^layer(\d+)_seg(\d+)_(moe|mope|remoe)\.npz$")
 WIDTH_IN = 12.0  # every figure is WIDTH_IN x DPI pixels wide
 DPI = 100
 
@@ -36,13 +36,14 @@ class LayerStats:
     """All windows of one layer. Arrays are indexed by position in ``segments``."""
 
     layer: int
-    kind: str  # "moe" | "mope"
+    kind: str  # "moe" | "mope" | "remoe"
     segments: list[int]
     counts: np.ndarray  # [S, E] float64
     cooccurrence: np.ndarray  # [S, E, E] float64
     num_tokens: np.ndarray  # [S] float64
     sigma: Optional[np.ndarray] = None  # [S, E, E] (MoPE) or None
     sources: int = 1  # folders summed
+    experts_per_token: Optional[np.ndarray] = None  # [S, E+1] tokens with 0..E experts (newer files)
 
     @property
     def num_experts(self) -> int:
@@ -103,7 +104,7 @@ def find_stats_files(path) -> list[Path]:
                 return sorted(found)
     found = sorted(p for p in root.rglob("layer*_seg*_*.npz") if _FILE_RE.match(p.name))
     if not found:
-        raise AnalysisError(f"{root}: no statistics files layer{{L}}_seg{{S}}_{{moe|mope}}.npz "
+        raise AnalysisError(f"{root}: no statistics files layer{{L}}_seg{{S}}_{{moe|mope|remoe}}.npz "
                             "(train with --moe-stats-dir to write them)")
     return found
 
@@ -117,7 +118,8 @@ def load_stats(path, name: Optional[str] = None) -> StatsSet:
         groups.setdefault((int(m.group(1)), int(m.group(2)), m.group(3)), []).append(f)
     per_layer: dict[int, dict] = {}
     for (layer, seg, kind), paths in sorted(groups.items()):
-        counts = cooc = sigma = None
+        counts = cooc = sigma = hist = None
+        has_hist = True
         tokens = 0.0
         for p in paths:
             try:
@@ -137,13 +139,18 @@ def load_stats(path, name: Optional[str] = None) -> StatsSet:
             counts = u if counts is None else counts + u
             cooc = c if cooc is None else cooc + c
             tokens += float(data["num_tokens"]) if "num_tokens" in data else _tokens_from_cooccurrence(c)
+            if "experts_per_token" in data:
+                h = data["experts_per_token"].astype(np.float64)
+                hist = h if hist is None else hist + h
+            else:
+                has_hist = False
             if "cov_matrix" in data:
                 s = data["cov_matrix"].astype(np.float64)
                 sigma = s if sigma is None else sigma + s
         if sigma is not None:
             sigma = sigma / len(paths)  # every rank routes with the same Sigma
         entry = per_layer.setdefault(layer, {"kind": kind, "segs": [], "u": [], "c": [], "n": [], "s": [],
-                                             "sources": len(paths)})
+                                             "h": [], "sources": len(paths)})
         if entry["kind"] != kind:
             raise AnalysisError(f"{Path(path)}: layer {layer} has both moe and mope files (two runs in one folder?)")
         if entry["u"] and entry["u"][0].shape != counts.shape:
@@ -153,13 +160,15 @@ def load_stats(path, name: Optional[str] = None) -> StatsSet:
         entry["c"].append(cooc)
         entry["n"].append(tokens)
         entry["s"].append(sigma)
+        entry["h"].append(hist if has_hist else None)
         entry["sources"] = max(entry["sources"], len(paths))
     root = Path(path)
     out = StatsSet(name=name or root.name or str(root), roots=sorted({f.parent for f in files}))
     for layer, e in sorted(per_layer.items()):
         sig = np.stack(e["s"]) if all(s is not None for s in e["s"]) else None
+        hist = np.stack(e["h"]) if all(h is not None for h in e["h"]) else None
         out.layers[layer] = LayerStats(layer, e["kind"], e["segs"], np.stack(e["u"]), np.stack(e["c"]),
-                                       np.asarray(e["n"], dtype=np.float64), sig, e["sources"])
+                                       np.asarray(e["n"], dtype=np.float64), sig, e["sources"], hist)
     return out
 
 
@@ -196,6 +205,14 @@ def layer_summary(ls: LayerStats) -> dict:
     }
     if tokens > 0 and total_c.sum() > 0:
         out["mean_offdiag_npmi"] = finite(M.mean_offdiagonal(M.pmi_cooccurrence(total_c, tokens)))
+    if ls.experts_per_token is not None:
+        h = ls.experts_per_token.sum(0)
+        if h.sum() > 0:
+            ks = np.arange(h.size)
+            mean = float((h * ks).sum() / h.sum())
+            out["experts_per_token_std"] = finite(float(np.sqrt((h * (ks - mean) ** 2).sum() / h.sum())))
+            out["experts_per_token_max"] = int(ks[h > 0].max())
+            out["tokens_with_no_expert_fraction"] = finite(float(h[0] / h.sum()))
     if ls.sigma is not None:
         corr = M.covariance_to_correlation(ls.sigma[-1])
         out["sigma_mean_abs_offdiag_correlation"] = finite(M.mean_offdiagonal(corr, absolute=True))
@@ -252,6 +269,30 @@ def _plot_load_heatmap(plt, sets: list[StatsSet], out: Path) -> Path:
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     return _save(fig, out / "load_heatmap.png")
+
+
+def _plot_experts_per_token(plt, sets: list[StatsSet], out: Path) -> Path:
+    """Distribution of routed experts per token (all windows), one line per layer and run."""
+    fig, ax = plt.subplots(1, 1, figsize=(WIDTH_IN, 3.6))
+    styles = ["-o", "--s", ":^", "-.d"]
+    for si, s in enumerate(sets):
+        for l, ls in sorted(s.layers.items()):
+            if ls.experts_per_token is None:
+                continue
+            h = ls.experts_per_token.sum(0)
+            ax.plot(np.arange(h.size), h / max(h.sum(), 1.0), styles[si % len(styles)], ms=3, lw=1.0,
+                    label=f"{s.name} L{l} ({ls.kind})")
+    ax.set_xlabel("routed experts per token")
+    ax.set_ylabel("fraction of tokens")
+    ax.set_title("experts per token (top-k / MoPE: a spike at k; ReMoE: variable)", fontsize=9)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=6, ncol=3)
+    else:
+        ax.text(0.5, 0.5, "no experts_per_token in these files (older statistics)", ha="center", va="center",
+                transform=ax.transAxes)
+    fig.tight_layout()
+    return _save(fig, out / "experts_per_token.png")
 
 
 def _plot_load_over_training(plt, s: StatsSet, out: Path, tag: str) -> Path:
@@ -360,6 +401,7 @@ def analyze_stats(path, out_dir, *, compare=None, name: Optional[str] = None, co
 
     add(lambda: _plot_load_heatmap(plt, sets, out), "Expert load per layer (layer x expert)")
     add(lambda: _plot_curves(plt, sets, out), "Load imbalance, effective experts, co-activation concentration, Sigma over windows")
+    add(lambda: _plot_experts_per_token(plt, sets, out), "Distribution of routed experts per token")
     for i, s in enumerate(sets):
         tag = "" if i == 0 else "_compare"
         add(lambda s=s, tag=tag: _plot_load_over_training(plt, s, out, tag), f"{s.name}: load over training (window x expert)")

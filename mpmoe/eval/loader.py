@@ -28,6 +28,9 @@ Routing modes (``routing``):
   no Sigma to route with);
 * ``"topk"``: plain top-k by router probability in every MoE layer, MoPE layers included
   (their Sigma is loaded and ignored): the same weights compared under both rules.
+
+ReMoE checkpoints (``--moe-relu-routing``) route with their ReLU gates under ``"auto"``
+(reported as ``"remoe"``); ``"topk"`` and ``"mope"`` are errors for them.
 """
 
 from __future__ import annotations
@@ -67,8 +70,8 @@ class EvalModel:
     max_length: int                 # the model's context (its training sequence length)
     checkpoint: Path                # the iteration folder loaded
     iteration: int
-    routing: str                    # "mope" or "topk": what the MoE layers do now
-    trained_routing: str            # "mope", "topk" or "dense"
+    routing: str                    # "mope", "topk" or "remoe": what the MoE layers do now
+    trained_routing: str            # "mope", "topk", "remoe" or "dense"
     dtype: torch.dtype
     device: torch.device
     args: argparse.Namespace        # the trainer flags the model was built from
@@ -135,6 +138,8 @@ def _find_tokenizer(tokenizer, root: Path, it_dir: Path, args) -> Path:
 def _trained_routing(args) -> str:
     if args.num_experts is None:
         return "dense"
+    if getattr(args, "moe_relu_routing", False):
+        return "remoe"
     return "mope" if args.moe_router_load_balancing_type == "otep" else "topk"
 
 
@@ -205,6 +210,9 @@ def load_eval_model(
     if routing == "mope" and trained != "mope":
         raise EvalError(f"{it_dir} was trained with {trained} routing: it has no Sigma to route "
                         "with; use --routing topk (or auto)")
+    if routing == "topk" and trained == "remoe":
+        raise EvalError(f"{it_dir} was trained with ReMoE (ReLU) routing, which has no top-k rule; "
+                        "use --routing auto")
 
     tok_path = _find_tokenizer(tokenizer, root, it_dir, args)
     try:

@@ -3,7 +3,7 @@
 * :class:`MoPEConfig` - megatron's ``TransformerConfig`` plus the MoPE fields.
 * :class:`MoPERouter`, :class:`TopKStatsRouter` - routers for ``MoESubmodules.router``;
   :func:`set_training_progress` and :func:`sync_routing_state` drive them.
-* :class:`RoutingStatsTracker` - per-window ``layer{L}_seg{S}_{moe|mope}.npz`` files.
+* :class:`RoutingStatsTracker` - per-window ``layer{L}_seg{S}_{moe|mope|remoe}.npz`` files.
 * :func:`build_gpt_model`, :func:`get_gpt_layer_specs` - the model and its layer specs.
 * :func:`init_distributed` - process groups (gloo on CPU, nccl on GPU) and RNG seeds.
 * :mod:`~mpmoe.megatron.cpu_compat` - the named CPU replacements for megatron-core 0.16.

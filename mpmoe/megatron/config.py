@@ -89,7 +89,7 @@ class MoPEConfig(TransformerConfig):
     """Routing-statistics window, in optimizer steps."""
 
     moe_stats_dir: Optional[str] = None
-    """Directory for ``layer{L}_seg{S}_{moe|mope}.npz`` statistics files; None = no tracking."""
+    """Directory for ``layer{L}_seg{S}_{moe|mope|remoe}.npz`` statistics files; None = no tracking."""
 
     moe_stats_layers: Optional[Tuple[int, ...]] = None
     """MoE layers (1-based) whose statistics are tracked; None = all MoE layers."""
@@ -113,17 +113,37 @@ class MoPEConfig(TransformerConfig):
     moe_eval_dump_dir: Optional[str] = None
     """Outside training, dump each token's routed experts and weights here (demo: EACT_SAVE)."""
 
+    moe_relu_routing: bool = False
+    """ReMoE routing (ReLU gates + adaptive load-balanced L1), thu-ml/ReMoE's flag name."""
+
+    moe_relu_l1_reg_coeff_init: float = 1e-8
+    """ReMoE: initial L1 coefficient lambda_0 (ReMoE's default)."""
+
+    moe_relu_l1_reg_coeff_multiplier: float = 1.2
+    """ReMoE: lambda is multiplied / divided by this after every optimizer step."""
+
     def __post_init__(self):
         self._validate_mope_fields()
         is_mope = self.moe_router_load_balancing_type == MOPE_ROUTING_TYPE
         if is_mope:
             # Megatron validates "aux_loss"; MoPE's losses are exactly aux_loss routing's.
             self.moe_router_load_balancing_type = "aux_loss"
+        # Megatron accepts expert bias with sigmoid scores only; mpmoe's routers implement
+        # it for softmax top-k and MoPE (mpmoe.megatron.balancing), so megatron validates
+        # the rest of the config without it.
+        softmax_bias = self.moe_router_enable_expert_bias and self.moe_router_score_function == "softmax"
+        if softmax_bias:
+            self.moe_router_enable_expert_bias = False
         try:
             super().__post_init__()
         finally:
             if is_mope:
                 self.moe_router_load_balancing_type = MOPE_ROUTING_TYPE
+            if softmax_bias:
+                self.moe_router_enable_expert_bias = True
+        from mpmoe.megatron.balancing import validate_balancing_config
+
+        validate_balancing_config(self)
         if is_mope:
             self._validate_otep_combination()
 
@@ -196,8 +216,6 @@ class MoPEConfig(TransformerConfig):
                 "moe_router_score_function must be 'softmax' for 'otep' (MoPE routes on softmax probabilities), "
                 f"got {self.moe_router_score_function!r}"
             )
-        if self.moe_router_enable_expert_bias:
-            raise ValueError("moe_router_enable_expert_bias is not supported with 'otep'")
         if self.moe_router_num_groups or self.moe_router_group_topk:
             raise ValueError("moe_router_num_groups/moe_router_group_topk (group-limited top-k) are not supported with 'otep'")
         if self.moe_router_fusion:

@@ -76,6 +76,9 @@ The patches (name: target):
     ``transformer.attention.Attention._allocate_memory``: the static-batching KV cache
     (``StaticInferenceContext``, used by ``mpmoe eval`` generation) on
     ``torch.cuda.current_device()``.
+``router_expert_bias_device``
+    ``TopKRouter.__init__``: with ``moe_router_enable_expert_bias`` the ``expert_bias`` and
+    ``local_tokens_per_expert`` buffers on ``torch.cuda.current_device()``.
 
 Most of the newer patches do not rewrite anything: :func:`_with_cuda_on_cpu` runs upstream's
 own function (same code object) with the global name ``torch`` resolving to a view in
@@ -259,6 +262,12 @@ def _router_cls():
     from megatron.core.transformer.moe.router import Router
 
     return Router
+
+
+def _topk_router_cls():
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    return TopKRouter
 
 
 def _moe_utils():
@@ -892,6 +901,16 @@ PATCHES: Tuple[Patch, ...] = (
         "get_grad_norm/clip_grad_norm) all-reduces a flag created with device='cuda'. "
         "Replacement: upstream's own method with that flag on the CPU (gloo). Delete when "
         "the flag is allocated on the grad-stats group's device.",
+    ),
+    Patch(
+        "router_expert_bias_device",
+        _topk_router_cls,
+        "__init__",
+        _upstream(_topk_router_cls, "__init__"),
+        "Upstream: moe.router.TopKRouter.__init__ allocates the aux-loss-free expert_bias "
+        "and local_tokens_per_expert buffers on torch.cuda.current_device(). Replacement: "
+        "upstream's own __init__ with that device the CPU. Delete when the buffers follow "
+        "the router weight's device.",
     ),
 )
 

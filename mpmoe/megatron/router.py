@@ -144,8 +144,8 @@ class TopKStatsRouter(TopKRouter):
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
         if not torch.cuda.is_available():
-            if getattr(config, "moe_router_enable_expert_bias", False):
-                raise ValueError("moe_router_enable_expert_bias needs CUDA (megatron allocates its buffers there)")
+            # Expert-bias buffers: megatron allocates them on CUDA; the cpu_compat patch
+            # "router_expert_bias_device" puts them on the CPU.
             lbt = config.moe_router_load_balancing_type
             if lbt == "global_aux_loss" or (isinstance(lbt, list) and "global_aux_loss" in lbt):
                 raise ValueError(
@@ -160,6 +160,9 @@ class TopKStatsRouter(TopKRouter):
         self.register_buffer("window_tokens", torch.zeros((), **f64), persistent=False)
         self.register_buffer("window_usage", torch.zeros(num_experts, **f64), persistent=False)
         self.register_buffer("window_cooccurrence", torch.zeros(num_experts, num_experts, **f64), persistent=False)
+        # Tokens with 0, 1, ..., E routed experts (variable under ReMoE), same window.
+        self.register_buffer("window_experts_per_token", torch.zeros(num_experts + 1, **f64), persistent=False)
+        self.last_window_experts_per_token: Optional[torch.Tensor] = None
         self._step: Optional[int] = None
         self._total_steps: Optional[int] = None
         self._counted_forwards = 0  # counted (training, non-recompute) forwards so far
@@ -193,7 +196,7 @@ class TopKStatsRouter(TopKRouter):
         )
 
     def _stat_buffer_names(self) -> list[str]:
-        return ["window_tokens", "window_usage", "window_cooccurrence"]
+        return ["window_tokens", "window_usage", "window_cooccurrence", "window_experts_per_token"]
 
     def _apply(self, fn, recurse=True):
         # Float16Module / .half() / .bfloat16() must not cast the float64 counters
@@ -290,6 +293,8 @@ class TopKStatsRouter(TopKRouter):
         valid = None if padding_mask is None else ~padding_mask.reshape(-1, 1)
         if counted:
             self._count(routing_map if valid is None else routing_map & valid)
+            if self._counts_expert_bias:
+                self._count_expert_bias(routing_map if valid is None else routing_map & valid)
         elif not self.training and getattr(self.config, "moe_eval_dump_dir", None):
             self._dump_eval(probs, routing_map if valid is None else routing_map & valid)
         if counted:
@@ -300,7 +305,26 @@ class TopKStatsRouter(TopKRouter):
 
     def _select(self, logits: torch.Tensor, padding_mask, counted: bool, replay: Optional[dict]):
         """Megatron's top-k routing (capacity, aux loss, z-loss as configured)."""
+        return self._topk_routing(logits, padding_mask)
+
+    @property
+    def _counts_expert_bias(self) -> bool:
+        """Expert bias on a softmax router: mpmoe counts its tokens (megatron: sigmoid only)."""
+        return bool(self.enable_expert_bias) and self.config.moe_router_score_function == "softmax"
+
+    def _topk_routing(self, logits: torch.Tensor, padding_mask):
+        """Megatron's top-k, or with softmax scores and expert bias mpmoe's biased selection."""
+        if self._counts_expert_bias:
+            from mpmoe.megatron.balancing import softmax_bias_routing
+
+            return softmax_bias_routing(self, logits, padding_mask)
         return TopKRouter.routing(self, logits, padding_mask=padding_mask)
+
+    @torch.no_grad()
+    def _count_expert_bias(self, routing_map: torch.Tensor) -> None:
+        # Counted forwards only; megatron's finalize_model_grads sums these over ranks and
+        # updates expert_bias after each step (and zeroes the counts).
+        self.local_tokens_per_expert += routing_map.sum(dim=0)
 
     def _apply_dynamic_mask(self, probs, routing_map, mode: str, counted: bool, replay: Optional[dict] = None):
         if mode == "cooccurrence":
@@ -333,6 +357,10 @@ class TopKStatsRouter(TopKRouter):
             self.window_tokens.add_(m.shape[0])
             self.window_usage.add_(m.sum(dim=0))
             self.window_cooccurrence.add_(m.t() @ m)
+            per_token = routing_map.sum(dim=1)
+            self.window_experts_per_token.index_add_(
+                0, per_token, torch.ones_like(per_token, dtype=self.window_experts_per_token.dtype)
+            )
 
     @torch.no_grad()
     def _dump_eval(self, probs: torch.Tensor, routing_map: torch.Tensor) -> None:
@@ -348,13 +376,16 @@ class TopKStatsRouter(TopKRouter):
         Returns ``(num_tokens, usage [E], cooccurrence [E, E])`` (float64, exact counts)
         and clears the window. Called by the statistics tracker at a window's end.
         """
-        flat = torch.cat([self.window_tokens.reshape(1), self.window_usage, self.window_cooccurrence.reshape(-1)])
+        flat = torch.cat([self.window_tokens.reshape(1), self.window_usage, self.window_cooccurrence.reshape(-1),
+                          self.window_experts_per_token])
         group = self.token_group
         if group is not None and torch.distributed.get_world_size(group) > 1:
             torch.distributed.all_reduce(flat, group=group)
         e = self.num_experts
-        out = flat[0].clone(), flat[1 : 1 + e].clone(), flat[1 + e :].view(e, e).clone()
-        for t in (self.window_tokens, self.window_usage, self.window_cooccurrence):
+        out = flat[0].clone(), flat[1 : 1 + e].clone(), flat[1 + e : 1 + e + e * e].view(e, e).clone()
+        # Histogram of routed experts per token (index = count), read by the tracker.
+        self.last_window_experts_per_token = flat[1 + e + e * e :].clone()
+        for t in (self.window_tokens, self.window_usage, self.window_cooccurrence, self.window_experts_per_token):
             t.zero_()
         return out
 
@@ -421,7 +452,7 @@ class MoPERouter(TopKStatsRouter):
         if counted and self._since_refresh >= self.config.moe_sigma_update_every:
             self.refresh_sigma(rebuild=True)
         if not self.otep_active():
-            return TopKRouter.routing(self, logits, padding_mask=padding_mask)
+            return self._topk_routing(logits, padding_mask)
         sigma = self.cooccurrence_stats.covariance
         if replay is not None:
             if counted:
@@ -449,7 +480,7 @@ class MoPERouter(TopKStatsRouter):
                 allowed = torch.ones(self.num_experts, dtype=torch.bool, device=logits.device)
                 allowed[list(masked_ids)] = False
             selection = otep_select(
-                probs_all,
+                self._otep_scores(probs_all),
                 sigma,
                 self.topk,
                 allowed=allowed,
@@ -490,6 +521,16 @@ class MoPERouter(TopKStatsRouter):
                 probs, scores_for_aux_loss, aux_map, seq_length, bsz, with_padding_mask=with_pad
             )
         return probs, routing_map
+
+    def _otep_scores(self, probs: torch.Tensor) -> torch.Tensor:
+        """OTEP's p: the softmax probabilities, plus the expert bias when enabled.
+
+        The bias steers the selection only (gate weights and aux loss stay unbiased); it is
+        clamped at 0 because OTEP's objective is quadratic in p (docs/routing.md).
+        """
+        if not self.enable_expert_bias:
+            return probs
+        return (probs + self.expert_bias.to(probs.dtype)).clamp_min(0.0)
 
     @torch.no_grad()
     def _count(self, routing_map: torch.Tensor) -> None:

@@ -1,10 +1,11 @@
 """Layer specs for GPT MoE / MoPE models on stock megatron-core.
 
-Per decoder layer the builder chooses one of three kinds:
+Per decoder layer the builder chooses one of four kinds:
 
 * ``"dense"``: an ordinary MLP;
 * ``"moe"``: megatron's ``MoELayer`` with the top-k statistics router;
-* ``"mope"``: ``MoELayer`` with the MoPE (OTEP) router.
+* ``"mope"``: ``MoELayer`` with the MoPE (OTEP) router;
+* ``"remoe"``: ``MoELayer`` with the ReMoE (ReLU) router (``config.moe_relu_routing``).
 
 Which layers are MoE follows ``config.moe_layer_freq`` with Megatron's semantics: an int
 ``N`` makes layer ``i`` (0-based) an expert layer when ``i % N == 0``; a list gives one
@@ -63,7 +64,7 @@ __all__ = [
     "resolve_backend",
 ]
 
-DENSE, MOE, MOPE = "dense", "moe", "mope"
+DENSE, MOE, MOPE, REMOE = "dense", "moe", "mope", "remoe"
 
 
 class PortableSpecProvider(LocalSpecProvider):
@@ -152,7 +153,7 @@ def _is_mope(config: TransformerConfig) -> bool:
 
 def layer_kinds(config: TransformerConfig) -> List[str]:
     """``"dense"``/``"moe"``/``"mope"`` for every decoder layer of the model (all stages)."""
-    expert_kind = MOPE if _is_mope(config) else MOE
+    expert_kind = MOPE if _is_mope(config) else REMOE if getattr(config, "moe_relu_routing", False) else MOE
     return [expert_kind if p else DENSE for p in moe_layer_pattern(config)]
 
 
@@ -201,7 +202,11 @@ def _mlp_spec(
         return mlp_spec_for_backend(backend, config, num_experts=None)
     spec = mlp_spec_for_backend(backend, config, num_experts=config.num_moe_experts)
     moe = moe_submodules(spec)
-    if kind == MOPE:
+    if kind == REMOE:
+        from mpmoe.megatron.balancing import ReMoERouter
+
+        moe.router = ReMoERouter
+    elif kind == MOPE:
         if mope_router is None:
             raise ValueError(
                 "moe_router_load_balancing_type='otep' needs the MoPE router "

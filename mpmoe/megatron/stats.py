@@ -8,11 +8,13 @@ drives a :class:`RoutingStatsTracker`: after each optimizer step it calls
 ``tracker.on_optimizer_step(step)``; every ``moe_plot_every`` steps the window counters
 are summed over the ranks that see different tokens and written, by one rank, as
 
-    {moe_stats_dir}/layer{L}_seg{S}_{moe|mope}.npz
+    {moe_stats_dir}/layer{L}_seg{S}_{moe|mope|remoe}.npz
 
 with keys ``expert_counts`` (int64 [E], tokens routed to each expert),
 ``cooccurrence_matrix`` (int64 [E, E], tokens routed to both i and j; diagonal =
-``expert_counts``), ``num_tokens`` (int64, tokens counted) and, for MoPE layers,
+``expert_counts``), ``num_tokens`` (int64, tokens counted), ``experts_per_token`` (int64
+[E+1], tokens routed to 0, 1, ..., E experts: a spike at k for top-k and MoPE, spread
+under ReMoE; kind ``remoe``) and, for MoPE layers,
 ``cov_matrix`` (float32 [E, E], the Sigma the layer routes with). ``L`` is megatron's
 1-based layer number, ``S`` the 0-based window index (window S covers optimizer steps
 ``S*N+1 .. (S+1)*N``). The dynamic "cooccurrence" mask reads these files back with
@@ -44,7 +46,7 @@ __all__ = [
     "write_eval_dump",
 ]
 
-_FILE_RE = re.compile(r"^layer(\d+)_seg(\d+)_(moe|mope)\.npz$")
+_FILE_RE = re.compile(r"^layer(\d+)_seg(\d+)_(moe|mope|remoe)\.npz$")
 
 
 def stats_file_name(layer: int, segment: int, kind: str) -> str:
@@ -69,13 +71,12 @@ def load_layer_cooccurrence(stats_dir, layer: int, prefer: str = "moe") -> np.nd
     root = Path(stats_dir)
     if not root.is_dir():
         raise ValueError(f"moe_cooccurrence_stats_dir: {str(root)!r} is not a directory")
-    by_kind: dict[str, list[Path]] = {"moe": [], "mope": []}
+    by_kind: dict[str, list[Path]] = {"moe": [], "mope": [], "remoe": []}
     for path in root.iterdir():
         m = _FILE_RE.match(path.name)
         if m and int(m.group(1)) == layer:
             by_kind[m.group(3)].append(path)
-    other = "mope" if prefer == "moe" else "moe"
-    files = by_kind.get(prefer) or by_kind.get(other)
+    files = by_kind.get(prefer) or [p for kind, paths in by_kind.items() if kind != prefer for p in paths]
     if not files:
         raise ValueError(f"moe_cooccurrence_stats_dir: no layer{layer}_seg*_{{moe,mope}}.npz in {str(root)!r}")
     total = None
@@ -150,6 +151,8 @@ class RoutingStatsTracker:
                 "cooccurrence_matrix": np.rint(cooccurrence.cpu().numpy()).astype(np.int64),
                 "num_tokens": np.int64(round(float(num_tokens))),
             }
+            if router.last_window_experts_per_token is not None:
+                arrays["experts_per_token"] = np.rint(router.last_window_experts_per_token.cpu().numpy()).astype(np.int64)
             if sigma is not None:
                 arrays["cov_matrix"] = sigma.detach().to(torch.float32).cpu().numpy()
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +171,7 @@ def write_eval_dump(router: TopKStatsRouter, probs: torch.Tensor, routing_map: t
     out_dir.mkdir(parents=True, exist_ok=True)
     dist = torch.distributed
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    k = min(router.topk, routing_map.shape[1])
+    k = min(getattr(router, "max_experts_per_token", router.topk), routing_map.shape[1])
     weights = probs.detach().to(torch.float32).masked_fill(~routing_map, -float("inf"))
     vals, idx = weights.topk(k, dim=1)
     valid = torch.isfinite(vals)

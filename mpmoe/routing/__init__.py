@@ -3,6 +3,8 @@
 * :func:`otep_select` / :func:`otep_select_indices` - greedy OTEP expert selection.
 * :class:`CooccurrenceStats` - device-resident co-occurrence counters and Sigma.
 * :mod:`mpmoe.routing.masks` - static expert knock-out and dynamic k -> k-1 masks.
+* :mod:`mpmoe.routing.balancing` - ReMoE's ReLU gates and adaptive L1, and the
+  aux-loss-free expert-bias rule (docs/routing.md).
 """
 
 from mpmoe.routing.cooccurrence import CooccurrenceStats, covariance_from_counts

@@ -112,7 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-plot-every", type=int, default=200,
                    help="routing-statistics window (iterations) for --moe-stats-dir")
     g.add_argument("--moe-stats-dir", default=None,
-                   help="write layer{L}_seg{S}_{moe|mope}.npz routing statistics here")
+                   help="write layer{L}_seg{S}_{moe|mope|remoe}.npz routing statistics here")
+    g.add_argument("--moe-relu-routing", action=B, default=False,
+                   help="ReMoE: ReLU gates + adaptive load-balanced L1 instead of top-k (docs/routing.md)")
+    g.add_argument("--moe-relu-l1-reg-coeff-init", type=float, default=1e-8,
+                   help="ReMoE: initial L1 coefficient")
+    g.add_argument("--moe-relu-l1-reg-coeff-multiplier", type=float, default=1.2,
+                   help="ReMoE: the coefficient is multiplied/divided by this every iteration")
+    g.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"], default="softmax")
+    g.add_argument("--moe-router-enable-expert-bias", action=B, default=False,
+                   help="aux-loss-free balancing: per-expert bias on the scores for selection only")
+    g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3,
+                   help="expert bias step per iteration (sign of the load offset times this)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -273,6 +284,7 @@ def validate(args: argparse.Namespace, world_size: Optional[int] = None) -> None
         raise ConfigError("--expert-model-parallel-size > 1 needs --num-experts")
     elif args.moe_router_load_balancing_type == "otep":
         raise ConfigError("--moe-router-load-balancing-type otep (MoPE) needs --num-experts")
+    _validate_balancing(args)
     per_step = args.micro_batch_size * dp
     if args.global_batch_size % per_step:
         raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by "
@@ -305,6 +317,30 @@ def validate(args: argparse.Namespace, world_size: Optional[int] = None) -> None
         args.recompute_method = "uniform"
     if args.recompute_method is not None and args.recompute_num_layers is None:
         args.recompute_num_layers = 1
+
+
+def _validate_balancing(args: argparse.Namespace) -> None:
+    """ReMoE / expert-bias flags (one-line errors before a model is built)."""
+    if args.moe_relu_routing:
+        if args.num_experts is None:
+            raise ConfigError("--moe-relu-routing (ReMoE) needs --num-experts")
+        if args.moe_router_load_balancing_type == "otep":
+            raise ConfigError("--moe-relu-routing (ReMoE) and --moe-router-load-balancing-type otep "
+                              "(MoPE) exclude each other")
+        if args.moe_router_enable_expert_bias:
+            raise ConfigError("--moe-router-enable-expert-bias does not apply to --moe-relu-routing "
+                              "(ReMoE balances with its L1 penalty)")
+        if args.moe_expert_capacity_factor is not None:
+            raise ConfigError("--moe-expert-capacity-factor does not apply to --moe-relu-routing")
+        if not args.moe_relu_l1_reg_coeff_init > 0:
+            raise ConfigError(f"--moe-relu-l1-reg-coeff-init must be > 0, got {args.moe_relu_l1_reg_coeff_init}")
+        if not args.moe_relu_l1_reg_coeff_multiplier >= 1:
+            raise ConfigError("--moe-relu-l1-reg-coeff-multiplier must be >= 1, got "
+                              f"{args.moe_relu_l1_reg_coeff_multiplier}")
+    if args.moe_router_enable_expert_bias and not args.moe_router_bias_update_rate >= 0:
+        raise ConfigError(f"--moe-router-bias-update-rate must be >= 0, got {args.moe_router_bias_update_rate}")
+    if args.moe_router_load_balancing_type == "otep" and args.moe_router_score_function != "softmax":
+        raise ConfigError("--moe-router-load-balancing-type otep (MoPE) needs --moe-router-score-function softmax")
 
 
 def _cuda_available() -> bool:
@@ -368,7 +404,21 @@ def model_config_kwargs(args: argparse.Namespace) -> dict:
             moe_plot_every=args.moe_plot_every,
             moe_stats_dir=args.moe_stats_dir,
         )
+        kw.update(_balancing_kwargs(args))
     return kw
+
+
+def _balancing_kwargs(args: argparse.Namespace) -> dict:
+    """ReMoE / expert-bias config fields (defaults for options a saved run lacks)."""
+    get = lambda name, default: getattr(args, name, default)  # noqa: E731
+    return dict(
+        moe_relu_routing=bool(get("moe_relu_routing", False)),
+        moe_relu_l1_reg_coeff_init=get("moe_relu_l1_reg_coeff_init", 1e-8),
+        moe_relu_l1_reg_coeff_multiplier=get("moe_relu_l1_reg_coeff_multiplier", 1.2),
+        moe_router_score_function=get("moe_router_score_function", "softmax"),
+        moe_router_enable_expert_bias=bool(get("moe_router_enable_expert_bias", False)),
+        moe_router_bias_update_rate=get("moe_router_bias_update_rate", 1e-3),
+    )
 
 
 def args_from_saved(saved: Optional[dict], flags: Optional[Sequence[str]] = None) -> argparse.Namespace:

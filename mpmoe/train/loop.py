@@ -139,6 +139,7 @@ def _broadcast_str(text: str) -> str:
 def train(args) -> dict:
     """Run training as configured by ``args`` (see :mod:`mpmoe.train.args`); returns a summary."""
     from mpmoe.megatron import destroy_distributed, init_distributed
+    from mpmoe.megatron.balancing import balancing_scalars, update_balancing_state
     from mpmoe.megatron.router import set_training_progress
     from mpmoe.train import checkpoint as ckpt
     from mpmoe.train.args import validate
@@ -220,6 +221,7 @@ def train(args) -> dict:
                                  dp_rank, dp_size)
             reports = forward_backward(wrapped, data, num_microbatches, args)
             ok, grad_norm, _ = optimizer.step()
+            update_balancing_state(model)  # ReMoE's L1 coefficient (the expert bias: in the step)
             scheduler.step(increment=1)
             iteration += 1
             consumed += args.global_batch_size
@@ -239,6 +241,7 @@ def train(args) -> dict:
                 if args.num_experts is not None:
                     logger.moe_scalars(iteration, load_monitor, model, iteration - last_log,
                                        num_microbatches)
+                    record.update(balancing_scalars(model))  # per-layer ReMoE / bias values
                 last_log = iteration
             if valid_ds is not None and (iteration % args.eval_interval == 0
                                          or iteration == args.train_iters):

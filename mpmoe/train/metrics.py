@@ -14,7 +14,10 @@ TensorBoard scalars: ``train/loss``, ``train/lr``, ``train/grad_norm``,
 z-loss), ``moe/load_max_over_mean/layer_L``, ``moe/load_min/layer_L``,
 ``moe/load_std/layer_L`` (tokens per expert over the logging window), and for MoPE layers
 ``mope/sigma_diag_mean/layer_L``, ``mope/sigma_offdiag_abs_mean/layer_L``,
-``mope/sigma_max_corr/layer_L``.
+``mope/sigma_max_corr/layer_L``. ReMoE and expert-bias runs add per layer, to TensorBoard
+and to each logged metrics.jsonl line: ``remoe/l1_coeff/layer_L``, ``remoe/sparsity/layer_L``
+and ``remoe/experts_per_token/layer_L`` (the last iteration's, summed over ranks), or
+``moe/expert_bias_absmax/layer_L``.
 """
 
 from __future__ import annotations
@@ -177,7 +180,9 @@ class RunLogger:
         self.jsonl.flush()
         names = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
                  "tokens_per_s": "train/tokens_per_s", "val_loss": "val/loss"}
-        self._scalars(iteration, {names[k]: v for k, v in record.items() if k in names})
+        scalars = {names[k]: v for k, v in record.items() if k in names}
+        scalars.update({k: v for k, v in record.items() if "/" in k})  # e.g. remoe/sparsity/layer_1
+        self._scalars(iteration, scalars)
         if self.bar is not None:  # the latest value of each, kept between logging lines
             fmt = {"loss": ("loss", "{:.4f}"), "lr": ("lr", "{:.2e}"),
                    "tokens_per_s": ("tok/s", "{:.0f}"), "val_loss": ("val", "{:.4f}")}
