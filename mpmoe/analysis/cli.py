@@ -26,7 +26,9 @@ class _UsageError(Exception):
 
 
 def _error(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    from mpmoe.errors import one_line
+
+    print(f"{PROG}: error: {one_line(message, 280)}", file=sys.stderr)
     return 2
 
 

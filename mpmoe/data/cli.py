@@ -19,6 +19,7 @@ import os
 import sys
 
 from mpmoe.data.errors import DataError
+from mpmoe.errors import one_line
 from mpmoe.data.tokenizer import DEFAULT_TOKENIZER
 
 PROG = "mpmoe data"
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except DataError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(str(e), 280)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted (no partial output was left under a final name)", file=sys.stderr)

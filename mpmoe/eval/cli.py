@@ -40,7 +40,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _error(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    from mpmoe.errors import one_line
+
+    print(f"{PROG}: error: {one_line(message, 280)}", file=sys.stderr)
     return 2
 
 
