@@ -27,6 +27,11 @@ DEFAULT_HF_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_HF_CONFIG = "sample-10BT"
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the usage too)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _positive(text: str) -> int:
     try:
         v = int(float(text)) if any(c in text for c in "eE.") else int(text)
@@ -150,10 +155,10 @@ def cmd_inspect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="text -> tokenizer -> Megatron indexed dataset (.bin/.idx)",
+    parser = _Parser(prog=PROG, description="text -> tokenizer -> Megatron indexed dataset (.bin/.idx)",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Run `mpmoe data <command> --help` for its options; docs/data.md has recipes.")
-    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
 
     p = sub.add_parser("prepare", help="tokenize a corpus into Megatron indexed datasets (.bin/.idx)",
                        description="Tokenize documents into PREFIX_{train,valid,test}_text_document.{bin,idx} "
