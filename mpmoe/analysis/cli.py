@@ -78,6 +78,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     if args.command == "stats" and rest:
         return _error(f"unrecognized arguments: {' '.join(rest)}")
+    for flag, minimum in (("evolution_windows", 1), ("num_tokens", 1), ("ot_samples", 0)):
+        value = getattr(args, flag, None)
+        if value is not None and value < minimum:
+            return _error(f"--{flag.replace('_', '-')} must be >= {minimum}, got {value}")
     start = time.perf_counter()
     from mpmoe.analysis.stats import AnalysisError
 

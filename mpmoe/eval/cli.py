@@ -160,6 +160,8 @@ def evaluate(args) -> Optional[dict]:
                                  ("--bootstrap-iters", args.bootstrap_iters, 0)):
         if value < minimum:
             raise EvalError(f"{flag} must be >= {minimum}, got {value}")
+    if not Path(args.load).is_dir():  # before the task index (seconds): the likelier typo first
+        raise EvalError(f"--load {args.load}: no such checkpoint folder")
     names = _split_tasks(args.tasks)
     for extra in args.include_path:
         if not Path(extra).is_dir():
