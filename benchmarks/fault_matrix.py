@@ -6,7 +6,7 @@ scripts, each in its own subprocess and folder; prints case, expected, observed,
 
 Offline (HF_HUB_OFFLINE=1; the hub cases use a closed local port), tiny model (2 layers,
 hidden 64, 4 experts, sequence 32, a 300-token BPE trained here), a few iterations per run.
-Expectations are what docs/faults.md promises: a user error is one line of at most 300
+Expectations are what docs/errors.md and issue 14 promise: a user error is one line of at most 300
 characters on stderr, exit status 2, no traceback, naming the flag or file; signals stop
 training with a checkpoint and exit 130 (SIGINT) / 143 (SIGTERM); after any kill no process
 the trainer started survives it. Exit status: 0 when every case passes, 1 otherwise.
