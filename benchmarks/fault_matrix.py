@@ -36,6 +36,7 @@ MPMOE = [PY, "-m", "mpmoe"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
        "MPMOE": f"{PY} -m mpmoe", "PYTHON": PY}
 ENV.pop("MPMOE_DEBUG", None)
+ONLINE = {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}  # + a closed port
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
          "--seq-length", "32", "--max-position-embeddings", "32", "--num-experts", "4", "--moe-ffn-hidden-size",
          "64", "--moe-shared-expert-intermediate-size", "64", "--moe-layer-freq", "1",
@@ -372,7 +373,7 @@ def cases(fx: Fixture) -> list[Case]:
         D("prepare", "--input", fx.text, "--output-prefix", "o"))
     add("data prepare hub tokenizer, hub unreachable", err("someone/tok", max_s=20),
         D("prepare", "--input", fx.text, "--output-prefix", "o", "--tokenizer-model", "someone/tok",
-          env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_HOME": "hf"}))
+          env={**ONLINE, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_HOME": "hf"}))
     add("data prepare --split bad", err("split"),
         D("prepare", "--input", fx.text, "--tokenizer-model", fx.tok, "--output-prefix", "o", "--split", "a,b"))
     add("data prepare --workers 0", err("--workers"),
@@ -394,7 +395,7 @@ def cases(fx: Fixture) -> list[Case]:
         [*MPMOE, "data", "tokenizer", "--input", str(d / "e.txt"), "--output-dir", "t"], d))
     add("data download, hub unreachable", err("someone/data", max_s=20),
         D("download", "--hf-dataset", "someone/data", "--output-dir", "dl",
-          env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_HOME": "hf"}))
+          env={**ONLINE, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_HOME": "hf"}))
     add("data download offline", err("HF_HUB_OFFLINE", max_s=20), D("download", "--output-dir", "dl", "--max-docs", "2"))
     add("data download --max-docs 0", err("--max-docs"), D("download", "--output-dir", "dl", "--max-docs", "0"))
     add("data inspect missing", err("/nonexistent/p"), D("inspect", "/nonexistent/p"))

@@ -205,7 +205,8 @@ def test_unreachable_hub_dataset_fails_fast(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = _mpmoe("data", "download", "--hf-dataset", "someone/uncached-data", "--output-dir", str(tmp_path / "o"),
-                  env={"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{port}"})
+                  env={"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+                       "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"})
     _one_line_exit_2(proc, "someone/uncached-data", "cannot be reached")
 
 
