@@ -167,7 +167,8 @@ def test_long_generation_prompt_is_left_truncated_and_logged_once(lm, caplog):
     assert len(ids) > room
     inst = instance("generate_until", (text, {"max_gen_toks": 16}))
     assert lm._prompt(inst, 16) == ids[-room:]
-    lm._warned_truncation = False
+    lm._warned_truncation = False  # _prompt above logged once already
+    caplog.clear()
     with caplog.at_level("WARNING", logger="mpmoe.eval.lm"):
         _gen(lm, [text, text + " again"], max_gen_toks=16, until=["\n"])
     logged = [r for r in caplog.records if "left truncation" in r.getMessage()]
