@@ -41,8 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"mpmoe: unknown command {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from mpmoe.errors import debug_enabled, run_verb
+
+    if not debug_enabled():  # megatron's notes on missing optional fused kernels, at import
+        import warnings
+
+        warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
     module = importlib.import_module(VERBS[verb][0])
-    return int(module.main(rest) or 0)
+    return run_verb(f"mpmoe {verb}", module.main, rest)
 
 
 if __name__ == "__main__":

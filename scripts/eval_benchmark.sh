@@ -51,6 +51,10 @@ if [[ $# -lt 2 ]]; then
     exit 2
 fi
 CKPT="$1"; OUT_DIR="$2"; shift 2
+if [[ ! -d "$CKPT" ]]; then
+    echo "$ME: error: checkpoint $CKPT is not a folder" >&2
+    exit 2
+fi
 EXTRA=("$@")
 
 # --- commands

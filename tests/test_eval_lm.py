@@ -147,6 +147,36 @@ def test_generation_stops(lm):
     assert stop not in cut and free.startswith(cut)
 
 
+def test_edge_requests_are_scored_not_fatal(lm):
+    """A context of only whitespace (moved into the continuation: no context tokens) is scored
+    like an empty context; a continuation of no tokens scores 0.0 and is greedy."""
+    (ws, _), (empty_ctx, _), (nothing, greedy) = _ll(lm, [("  \n", "Lists"), ("", "  \nLists"), ("Lists", "")])
+    assert math.isfinite(ws) and ws < 0
+    assert ws == pytest.approx(empty_ctx, rel=1e-5)
+    assert (nothing, greedy) == (0.0, True)
+    # mixed into a batch with ordinary requests, the others keep their scores
+    alone = _ll(lm, [("Lists are", " mutable")])
+    mixed = _ll(lm, [("Lists", ""), ("Lists are", " mutable"), (" ", "x")])
+    assert mixed[1][0] == pytest.approx(alone[0][0], rel=1e-5) and mixed[0] == (0.0, True)
+
+
+def test_long_generation_prompt_is_left_truncated_and_logged_once(lm, caplog):
+    text = " ".join(DOCS * 8)
+    ids = lm.tok_encode(text)
+    room = lm.max_length - 16
+    assert len(ids) > room
+    inst = instance("generate_until", (text, {"max_gen_toks": 16}))
+    assert lm._prompt(inst, 16) == ids[-room:]
+    lm._warned_truncation = False  # _prompt above logged once already
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mpmoe.eval.lm"):
+        _gen(lm, [text, text + " again"], max_gen_toks=16, until=["\n"])
+    logged = [r for r in caplog.records if "left truncation" in r.getMessage()]
+    assert len(logged) == 1 and str(room) in logged[0].getMessage()
+    # max_gen_toks >= max_length (lm-eval's HF model refuses it): the prompt keeps half the context
+    assert len(lm._prompt(inst, lm.max_length + 5)) == lm.max_length // 2
+
+
 def test_sampling_is_refused_with_a_clear_error(lm):
     from mpmoe.eval.errors import EvalError
 
@@ -241,3 +271,4 @@ def test_mope_routing_needs_a_mope_checkpoint(tmp_path, embedded_cache):
         assert model.em.routing == "topk" and model.em.trained_routing == "topk"
     finally:
         model.close()
+

@@ -26,7 +26,9 @@ class _UsageError(Exception):
 
 
 def _error(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    from mpmoe.errors import one_line
+
+    print(f"{PROG}: error: {one_line(message, 280)}", file=sys.stderr)
     return 2
 
 
@@ -76,6 +78,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     if args.command == "stats" and rest:
         return _error(f"unrecognized arguments: {' '.join(rest)}")
+    for flag, minimum in (("evolution_windows", 1), ("num_tokens", 1), ("ot_samples", 0)):
+        value = getattr(args, flag, None)
+        if value is not None and value < minimum:
+            return _error(f"--{flag.replace('_', '-')} must be >= {minimum}, got {value}")
     start = time.perf_counter()
     from mpmoe.analysis.stats import AnalysisError
 

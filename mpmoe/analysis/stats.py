@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 
 from mpmoe.analysis import metrics as M
+from mpmoe.errors import UserError
 
 __all__ = ["AnalysisError", "LayerStats", "StatsSet", "analyze_stats", "find_stats_files", "load_stats",
            "summarize"]
@@ -27,7 +28,7 @@ WIDTH_IN = 12.0  # every figure is WIDTH_IN x DPI pixels wide
 DPI = 100
 
 
-class AnalysisError(ValueError):
+class AnalysisError(UserError, ValueError):
     """Bad input for the analysis (missing folder, no statistics, inconsistent files)."""
 
 

@@ -8,12 +8,11 @@ tokenizer, a dataset that cannot be reached offline) is raised as
 
 from __future__ import annotations
 
+from mpmoe.errors import UserError
 
-class DataError(Exception):
+
+class DataError(UserError):
     """Bad input to the data pipeline; ``str(err)`` is a one-line explanation."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
 
 
 def first_line(exc: BaseException) -> str:

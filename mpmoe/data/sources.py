@@ -208,6 +208,22 @@ class HFSource:
         return {"type": "hf", "dataset": self.path, "config": self.name, "split": self.split,
                 "revision": self.revision, "json_key": self.text_key}
 
+    def _check_hub(self, where: str) -> None:
+        """A hub dataset that is neither local nor cached needs the hub: when it cannot be
+        reached, stop in seconds (the hub client retries for a minute)."""
+        if Path(self.path).exists():
+            return
+        from mpmoe.data.hub import (dataset_cached, enable_offline_mode, hub_endpoint, hub_unreachable,
+                                    offline_env, url_reachable)
+
+        if dataset_cached(self.path, self.name):
+            if not offline_env() and not url_reachable(hub_endpoint(), timeout=3.0):
+                enable_offline_mode()  # read the cache at once
+            return
+        reason = hub_unreachable()
+        if reason:
+            raise DataError(f"cannot open HF dataset {where}: {reason}")
+
     def _open(self):
         try:
             import datasets
@@ -225,6 +241,7 @@ class HFSource:
                     ds = ds[self.split]
                 ds = ds.to_iterable_dataset()
             else:
+                self._check_hub(where)
                 ds = datasets.load_dataset(self.path, self.name, split=self.split, streaming=True,
                                            revision=self.revision)
         except DataError:

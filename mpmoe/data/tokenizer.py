@@ -95,6 +95,37 @@ def _config_eos(directory: Path) -> str | None:
     return None
 
 
+def _check_hub_tokenizer(spec: str) -> None:
+    """DataError at once when ``spec`` is not cached and the hub cannot be reached."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if any(isinstance(try_to_load_from_cache(spec, name), str)
+               for name in ("tokenizer.json", "tokenizer_config.json")):
+            return
+    except Exception:  # noqa: BLE001 - not a valid repo id, or no huggingface_hub: probe
+        pass
+    from mpmoe.data.hub import hub_unreachable
+
+    reason = hub_unreachable()
+    if reason:
+        raise DataError(f"cannot load tokenizer {spec!r}: {reason}; pass a local tokenizer folder or "
+                        "tokenizer.json (--tokenizer-model)")
+
+
+def _hub_tokenizer(auto_tokenizer, spec: str):
+    """``AutoTokenizer.from_pretrained(spec)``: from the local cache when there, else from the
+    hub (:func:`_check_hub_tokenizer` has checked that it answers)."""
+    try:
+        return auto_tokenizer.from_pretrained(spec, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached (or incomplete): ask the hub
+        pass
+    try:
+        return auto_tokenizer.from_pretrained(spec)
+    except Exception as e:  # OSError, ValueError, HF hub errors ...
+        raise DataError(f"cannot load tokenizer {spec!r}: {first_line(e)}") from None
+
+
 def load_tokenizer(name_or_path: str | os.PathLike, *, eod_token: str | None = None) -> TokenizerInfo:
     """Resolve a tokenizer to a :class:`TokenizerInfo`.
 
@@ -123,14 +154,12 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, eod_token: str | None = N
     elif spec.startswith((".", "/", "~")) or spec.endswith(".json"):
         raise DataError(f"tokenizer not found: {spec}")
     else:
+        _check_hub_tokenizer(spec)  # before importing transformers (seconds): offline fails fast
         try:
             from transformers import AutoTokenizer
         except ImportError:  # pragma: no cover - depends on the install
             raise DataError("loading a hub tokenizer needs `transformers` (pip install 'mpmoe[data]')") from None
-        try:
-            hf = AutoTokenizer.from_pretrained(spec)
-        except Exception as e:  # OSError, ValueError, HF hub errors ...
-            raise DataError(f"cannot load tokenizer {spec!r}: {first_line(e)}") from None
+        hf = _hub_tokenizer(AutoTokenizer, spec)
         backend = getattr(hf, "backend_tokenizer", None)
         if backend is None:
             raise DataError(f"tokenizer {spec!r} has no fast (Rust) version; the pipeline needs one")

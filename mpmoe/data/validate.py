@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from mpmoe.data.errors import DataError
-from mpmoe.data.indexed import INCOMPLETE, IndexedReader, normalize_prefix
+from mpmoe.data.indexed import INCOMPLETE, IndexedReader, bin_path, idx_path, normalize_prefix
 
 
-def _find_manifest(prefix: str) -> Path | None:
+def find_manifest(prefix: str) -> Path | None:
     """The manifest that lists ``prefix`` as an output, if any (same folder)."""
     folder = Path(prefix).parent
     name = Path(prefix).name
@@ -45,14 +45,16 @@ def resolve_prefixes(path: str | os.PathLike) -> tuple[list[str], Path | None]:
             return [str(p.parent / o["prefix"]) for o in m["outputs"].values()], p
         except (ValueError, KeyError, TypeError, AttributeError):
             raise DataError(f"{p} is not an mpmoe data manifest") from None
-    if p.is_dir():
+    # a training run makes PREFIX/cache/ next to PREFIX.bin (megatron's index cache): PREFIX
+    # with its .bin/.idx is a prefix even when a folder of that name exists
+    if p.is_dir() and not (bin_path(p).exists() or idx_path(p).exists()):
         prefixes = sorted({str(f)[:-4] for f in p.iterdir() if f.suffix in (".bin", ".idx")})
         if not prefixes:
             hint = " (only .incomplete files: an unfinished run)" if any(p.glob(f"*{INCOMPLETE}")) else ""
             raise DataError(f"no .bin/.idx files in {p}{hint}")
         return prefixes, None
     prefix = normalize_prefix(p)
-    return [prefix], _find_manifest(prefix)
+    return [prefix], find_manifest(prefix)
 
 
 def inspect_dataset(path: str | os.PathLike, *, tokenizer: str | None = None, samples: int = 1,

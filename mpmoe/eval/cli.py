@@ -40,7 +40,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _error(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    from mpmoe.errors import one_line
+
+    print(f"{PROG}: error: {one_line(message, 280)}", file=sys.stderr)
     return 2
 
 
@@ -158,6 +160,8 @@ def evaluate(args) -> Optional[dict]:
                                  ("--bootstrap-iters", args.bootstrap_iters, 0)):
         if value < minimum:
             raise EvalError(f"{flag} must be >= {minimum}, got {value}")
+    if not Path(args.load).is_dir():  # before the task index (seconds): the likelier typo first
+        raise EvalError(f"--load {args.load}: no such checkpoint folder")
     names = _split_tasks(args.tasks)
     for extra in args.include_path:
         if not Path(extra).is_dir():

@@ -8,9 +8,8 @@ be fetched, a model option the checkpoint does not support) are raised as
 
 from __future__ import annotations
 
+from mpmoe.errors import UserError
 
-class EvalError(Exception):
+
+class EvalError(UserError):
     """Bad input to evaluation; ``str(err)`` is a one-line explanation."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))

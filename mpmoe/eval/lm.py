@@ -229,23 +229,41 @@ class MpmoeLM(TemplateLM):
 
     # ------------------------------------------------------------------ loglikelihood
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        # TemplateLM tokenizes and calls _loglikelihood_tokens; its "Tokenizing inputs" bar
-        # is noise next to ours, so it is off and ours follows ``disable_tqdm``.
-        self._bar_disabled = disable_tqdm
-        try:
-            return super().loglikelihood(requests, disable_tqdm=True)
-        finally:
-            self._bar_disabled = None
+        # Tokenized as lm-eval's TemplateLM does: an empty context becomes the prefix (end-of-
+        # document) token; otherwise the context's trailing whitespace moves into the
+        # continuation (_encode_pair). Edge cases lm-eval's HF model asserts on are scored in
+        # _loglikelihood_tokens instead (see there).
+        pairs = []
+        for req in requests:
+            context, continuation = req.args
+            if context == "":
+                cont = self.tok_encode(continuation)
+                ctx = [self.prefix_token_id]
+                if cont and cont[0] == self.prefix_token_id:
+                    ctx, cont = cont[:1], cont[1:]
+            else:
+                ctx, cont = self._encode_pair(context, continuation)
+            pairs.append(((context, continuation), ctx, cont))
+        return self._loglikelihood_tokens(pairs, disable_tqdm=disable_tqdm)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        """``[(cache key, context ids, continuation ids)]`` -> ``[(sum logprob, is_greedy)]``."""
+        """``[(cache key, context ids, continuation ids)]`` -> ``[(sum logprob, is_greedy)]``.
+
+        Two requests lm-eval's HF model asserts on are scored: a continuation of no tokens
+        (an empty string: log-probability 0, greedy) and a context of no tokens (a context that
+        was only whitespace, moved into the continuation): the prefix token stands for it, as
+        for an empty context."""
         results: list[Optional[tuple[float, bool]]] = [None] * len(requests)
         prepared = []  # (index, input ids, target ids)
-        truncated = 0
-        for i, (_, ctx, cont) in enumerate(requests):
+        truncated = empty = 0
+        for i, (key, ctx, cont) in enumerate(requests):
             if not cont:
-                raise EvalError("loglikelihood request with an empty continuation")
-            whole = list(ctx) + list(cont)
+                results[i] = (0.0, True)
+                empty += 1
+                if key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, results[i])
+                continue
+            whole = (list(ctx) or [self.prefix_token_id]) + list(cont)
             targets = list(cont)
             if len(whole) - 1 > self.max_length:
                 whole = whole[-(self.max_length + 1):]
@@ -253,12 +271,13 @@ class MpmoeLM(TemplateLM):
                     targets = targets[-self.max_length:]
                     truncated += 1
             prepared.append((i, whole[:-1], targets))
+        if empty:
+            log.info("%d loglikelihood request(s) with a continuation of no tokens: scored 0.0", empty)
         if truncated:
             log.warning("%d continuation(s) longer than the context (%d tokens): only their last "
                         "%d tokens are scored", truncated, self.max_length, self.max_length)
         prepared.sort(key=lambda r: (-len(r[1]), r[0]))
-        override = getattr(self, "_bar_disabled", None)
-        bar = self._bar(len(prepared), "loglikelihood", disable_tqdm if override is None else override)
+        bar = self._bar(len(prepared), "loglikelihood", disable_tqdm)
         for start in range(0, len(prepared), self.batch_size):
             chunk = prepared[start:start + self.batch_size]
             width = max(len(inp) for _, inp, _ in chunk)
@@ -322,9 +341,8 @@ class MpmoeLM(TemplateLM):
         bar = self._bar(len(requests), "generate_until", disable_tqdm)
         for indices in groups.values():
             until, max_gen = self._generation_settings(requests[indices[0]].args[1])
+            encoded = {i: self._prompt(requests[i], max_gen) for i in indices}
             max_gen = min(max_gen, self.max_length - 1)
-            encoded = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_gen):] or
-                       [self.prefix_token_id] for i in indices}
             order = sorted(indices, key=lambda i: (-len(encoded[i]), i))
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start:start + self.batch_size]
@@ -335,6 +353,29 @@ class MpmoeLM(TemplateLM):
                 bar.update(len(chunk))
         bar.close()
         return out  # type: ignore[return-value]
+
+    def _prompt(self, request, max_gen: int) -> list[int]:
+        """The prompt's ids, left-truncated to ``max_length - max_gen_toks`` as lm-eval's models
+        do (the first truncation is logged). A ``max_gen_toks`` that leaves the prompt no room
+        (lm-eval's HF model refuses it) keeps the last ``max_length // 2`` prompt tokens."""
+        ids = self.tok_encode(request.args[0]) or [self.prefix_token_id]
+        room = self.max_length - max_gen
+        if room < 1:
+            room = self.max_length // 2
+            if not getattr(self, "_warned_room", False):
+                self._warned_room = True
+                log.warning("max_gen_toks %d leaves no room for the prompt in a context of %d tokens: "
+                            "prompts keep their last %d tokens", max_gen, self.max_length, room)
+        if len(ids) > room:
+            if not getattr(self, "_warned_truncation", False):
+                self._warned_truncation = True
+                log.warning("generate_until: the prompt of task %s, document %s has %d tokens, more than "
+                            "max_length - max_gen_toks = %d: keeping its last %d (left truncation, as "
+                            "lm-eval's models do; later truncations are not logged)",
+                            getattr(request, "task_name", "?"), getattr(request, "doc_id", "?"),
+                            len(ids), room, room)
+            ids = ids[-room:]
+        return ids
 
     def _cut(self, text: str, until: list[str]) -> tuple[str, bool]:
         cut, hit = text, False

@@ -172,7 +172,7 @@ def load_eval_model(
     from mpmoe.data import load_tokenizer
     from mpmoe.data.errors import DataError
     from mpmoe.megatron.router import MoPERouter, iter_routers
-    from mpmoe.train.checkpoint import load_checkpoint, resolve_checkpoint, saved_run_info
+    from mpmoe.train.checkpoint import TOKENIZER_DIR, load_checkpoint, resolve_checkpoint, saved_run_info
     from mpmoe.train.loop import build_model, padded_vocab_size
 
     if routing not in ROUTING_MODES:
@@ -221,9 +221,18 @@ def load_eval_model(
         raise EvalError(f"tokenizer: {exc}") from None
     data = info.get("data") or {}
     vocab = int(data.get("vocab_size", tok_info.vocab_size))
-    if tok_info.vocab_size > vocab:
+    if tok_info.vocab_size != vocab:  # larger: ids the model lacks; smaller: a different tokenizer
         raise EvalError(f"tokenizer {tok_path} has {tok_info.vocab_size} tokens, the model was "
-                        f"trained with {vocab}")
+                        f"trained with {vocab}{' (--tokenizer)' if tokenizer is not None else ''}")
+    own = root / TOKENIZER_DIR
+    if tokenizer is not None and (own / "tokenizer.json").is_file():
+        try:
+            same = load_tokenizer(own).sha256 == tok_info.sha256
+        except DataError:
+            same = True  # the checkpoint's copy is unreadable: the user's choice stands
+        if not same:
+            raise EvalError(f"--tokenizer {tokenizer} differs from the tokenizer the model was trained "
+                            f"with ({own}); leave --tokenizer out to use that one")
     padded = int(data.get("padded_vocab") or padded_vocab_size(vocab, args.make_vocab_size_divisible_by))
 
     if routing_dump_dir is not None:

@@ -10,24 +10,78 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 import os
 from typing import Optional, Sequence
 
-from mpmoe.train.presets import PresetError, list_presets, load_preset
+from mpmoe.errors import UserError
+from mpmoe.train.presets import PresetError, list_presets, load_preset, preset_path
 
 __all__ = ["ConfigError", "DEFAULT_PRESET", "build_parser", "parse_args", "validate",
-           "model_config_kwargs"]
+           "model_config_kwargs", "Range"]
 
 DEFAULT_PRESET = "tiny-cpu"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad configuration (the message is one line)."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors: same one-line format, exit 2
         raise ConfigError(message)
+
+
+class Range:
+    """argparse ``type=`` for a number in a range; ``validate`` and preset loading reuse its
+    :meth:`check`, so a flag declared with a ``Range`` is range-checked from every source
+    (command line, preset, a checkpoint's recorded flags)::
+
+        g.add_argument("--num-layers", type=Range(int, 1))             # >= 1
+        g.add_argument("--hidden-dropout", type=Range(float, 0, 1, hi_open=True))  # [0, 1)
+    """
+
+    def __init__(self, kind: type, lo=None, hi=None, *, lo_open: bool = False, hi_open: bool = False):
+        self.kind, self.lo, self.hi, self.lo_open, self.hi_open = kind, lo, hi, lo_open, hi_open
+        self.__name__ = kind.__name__  # argparse names the type in its messages
+
+    def describe(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi}"
+        return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+    def check(self, value) -> Optional[str]:
+        """None if ``value`` is a number of this kind in range, else what is wrong."""
+        wanted = (int,) if self.kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, wanted):
+            what = "an integer" if self.kind is int else "a number"
+            return f"must be {what}, got {type(value).__name__} {value!r}"
+        if self.kind is float and not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+        low = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+        high = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
+        return f"must be {self.describe()}, got {value}" if low or high else None
+
+    def __call__(self, text):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            what = "an integer" if self.kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        problem = self.check(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+
+POSITIVE = Range(int, 1)
+NON_NEGATIVE = Range(int, 0)
+NON_NEGATIVE_FLOAT = Range(float, 0)
+POSITIVE_FLOAT = Range(float, 0, lo_open=True)
+FRACTION = Range(float, 0, 1)                 # [0, 1]
+PROBABILITY = Range(float, 0, 1, hi_open=True)  # [0, 1)
 
 
 def _layer_freq(text):
@@ -72,44 +126,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"configs/<name>.toml or a .toml path (known: {', '.join(list_presets())})")
 
     g = p.add_argument_group("model")
-    g.add_argument("--num-layers", type=int)
-    g.add_argument("--hidden-size", type=int)
-    g.add_argument("--ffn-hidden-size", type=int)
-    g.add_argument("--num-attention-heads", type=int)
-    g.add_argument("--num-query-groups", type=int, default=None, help="GQA groups (None: MHA)")
-    g.add_argument("--seq-length", type=int)
-    g.add_argument("--max-position-embeddings", type=int)
-    g.add_argument("--vocab-size", type=int, help="model vocabulary (with --data-path and no "
+    g.add_argument("--num-layers", type=POSITIVE)
+    g.add_argument("--hidden-size", type=POSITIVE)
+    g.add_argument("--ffn-hidden-size", type=POSITIVE)
+    g.add_argument("--num-attention-heads", type=POSITIVE)
+    g.add_argument("--num-query-groups", type=POSITIVE, default=None, help="GQA groups (None: MHA)")
+    g.add_argument("--seq-length", type=POSITIVE)
+    g.add_argument("--max-position-embeddings", type=POSITIVE)
+    g.add_argument("--vocab-size", type=POSITIVE, help="model vocabulary (with --data-path and no "
                    "--tokenizer-model); the embedded default uses its tokenizer's")
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--make-vocab-size-divisible-by", type=POSITIVE, default=128)
     g.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default="RMSNorm")
     g.add_argument("--swiglu", action=B, default=True)
     g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="rope")
     g.add_argument("--untie-embeddings-and-output-weights", action=B, default=True)
-    g.add_argument("--init-method-std", type=float, default=0.02)
-    g.add_argument("--hidden-dropout", type=float, default=0.0)
-    g.add_argument("--attention-dropout", type=float, default=0.0)
+    g.add_argument("--init-method-std", type=NON_NEGATIVE_FLOAT, default=0.02)
+    g.add_argument("--hidden-dropout", type=PROBABILITY, default=0.0)
+    g.add_argument("--attention-dropout", type=PROBABILITY, default=0.0)
 
     g = p.add_argument_group("mixture of experts")
-    g.add_argument("--num-experts", type=int)
-    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--num-experts", type=POSITIVE)
+    g.add_argument("--moe-router-topk", type=POSITIVE, default=2)
     g.add_argument("--moe-router-load-balancing-type",
                    choices=["aux_loss", "seq_aux_loss", "none", "otep"], default="aux_loss",
                    help="otep = MoPE routing; the others are megatron's top-k routing")
-    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.01)
-    g.add_argument("--moe-z-loss-coeff", type=float, default=None)
+    g.add_argument("--moe-aux-loss-coeff", type=NON_NEGATIVE_FLOAT, default=0.01)
+    g.add_argument("--moe-z-loss-coeff", type=NON_NEGATIVE_FLOAT, default=None)
     g.add_argument("--moe-layer-freq", type=_layer_freq, default=1)
-    g.add_argument("--moe-ffn-hidden-size", type=int)
-    g.add_argument("--moe-shared-expert-intermediate-size", type=int)
+    g.add_argument("--moe-ffn-hidden-size", type=POSITIVE)
+    g.add_argument("--moe-shared-expert-intermediate-size", type=POSITIVE)
     g.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall", "flex"],
                    default="alltoall")
     g.add_argument("--moe-grouped-gemm", action=B, default=False)
     g.add_argument("--moe-router-dtype", choices=["fp32", "fp64"], default="fp32")
-    g.add_argument("--moe-expert-capacity-factor", type=float, default=None)
-    g.add_argument("--moe-otep-warmup-fraction", type=float, default=0.01,
+    g.add_argument("--moe-expert-capacity-factor", type=POSITIVE_FLOAT, default=None)
+    g.add_argument("--moe-otep-warmup-fraction", type=FRACTION, default=0.01,
                    help="MoPE: fraction of iterations routed top-k first")
-    g.add_argument("--moe-sigma-update-every", type=int, default=1)
-    g.add_argument("--moe-plot-every", type=int, default=200,
+    g.add_argument("--moe-sigma-update-every", type=POSITIVE, default=1)
+    g.add_argument("--moe-plot-every", type=POSITIVE, default=200,
                    help="routing-statistics window (iterations) for --moe-stats-dir")
     g.add_argument("--moe-stats-dir", default=None,
                    help="write layer{L}_seg{S}_{moe|mope|remoe}.npz routing statistics here")
@@ -126,41 +180,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert bias step per iteration (sign of the load offset times this)")
 
     g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--tensor-model-parallel-size", type=POSITIVE, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=POSITIVE, default=1)
+    g.add_argument("--expert-model-parallel-size", type=POSITIVE, default=1)
     g.add_argument("--use-distributed-optimizer", action=B, default=True,
                    help="GPU: megatron's distributed optimizer (CPU: megatron's plain optimizer)")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
                    help="default: nccl with CUDA, gloo without")
 
     g = p.add_argument_group("training")
-    g.add_argument("--train-iters", type=int)
-    g.add_argument("--global-batch-size", type=int)
-    g.add_argument("--micro-batch-size", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--train-iters", type=NON_NEGATIVE)
+    g.add_argument("--global-batch-size", type=POSITIVE)
+    g.add_argument("--micro-batch-size", type=POSITIVE)
+    g.add_argument("--lr", type=NON_NEGATIVE_FLOAT)
+    g.add_argument("--min-lr", type=NON_NEGATIVE_FLOAT, default=0.0)
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine",
                                                 "inverse-square-root", "WSD"], default="WSD")
-    g.add_argument("--lr-warmup-fraction", type=float, default=None)
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-warmup-fraction", type=PROBABILITY, default=None)
+    g.add_argument("--lr-warmup-iters", type=NON_NEGATIVE, default=0)
+    g.add_argument("--lr-decay-iters", type=POSITIVE, default=None, help="default: --train-iters")
     g.add_argument("--lr-wsd-decay-style", choices=["exponential", "linear", "cosine", "minus_sqrt"],
                    default="linear")
-    g.add_argument("--lr-wsd-decay-iters", type=int, default=None,
+    g.add_argument("--lr-wsd-decay-iters", type=NON_NEGATIVE, default=None,
                    help="WSD: iterations of the final decay (default: --lr-wsd-decay-fraction)")
-    g.add_argument("--lr-wsd-decay-fraction", type=float, default=0.1,
+    g.add_argument("--lr-wsd-decay-fraction", type=FRACTION, default=0.1,
                    help="WSD: fraction of --lr-decay-iters spent decaying (mpmoe option)")
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.1)
+    g.add_argument("--adam-beta1", type=PROBABILITY, default=0.9)
+    g.add_argument("--adam-beta2", type=PROBABILITY, default=0.95)
+    g.add_argument("--adam-eps", type=POSITIVE_FLOAT, default=1e-8)
+    g.add_argument("--clip-grad", type=NON_NEGATIVE_FLOAT, default=1.0)
     g.add_argument("--bf16", action=B, default=False)
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--seed", type=NON_NEGATIVE, default=1234)
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
-    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--recompute-num-layers", type=POSITIVE, default=None)
     g.add_argument("--recompute-modules", nargs="*", default=None)
 
     g = p.add_argument_group("data")
@@ -173,12 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-cache-path", default=None, help="GPTDataset index cache")
     g.add_argument("--embedded-cache-dir", default=None,
                    help="cache of the embedded corpus build (default: $MPMOE_CACHE or ~/.cache/mpmoe)")
-    g.add_argument("--eval-interval", type=int, default=100)
-    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--eval-interval", type=POSITIVE, default=100)
+    g.add_argument("--eval-iters", type=POSITIVE, default=10)
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, help="checkpoint directory")
-    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--save-interval", type=POSITIVE, default=None)
     g.add_argument("--load", default=None, help="resume from the latest checkpoint here")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
@@ -186,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("logging")
     g.add_argument("--run-dir", default=None,
                    help="metrics.jsonl, TensorBoard, config (default: runs/<preset>-<time>)")
-    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--log-interval", type=POSITIVE, default=10)
     g.add_argument("--tensorboard-dir", default=None, help="default: <run-dir>/tensorboard")
     g.add_argument("--no-tensorboard", action="store_true")
     g.add_argument("--wandb-project", default=None)
@@ -203,12 +257,10 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, check: bool = True) -> a
     first, _ = parser.parse_known_args(argv)
     try:
         preset = load_preset(first.preset)
+        where = preset_path(first.preset)
     except PresetError as exc:
         raise ConfigError(str(exc)) from None
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(set(preset) - known)
-    if unknown:
-        raise ConfigError(f"preset {first.preset!r}: unknown option(s) {', '.join(unknown)}")
+    check_preset(parser, preset, where)
     parser.set_defaults(**preset)
     args = parser.parse_args(argv)
     if isinstance(args.moe_layer_freq, str):
@@ -216,6 +268,75 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, check: bool = True) -> a
     if check:
         validate(args)
     return args
+
+
+_BOOL_ACTIONS = (argparse.BooleanOptionalAction, argparse._StoreTrueAction, argparse._StoreFalseAction)
+
+
+def _preset_value_problem(action: argparse.Action, value) -> Optional[str]:
+    """What is wrong with a preset's ``value`` for the flag ``action`` (None: fine). TOML
+    values are typed, so a string where the flag takes a number or a boolean is an error."""
+    if isinstance(action, _BOOL_ACTIONS):
+        return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+    if action.nargs in ("*", "+"):
+        if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
+            return f"must be a list, got {value!r}"
+        return None
+    kind = action.type
+    if isinstance(kind, Range):
+        return kind.check(value)
+    if kind in (int, float):
+        return Range(kind).check(value)
+    if kind is None:
+        if not isinstance(value, str):
+            return f"must be a string, got {type(value).__name__} {value!r}"
+    else:
+        try:
+            kind(value)
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
+            return str(exc)
+    if action.choices is not None and value not in action.choices:
+        return f"must be one of {', '.join(map(str, action.choices))}, got {value!r}"
+    return None
+
+
+def check_preset(parser: argparse.ArgumentParser, preset: dict, where) -> None:
+    """Every key of a preset is a flag of ``parser`` and its value has the flag's type and range;
+    else one :class:`ConfigError` naming the preset file and the key."""
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "preset")}
+    for key, value in preset.items():
+        if key not in actions:
+            raise ConfigError(f"preset {where}: unknown key {key!r} (keys are `mpmoe train` flags with "
+                              "underscores, e.g. num_layers)")
+        problem = _preset_value_problem(actions[key], value)
+        if problem:
+            raise ConfigError(f"preset {where}: {key} {problem}")
+
+
+def check_ranges(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> None:
+    """Every flag declared with a :class:`Range` type holds a value in range (or None)."""
+    for action in (parser or build_parser())._actions:
+        value = getattr(args, action.dest, None)
+        if isinstance(action.type, Range) and value is not None:
+            problem = action.type.check(value)
+            if problem:
+                raise ConfigError(f"{action.option_strings[0]} {problem}")
+
+
+def _check_output_dir(flag: str, path: Optional[str]) -> None:
+    """``path`` is (or can be created as) a writable folder; else a one-line error."""
+    if path is None:
+        return
+    p = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise ConfigError(f"{flag} {path}: exists and is not a directory")
+    probe = p
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"{flag} {path}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {probe} is not writable")
 
 
 def _data_prefixes(data_path: list[str]) -> list[str]:
@@ -241,14 +362,7 @@ def validate(args: argparse.Namespace, world_size: Optional[int] = None) -> None
     for name in required:
         if getattr(args, name) is None:
             raise ConfigError(f"--{name.replace('_', '-')} is required (not set by preset {args.preset!r})")
-    if args.train_iters < 0:
-        raise ConfigError(f"--train-iters must be >= 0 (0: only save the initial model), got {args.train_iters}")
-    for name in ["num_layers", "hidden_size", "num_attention_heads", "seq_length",
-                 "global_batch_size", "micro_batch_size", "eval_iters", "log_interval",
-                 "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                 "expert_model_parallel_size"]:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_ranges(args)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.seq_length > args.max_position_embeddings and args.position_embedding_type != "rope":
@@ -266,8 +380,6 @@ def validate(args: argparse.Namespace, world_size: Optional[int] = None) -> None
     dp = world_size // tp
     if args.num_experts is not None:
         e, k = args.num_experts, args.moe_router_topk
-        if e < 1:
-            raise ConfigError(f"--num-experts must be >= 1, got {e}")
         if k < 1 or k > e:
             raise ConfigError(f"--moe-router-topk {k} must be between 1 and --num-experts {e}")
         if e % ep:
@@ -300,16 +412,14 @@ def validate(args: argparse.Namespace, world_size: Optional[int] = None) -> None
     if args.tokenizer_model is not None and not os.path.isfile(
             os.path.join(args.tokenizer_model, "tokenizer.json")):
         raise ConfigError(f"--tokenizer-model: {args.tokenizer_model}/tokenizer.json not found")
-    if args.lr_warmup_fraction is not None and not 0 <= args.lr_warmup_fraction < 1:
-        raise ConfigError(f"--lr-warmup-fraction must be in [0, 1), got {args.lr_warmup_fraction}")
-    if not 0 <= args.lr_wsd_decay_fraction <= 1:
-        raise ConfigError(f"--lr-wsd-decay-fraction must be in [0, 1], got {args.lr_wsd_decay_fraction}")
     if args.min_lr > args.lr:
         raise ConfigError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    for flag, path in (("--save", args.save), ("--run-dir", args.run_dir),
+                       ("--tensorboard-dir", args.tensorboard_dir), ("--moe-stats-dir", args.moe_stats_dir),
+                       ("--data-cache-path", args.data_cache_path)):
+        _check_output_dir(flag, path)
     if args.load is not None and not os.path.isdir(args.load):
         raise ConfigError(f"--load: {args.load} is not a directory")
-    if args.save_interval is not None and args.save_interval < 1:
-        raise ConfigError(f"--save-interval must be >= 1, got {args.save_interval}")
     if args.bf16 and not _cuda_available():
         raise ConfigError("--bf16 needs a GPU (the CPU optimizer keeps no fp32 master weights); "
                           "pass --no-bf16 on CPU")

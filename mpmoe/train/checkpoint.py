@@ -148,14 +148,13 @@ def save_checkpoint(root, iteration: int, model, optimizer, scheduler, train_sta
 
 
 def _last_line(exc: BaseException) -> str:
-    failures = getattr(exc, "failures", None) or {}
-    for failure in failures.values():
-        inner = failure.args[0] if isinstance(failure, BaseException) and failure.args else failure
-        lines = [ln.strip() for ln in str(inner).strip().splitlines() if ln.strip()]
-        if lines:
-            return lines[-1]
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    """The last line of the first rank's failure (torch wraps each as ``(exception, frames)``)."""
+    from mpmoe.errors import innermost_error
+
+    inner = innermost_error(exc)
+    lines = [ln.strip() for ln in str(inner).strip().splitlines() if ln.strip()]
+    text = lines[-1] if lines else ""
+    return f"{type(inner).__name__}: {text}" if inner is not exc else (text or type(exc).__name__)
 
 
 def latest_iteration(root) -> Optional[int]:

@@ -14,7 +14,10 @@ __all__ = ["main"]
 
 
 def _error(message: str) -> int:
-    print(f"mpmoe train: error: {message.splitlines()[0] if message else 'failed'}", file=sys.stderr)
+    from mpmoe.errors import one_line
+
+    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    print(f"mpmoe train: error: {one_line(first, 280)}", file=sys.stderr)
     return 2
 
 

@@ -35,12 +35,38 @@ class DataSpec:
     source: str                      # "embedded" or "data-path"
 
 
-def _tokenizer_info(directory: str) -> tuple[int, int]:
-    """(vocab size, EOD id) of an HF tokenizer directory, read from tokenizer.json."""
-    from mpmoe.data import load_tokenizer
+#: ``--data-path`` files without a manifest are scanned for their largest token id up to this
+#: many tokens (a memory-mapped max: about a second per 10^9 tokens); larger ones are not.
+SCAN_TOKENS = 200_000_000
 
-    info = load_tokenizer(directory)
-    return int(info.vocab_size), int(info.eod_id)
+
+def check_data_path(prefixes: list[str], vocab_size: int, tokenizer=None) -> None:
+    """Each ``--data-path`` prefix is a valid .bin/.idx pair whose token ids fit ``vocab_size``,
+    and was written with ``tokenizer`` (a :class:`~mpmoe.data.tokenizer.TokenizerInfo`) when
+    its manifest records one; else a one-line :class:`~mpmoe.data.errors.DataError`."""
+    from mpmoe.data.errors import DataError
+    from mpmoe.data.indexed import IndexedReader
+    from mpmoe.data.validate import find_manifest
+
+    for prefix in prefixes:
+        reader = IndexedReader(prefix)  # truncated / garbage files: DataError naming the file
+        manifest_path = find_manifest(prefix)
+        recorded = {}
+        if manifest_path is not None:
+            recorded = json.loads(manifest_path.read_text(encoding="utf-8")).get("tokenizer") or {}
+        if tokenizer is not None and recorded.get("sha256") not in (None, tokenizer.sha256):
+            raise DataError(f"--data-path {prefix} was tokenized with {recorded.get('name')} (sha256 "
+                            f"{recorded['sha256'][:12]}, per {manifest_path.name}), not --tokenizer-model "
+                            f"{tokenizer.name} (sha256 {tokenizer.sha256[:12]})")
+        if recorded.get("vocab_size") is not None:
+            top, what = int(recorded["vocab_size"]) - 1, f"its tokenizer's vocabulary ({recorded['vocab_size']})"
+        elif 0 < reader.num_tokens <= SCAN_TOKENS:
+            top, what = int(reader._bin.max()), "its largest token id"
+        else:
+            continue
+        if top >= vocab_size:
+            raise DataError(f"--data-path {prefix}: {what} needs a vocabulary of {top + 1} tokens, the model "
+                            f"has {vocab_size} (--tokenizer-model / --vocab-size): wrong tokenizer or corrupt data")
 
 
 def resolve_data(args) -> DataSpec:
@@ -52,10 +78,20 @@ def resolve_data(args) -> DataSpec:
             blend = (paths[1::2], [float(w) for w in paths[0::2]])
         except ValueError:
             blend = (paths, None)
+        info = None
         if args.tokenizer_model is not None:
-            vocab, eod = _tokenizer_info(args.tokenizer_model)
+            from mpmoe.data import load_tokenizer
+
+            info = load_tokenizer(args.tokenizer_model)
+            vocab, eod = int(info.vocab_size), int(info.eod_id)
+            if args.vocab_size is not None and args.vocab_size < vocab:
+                from mpmoe.data.errors import DataError
+
+                raise DataError(f"--vocab-size {args.vocab_size} is smaller than --tokenizer-model "
+                                f"{args.tokenizer_model}'s vocabulary ({vocab})")
         else:
             vocab, eod = args.vocab_size, 0
+        check_data_path(blend[0], vocab, info)
         return DataSpec(blend=blend, blend_per_split=None, split=args.split, vocab_size=vocab,
                         eod_id=eod, tokenizer_dir=args.tokenizer_model, source="data-path")
     from mpmoe.data import prepare_embedded

@@ -11,6 +11,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+from mpmoe.errors import UserError
+
 __all__ = ["CONFIG_DIR", "PresetError", "list_presets", "load_preset", "preset_path"]
 
 #: The presets ship inside the package (``mpmoe/configs``, package data) so that a
@@ -18,7 +20,7 @@ __all__ = ["CONFIG_DIR", "PresetError", "list_presets", "load_preset", "preset_p
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-class PresetError(ValueError):
+class PresetError(UserError, ValueError):
     """Unknown preset or malformed preset file (one-line message)."""
 
 

@@ -10,9 +10,13 @@
 # NUM_TOKENS (2048), OT_SAMPLES (128), PYTHON.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-if [[ $# -lt 3 || "$1" == "-h" || "$1" == "--help" ]]; then
+if [[ $# -ge 1 && ( "$1" == "-h" || "$1" == "--help" ) ]]; then
     sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit 0
+fi
+if [[ $# -lt 3 ]]; then  # missing arguments: usage on stderr, exit 2
+    sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    exit 2
 fi
 PYTHON="${PYTHON:-$([[ -x "$ROOT/.venv/bin/python" ]] && echo "$ROOT/.venv/bin/python" || echo python3)}"
 PRESET="$1"; MOPE="$2"; OUT="$3"; shift 3

@@ -8,9 +8,13 @@
 # The python used is $PYTHON (default: .venv/bin/python of this checkout, else python3).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-if [[ $# -lt 2 || "$1" == "-h" || "$1" == "--help" ]]; then
+if [[ $# -ge 1 && ( "$1" == "-h" || "$1" == "--help" ) ]]; then
     sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit 0
+fi
+if [[ $# -lt 2 ]]; then  # missing arguments: usage on stderr, exit 2
+    sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    exit 2
 fi
 PYTHON="${PYTHON:-$([[ -x "$ROOT/.venv/bin/python" ]] && echo "$ROOT/.venv/bin/python" || echo python3)}"
 RUN="$1"; OUT="$2"; shift 2

@@ -1,0 +1,559 @@
+"""Fault matrix: bad inputs and process faults against `mpmoe train|data|eval|analyze` and the
+scripts, each in its own subprocess and folder; prints case, expected, observed, verdict, totals.
+
+    python benchmarks/fault_matrix.py                 # all cases, 3 at a time
+    python benchmarks/fault_matrix.py -k train -j 2   # cases whose name contains "train"
+
+Offline (HF_HUB_OFFLINE=1; the hub cases use a closed local port), tiny model (2 layers,
+hidden 64, 4 experts, sequence 32, a 300-token BPE trained here), a few iterations per run.
+Expectations are what docs/errors.md and issue 14 promise: a user error is one line of at most 300
+characters on stderr, exit status 2, no traceback, naming the flag or file; signals stop
+training with a checkpoint and exit 130 (SIGINT) / 143 (SIGTERM); after any kill no process
+the trainer started survives it. Exit status: 0 when every case passes, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+MPMOE = [PY, "-m", "mpmoe"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+       "MPMOE": f"{PY} -m mpmoe", "PYTHON": PY}
+ENV.pop("MPMOE_DEBUG", None)
+ONLINE = {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}  # + a closed port
+MODEL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+         "--seq-length", "32", "--max-position-embeddings", "32", "--num-experts", "4", "--moe-ffn-hidden-size",
+         "64", "--moe-shared-expert-intermediate-size", "64", "--moe-layer-freq", "1",
+         "--global-batch-size", "4", "--micro-batch-size", "4", "--eval-iters", "1", "--eval-interval", "1000",
+         "--log-interval", "1", "--no-tensorboard", "--no-progress", "--make-vocab-size-divisible-by", "64"]
+
+
+@dataclasses.dataclass
+class Result:
+    rc: Optional[int]
+    out: str
+    err: str
+    seconds: float
+    note: str = ""
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    expected: str
+    run: Callable[[Path], Result]
+    judge: Callable[[Result], tuple[bool, str]]
+
+
+# ------------------------------------------------------------------------------ running
+def sh(argv, cwd: Path, env=None, timeout=240, stdin=None) -> Result:
+    start = time.perf_counter()
+    try:
+        p = subprocess.run(argv, cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True,
+                           timeout=timeout, stdin=stdin or subprocess.DEVNULL, start_new_session=True)
+        return Result(p.returncode, p.stdout, p.stderr, time.perf_counter() - start)
+    except subprocess.TimeoutExpired as exc:
+        return Result(None, str(exc.stdout or ""), str(exc.stderr or ""), time.perf_counter() - start, "timeout")
+
+
+def mpmoe(*argv, env=None, timeout=240):
+    return lambda d: sh([*MPMOE, *map(str, argv)], d, env, timeout)
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (the trainer started its own session)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                fields = stat[stat.rindex(")") + 2:].split()
+                if int(fields[3]) == sid and fields[0] != "Z":
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+def signal_run(argv, d: Path, sig: int, *, after: str, second: Optional[int] = None, timeout=240) -> Result:
+    """Start ``argv`` in its own session, send ``sig`` once ``after`` appears on its output
+    (a second signal ``second`` 0.3 s later), wait; the note lists surviving session members."""
+    start = time.perf_counter()
+    log = d / "out.log"
+    with open(log, "w") as fh:
+        p = subprocess.Popen(argv, cwd=d, env=ENV, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    sent = False
+    while time.perf_counter() - start < timeout and p.poll() is None:
+        if not sent and re.search(after, log.read_text(errors="replace")):
+            os.kill(p.pid, sig)
+            sent = True
+            if second is not None:
+                time.sleep(0.3)
+                if p.poll() is None:
+                    os.kill(p.pid, second)
+        time.sleep(0.05)
+    if p.poll() is None:
+        p.kill()
+    rc = p.wait()
+    time.sleep(3)  # children get a moment to notice their parent died
+    survivors = session_members(p.pid)
+    for pid in survivors:  # leave nothing behind on this machine
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    text = log.read_text(errors="replace")
+    note = f"signal {'sent' if sent else 'NOT sent'}; {len(survivors)} orphan(s)"
+    return Result(rc, "", text, time.perf_counter() - start, note)
+
+
+# ------------------------------------------------------------------------------ judging
+_WARNING = re.compile(r"Warning: |^\s+warnings\.warn\(|^\s+warn\(")
+
+
+def one_line_error(*needles: str, max_s: Optional[float] = None):
+    def judge(r: Result) -> tuple[bool, str]:
+        lines = [ln for ln in r.err.strip().splitlines() if ln.strip() and not _WARNING.search(ln)]
+        error_lines = lines if len(lines) == 1 else []  # one line (Python warnings aside), nothing else
+        last = lines[-1] if lines else ""
+        seen = f"rc={r.rc} {len(lines)} line(s): {last[:110]}"
+        if r.note == "timeout":
+            return False, f"timeout after {r.seconds:.0f}s"
+        ok = (r.rc == 2 and "Traceback" not in r.err and len(error_lines) == 1 and len(error_lines[0]) <= 300
+              and all(n.lower() in error_lines[0].lower() for n in needles))
+        if max_s is not None and r.seconds > max_s:
+            ok, seen = False, seen + f" ({r.seconds:.0f}s > {max_s:g}s)"
+        return ok, seen
+    return judge
+
+
+def exit_ok(*needles: str, rc: int = 0):
+    def judge(r: Result) -> tuple[bool, str]:
+        text = r.out + r.err
+        ok = r.rc == rc and "Traceback" not in r.err and all(n.lower() in text.lower() for n in needles)
+        tail = (r.err.strip().splitlines() or r.out.strip().splitlines() or [""])[-1]
+        return ok, f"rc={r.rc} {r.note} {tail[:100]}".strip()
+    return judge
+
+
+def err(*needles, max_s=None) -> tuple[str, Callable]:
+    what = "1-line error, exit 2" + (f", naming {', '.join(needles)}" if needles else "")
+    return what, one_line_error(*needles, max_s=max_s)
+
+
+# ------------------------------------------------------------------------------ shared inputs
+class Fixture:
+    """Tokenizers, data and a trained checkpoint, built once (sequentially) in ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        text = root / "text"
+        text.mkdir()
+        for i, f in enumerate(sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]):
+            shutil.copy(f, text / f"{i}.md")
+        self.text = text
+        self.tok = root / "tok"
+        self.tok2 = root / "tok2"
+        self.data = root / "data" / "d"
+        self.prefix = str(self.data) + "_text_document"  # --split 1: one output
+        self.ckpt = root / "ckpt"
+        steps = [
+            [*MPMOE, "data", "tokenizer", "--input", text, "--vocab-size", "300", "--output-dir", self.tok, "--no-progress"],
+            [*MPMOE, "data", "tokenizer", "--input", text, "--vocab-size", "280", "--output-dir", self.tok2, "--no-progress"],
+            [*MPMOE, "data", "prepare", "--input", text, "--tokenizer-model", self.tok, "--output-prefix", self.data,
+             "--split", "1", "--no-progress", "--txt-mode", "paragraph"],
+            [*MPMOE, "train", *self.train_flags(), "--train-iters", "4", "--save", self.ckpt, "--save-interval", "2",
+             "--run-dir", root / "run0", "--moe-stats-dir", root / "stats", "--moe-plot-every", "2"],
+        ]
+        for argv in steps:
+            r = sh([str(a) for a in argv], root, timeout=600)
+            if r.rc != 0:
+                sys.exit(f"fault_matrix: fixture step failed: {' '.join(map(str, argv))}\n{r.err[-3000:]}")
+
+    def train_flags(self, data=None, tok=None):
+        return [*MODEL, "--data-path", str(data or self.prefix), "--tokenizer-model", str(tok or self.tok), "--split", "1,0,0"]
+
+
+def copy_data(fx: Fixture, d: Path) -> str:
+    for ext in (".bin", ".idx"):
+        shutil.copy(fx.prefix + ext, d / ("d" + ext))
+    return str(d / "d")
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------ the cases
+def cases(fx: Fixture) -> list[Case]:
+    C: list[Case] = []
+
+    def add(name, expect, run):
+        what, judge = expect
+        C.append(Case(name, what, run, judge))
+
+    T = lambda *a, **kw: mpmoe("train", *fx.train_flags(), "--train-iters", "2", *a, **kw)  # noqa: E731
+
+    # -- train: flags ------------------------------------------------------------------
+    for flag, value in [("--num-layers", "0"), ("--hidden-size", "-1"), ("--lr", "-0.1"), ("--lr", "nan"),
+                        ("--adam-beta1", "1.0"), ("--adam-beta2", "2"), ("--hidden-dropout", "1.5"),
+                        ("--moe-router-topk", "0"), ("--moe-router-topk", "9"), ("--num-experts", "8.5"),
+                        ("--micro-batch-size", "3"), ("--global-batch-size", "0"), ("--train-iters", "-5"),
+                        ("--clip-grad", "-1"), ("--seed", "-1"), ("--seq-length", "x"), ("--save-interval", "0"),
+                        ("--expert-model-parallel-size", "3"), ("--moe-otep-warmup-fraction", "2"),
+                        ("--lr-warmup-fraction", "1"), ("--weight-decay", "inf")]:
+        add(f"train {flag} {value}", err(flag.lstrip("-").split("-")[0]), T(flag, value))
+    add("train unknown flag", err("--no-such-flag"), T("--no-such-flag", "1"))
+    add("train --bf16 on CPU", err("--bf16"), T("--bf16"))
+    add("train --pipeline-model-parallel-size 2", err("--pipeline-model-parallel-size"), T("--pipeline-model-parallel-size", "2"))
+    # -- train: presets ----------------------------------------------------------------
+    presets = {"string bool": 'swiglu = "false"\n', "float int": "num_experts = 8.5\n",
+               "unknown key": "num_expert = 8\n", "out of range": "hidden_dropout = -0.5\n",
+               "bad choice": 'normalization = "BatchNorm"\n', "int as string": 'num_layers = "2"\n',
+               "list for int": "hidden_size = [64]\n", "bad toml": "num_layers = \n",
+               "duplicate key": "[a]\nlr = 0.1\n[b]\nlr = 0.2\n"}
+    for label, body in presets.items():
+        def run(d, body=body):
+            (d / "p.toml").write_text(body)
+            return sh([*MPMOE, "train", "--preset", str(d / "p.toml"), "--train-iters", "1"], d)
+        add(f"train preset {label}", err("p.toml"), run)
+    add("train unknown preset", err("no-such-preset"), mpmoe("train", "--preset", "no-such-preset"))
+    # -- train: files and folders -----------------------------------------------------
+    def with_file(flag, sub=""):
+        def run(d):
+            (d / "f").write_text("x")
+            return sh([*MPMOE, "train", *fx.train_flags(), "--train-iters", "1", flag, str(d / "f") + sub], d)
+        return run
+    add("train --save is a file", err("--save"), with_file("--save"))
+    add("train --save under a file", err("--save"), with_file("--save", "/ck"))
+    add("train --run-dir is a file", err("--run-dir"), with_file("--run-dir"))
+    add("train --moe-stats-dir under a file", err("--moe-stats-dir"), with_file("--moe-stats-dir", "/s"))
+    add("train --save in /proc", err("/proc"), T("--save", "/proc/mpmoe-fault/ck"))
+    add("train --data-path missing", err("--data-path"), T("--data-path", "/nonexistent/x"))
+    add("train --tokenizer-model missing", err("--tokenizer-model"), T("--tokenizer-model", "/nonexistent/tok"))
+    add("train --load missing", err("--load"), T("--load", "/nonexistent/ck"))
+
+    def truncated_bin(d):
+        p = copy_data(fx, d)
+        with open(p + ".bin", "r+b") as f:
+            f.truncate(os.path.getsize(p + ".bin") // 2)
+        return sh([*MPMOE, "train", *fx.train_flags(data=p), "--train-iters", "1"], d)
+    add("train truncated .bin", err("d.bin"), truncated_bin)
+
+    def garbage_idx(d):
+        p = copy_data(fx, d)
+        Path(p + ".idx").write_bytes(os.urandom(200))
+        return sh([*MPMOE, "train", *fx.train_flags(data=p), "--train-iters", "1"], d)
+    add("train garbage .idx", err("d.idx"), garbage_idx)
+    add("train --vocab-size below the data's ids", err("vocabulary"),
+        lambda d: sh([*MPMOE, "train", *MODEL, "--data-path", copy_data(fx, d), "--vocab-size", "100",
+                      "--split", "1,0,0", "--train-iters", "1"], d))
+    add("train manifest tokenizer != --tokenizer-model", err("--tokenizer-model", "tok2"),
+        mpmoe("train", *fx.train_flags(tok=fx.tok2), "--train-iters", "1"))
+    add("train --vocab-size < tokenizer", err("--vocab-size"),
+        T("--vocab-size", "100"))
+    add("train tiny run", ("exit 0", exit_ok("done at iteration 2")), T())
+    # -- train: process faults (resume, signals, kills) ---------------------------------
+    def resume_from(form):
+        def run(d):
+            src = fx.ckpt if form == "save" else fx.ckpt / "iter_0000004"
+            return sh([*MPMOE, "train", *fx.train_flags(), "--train-iters", "6", "--load", str(src),
+                       "--run-dir", str(d / "run")], d)
+        return run
+    add("train --load save folder", ("exit 0, says it resumed from iteration 4",
+                                     exit_ok("resum", "iteration 4")), resume_from("save"))
+    add("train --load iter_ folder", ("exit 0, says it resumed from iteration 4, or 1-line refusal",
+                                      lambda r: exit_ok("resum", "iteration 4")(r) if r.rc == 0
+                                      else one_line_error("iter_")(r)), resume_from("iter"))
+
+    def empty_load(d):
+        (d / "empty").mkdir()
+        return sh([*MPMOE, "train", *fx.train_flags(), "--train-iters", "1", "--load", str(d / "empty")], d)
+    add("train --load empty folder", ("says it starts fresh (or refuses in 1 line)",
+                                      lambda r: exit_ok("fresh")(r) if r.rc == 0 else one_line_error("--load")(r)),
+        empty_load)
+
+    def metrics_resume(d):
+        ck = d / "ck"
+        r = sh([*MPMOE, "train", *fx.train_flags(), "--train-iters", "4", "--save", str(ck), "--save-interval", "2",
+                "--run-dir", str(d / "run")], d)
+        if r.rc != 0:
+            return r
+        shutil.rmtree(ck / "iter_0000004")  # as if killed after logging 3, 4 but before saving 4
+        (ck / "latest_checkpointed_iteration.txt").write_text("2\n")
+        r = sh([*MPMOE, "train", *fx.train_flags(), "--train-iters", "6", "--load", str(ck),
+                "--run-dir", str(d / "run")], d)
+        its = [json.loads(ln).get("iteration") for ln in (d / "run" / "metrics.jsonl").read_text().splitlines()
+               if ln.strip() and '"loss"' in ln]
+        r.note = f"iterations logged {its}"
+        r.rc = r.rc if sorted(set(its)) == sorted(its) else 99
+        return r
+    add("train resume: metrics.jsonl has each iteration once", ("exit 0, no duplicate iterations",
+                                                                 exit_ok()), metrics_resume)
+
+    def nan_run(d):
+        return sh([*MPMOE, "train", *fx.train_flags(), "--train-iters", "3", "--lr", "1e30",
+                   "--init-method-std", "1e15", "--clip-grad", "0"], d)
+    add("train NaN/inf loss", ("named (nan/inf), no traceback",
+                               lambda r: ("Traceback" not in r.err and re.search(r"\b(nan|inf)\b", r.err.lower()) is not None,
+                                          f"rc={r.rc} {(r.err.strip().splitlines() or [''])[-1][:100]}")), nan_run)
+
+    def long_train(d, save=True):
+        argv = [*MPMOE, "train", *fx.train_flags(), "--train-iters", "400", "--run-dir", str(d / "run")]
+        return [*map(str, argv), *(["--save", str(d / "ck"), "--save-interval", "1"] if save else [])]
+
+    def sig_case(sig, rc, second=None):
+        def run(d):
+            r = signal_run(long_train(d), d, sig, after=r"iter 3\b", second=second)
+            saved = (d / "ck" / "latest_checkpointed_iteration.txt").is_file()
+            r.note += f"; checkpoint {'yes' if saved else 'no'}"
+            return r
+
+        def judge(r):
+            lines = [ln for ln in r.err.strip().splitlines() if ln.strip()]
+            ok = (r.rc == rc and "Traceback" not in r.err and "0 orphan" in r.note and "checkpoint yes" in r.note)
+            return ok, f"rc={r.rc}; {r.note}; {lines[-1][:80] if lines else ''}"
+        return run, judge
+    for label, sig, rc in (("SIGTERM", signal.SIGTERM, 143), ("SIGINT", signal.SIGINT, 130)):
+        run, judge = sig_case(sig, rc)
+        C.append(Case(f"train {label} mid-run", f"exit {rc}, checkpoint, no traceback, no orphans", run, judge))
+    run, judge = sig_case(signal.SIGINT, 130, second=signal.SIGINT)
+    C.append(Case("train double Ctrl-C", "exit 130 at once, no traceback, no orphans",
+                  run, lambda r: (r.rc == 130 and "Traceback" not in r.err and "0 orphan" in r.note,
+                                  f"rc={r.rc}; {r.note}")))
+    for label, pattern in (("during the first save", r"iter 1\b"), ("later save", r"iter 5\b")):
+        C.append(Case(f"train SIGKILL {label}", "no process of the trainer survives",
+                      lambda d, p=pattern: signal_run(long_train(d), d, signal.SIGKILL, after=p),
+                      lambda r: ("0 orphan" in r.note and "signal sent" in r.note, f"rc={r.rc}; {r.note}")))
+
+    def no_psutil(d):
+        stub = d / "stub" / "psutil"
+        stub.mkdir(parents=True)
+        (stub / "__init__.py").write_text("raise ImportError('No module named psutil (fault_matrix stub)')\n")
+        return sh([*MPMOE, "train", *fx.train_flags(), "--train-iters", "2", "--save", str(d / "ck")], d,
+                  env={"PYTHONPATH": str(d / "stub")}, timeout=120)
+    add("train --save without psutil", ("works, or 1-line error naming the extra; never hangs",
+                                        lambda r: exit_ok()(r) if r.rc == 0 else one_line_error("psutil")(r)), no_psutil)
+
+    def reshard(d):
+        return sh([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mpmoe", "train",
+                   *fx.train_flags(), "--train-iters", "6", "--load", str(fx.ckpt), "--expert-model-parallel-size", "2",
+                   "--run-dir", str(d / "run")], d, env={"OMP_NUM_THREADS": "1"}, timeout=400)
+    add("train 1-process checkpoint -> EP=2 (optimizer)", ("exit 0, or 1 line naming --no-load-optim",
+                                                           lambda r: exit_ok()(r) if r.rc == 0
+                                                           else one_line_error("--no-load-optim")(r)), reshard)
+
+    # -- data ------------------------------------------------------------------------------
+    D = lambda *a, **kw: mpmoe("data", *a, **kw)  # noqa: E731
+    add("data prepare missing input", err("/nonexistent/in"),
+        D("prepare", "--input", "/nonexistent/in", "--tokenizer-model", fx.tok, "--output-prefix", "o"))
+    add("data prepare empty folder", err(), lambda d: (d / "e").mkdir() or sh(
+        [*MPMOE, "data", "prepare", "--input", str(d / "e"), "--tokenizer-model", str(fx.tok), "--output-prefix", "o"], d))
+    add("data prepare tokenizer path missing", err("/nonexistent/tok"),
+        D("prepare", "--input", fx.text, "--tokenizer-model", "/nonexistent/tok", "--output-prefix", "o"))
+    add("data prepare default hub tokenizer offline", err("EleutherAI/pythia-12b", max_s=20),
+        D("prepare", "--input", fx.text, "--output-prefix", "o"))
+    add("data prepare hub tokenizer, hub unreachable", err("someone/tok", max_s=20),
+        D("prepare", "--input", fx.text, "--output-prefix", "o", "--tokenizer-model", "someone/tok",
+          env={**ONLINE, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_HOME": "hf"}))
+    add("data prepare --split bad", err("split"),
+        D("prepare", "--input", fx.text, "--tokenizer-model", fx.tok, "--output-prefix", "o", "--split", "a,b"))
+    add("data prepare --workers 0", err("--workers"),
+        D("prepare", "--input", fx.text, "--tokenizer-model", fx.tok, "--output-prefix", "o", "--workers", "0"))
+    add("data prepare --eod-token unknown", err("<nope>"),
+        D("prepare", "--input", fx.text, "--tokenizer-model", fx.tok, "--output-prefix", "o", "--eod-token", "<nope>"))
+    add("data prepare jsonl without the key", err("text"), lambda d: (d / "a.jsonl").write_text('{"body": "x"}\n') and sh(
+        [*MPMOE, "data", "prepare", "--input", str(d / "a.jsonl"), "--tokenizer-model", str(fx.tok), "--output-prefix", "o"], d))
+    add("data prepare garbage .jsonl", err("a.jsonl"), lambda d: (d / "a.jsonl").write_bytes(b"\x00\xff{not json\n") and sh(
+        [*MPMOE, "data", "prepare", "--input", str(d / "a.jsonl"), "--tokenizer-model", str(fx.tok), "--output-prefix", "o"], d))
+    add("data prepare output under a file", err("f"), lambda d: (d / "f").write_text("x") and sh(
+        [*MPMOE, "data", "prepare", "--input", str(fx.text), "--tokenizer-model", str(fx.tok), "--output-prefix",
+         str(d / "f" / "o")], d))
+    add("data prepare two sources", err("exactly one"),
+        D("prepare", "--input", fx.text, "--embedded", "--tokenizer-model", fx.tok, "--output-prefix", "o"))
+    add("data tokenizer --vocab-size 10", err("--vocab-size"),
+        D("tokenizer", "--input", fx.text, "--vocab-size", "10", "--output-dir", "t"))
+    add("data tokenizer empty input", err(), lambda d: (d / "e.txt").write_text("") or sh(
+        [*MPMOE, "data", "tokenizer", "--input", str(d / "e.txt"), "--output-dir", "t"], d))
+    add("data download, hub unreachable", err("someone/data", max_s=20),
+        D("download", "--hf-dataset", "someone/data", "--output-dir", "dl",
+          env={**ONLINE, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_HOME": "hf"}))
+    add("data download offline", err("HF_HUB_OFFLINE", max_s=20), D("download", "--output-dir", "dl", "--max-docs", "2"))
+    add("data download --max-docs 0", err("--max-docs"), D("download", "--output-dir", "dl", "--max-docs", "0"))
+    add("data inspect missing", err("/nonexistent/p"), D("inspect", "/nonexistent/p"))
+
+    def inspect_broken(kind):
+        def run(d):
+            p = copy_data(fx, d)
+            if kind == "bin":
+                with open(p + ".bin", "r+b") as f:
+                    f.truncate(10)
+            elif kind == "idx":
+                Path(p + ".idx").write_bytes(b"MMIDIDX\x00\x00" + os.urandom(40))
+            else:
+                os.remove(p + ".bin")
+            return sh([*MPMOE, "data", "inspect", p], d)
+        return run
+    add("data inspect truncated .bin", err("d.bin"), inspect_broken("bin"))
+    add("data inspect garbage .idx", err("d.idx"), inspect_broken("idx"))
+    add("data inspect .idx without .bin", err("d.bin"), inspect_broken("nobin"))
+    add("data inspect wrong tokenizer", err("tok2"),
+        D("inspect", fx.prefix, "--tokenizer-model", fx.tok2))
+    add("data inspect bad manifest", err("manifest"), lambda d: (d / "x.manifest.json").write_text("{") and sh(
+        [*MPMOE, "data", "inspect", str(d / "x.manifest.json")], d))
+
+    def inspect_after_train(d):
+        p = copy_data(fx, d)
+        (Path(p) / "cache" / "GPTDataset_indices").mkdir(parents=True)
+        return sh([*MPMOE, "data", "inspect", p], d)
+    add("data inspect PREFIX beside PREFIX/cache/", ("exit 0", exit_ok("documents")), inspect_after_train)
+    add("data inspect ok", ("exit 0", exit_ok("documents")), D("inspect", fx.prefix))
+    add("data no subcommand", ("usage, exit 0", exit_ok("prepare")), D())
+    add("data unknown subcommand", ("exit 2", exit_ok(rc=2)), D("frobnicate"))
+
+    # -- eval ------------------------------------------------------------------------------
+    E = lambda *a, **kw: mpmoe("eval", "--load", fx.ckpt, "--no-progress", "--output-path", "out", *a, **kw)  # noqa: E731
+    task = ("--tasks", "mpmoe_docs_lastword", "--limit", "4", "--bootstrap-iters", "0")
+    add("eval --load missing", err("/nonexistent/ck"), mpmoe("eval", "--load", "/nonexistent/ck", "--tasks", "x"))
+    add("eval --load a file", err("f"), lambda d: (d / "f").write_text("x") and sh(
+        [*MPMOE, "eval", "--load", str(d / "f"), "--tasks", "mpmoe_local"], d))
+    add("eval --load empty folder", err("latest_checkpointed_iteration"), lambda d: (d / "e").mkdir() or sh(
+        [*MPMOE, "eval", "--load", str(d / "e"), "--tasks", "mpmoe_local"], d))
+    add("eval unknown task", err("no_such_task"), E("--tasks", "no_such_task"))
+    add("eval --ckpt-step missing", err("999"), E(*task, "--ckpt-step", "999"))
+    add("eval --batch-size 0", err("--batch-size"), E(*task, "--batch-size", "0"))
+    add("eval --max-gen-toks 0", err("--max-gen-toks"), E(*task, "--max-gen-toks", "0"))
+    add("eval --limit -1", err("--limit"), E(*task[:2], "--limit", "-1"))
+    add("eval --include-path missing", err("/nonexistent/tasks"), E(*task, "--include-path", "/nonexistent/tasks"))
+    add("eval --tokenizer smaller vocabulary", err("tok2"), E(*task, "--tokenizer", str(fx.tok2)))
+    add("eval --tokenizer missing", err("/nonexistent/tok"), E(*task, "--tokenizer", "/nonexistent/tok"))
+    add("eval --routing mope on a top-k model?", ("exit 0 (the fixture is MoPE) or 1-line error",
+                                                  lambda r: exit_ok()(r) if r.rc == 0 else one_line_error("routing")(r)),
+        E(*task, "--routing", "mope"))
+    add("eval hub task offline", err("hellaswag", max_s=90), E("--tasks", "hellaswag", "--limit", "2",
+                                                             env={"HF_HOME": "hf"}))
+    add("eval damaged checkpoint", err("iter_0000004"), lambda d: (shutil.copytree(fx.ckpt, d / "ck"), [
+        p.write_bytes(b"garbage") for p in (d / "ck" / "iter_0000004").glob("*.distcp")]) and sh(
+        [*MPMOE, "eval", "--load", str(d / "ck"), *task, "--output-path", "out", "--no-progress"], d))
+    add("eval ok", ("exit 0", exit_ok("results.json")), E(*task))
+
+    def edge_task(d):
+        rows = [{"ctx": "   ", "cont": "word"}, {"ctx": "Hello there", "cont": ""}, {"ctx": "\n\n", "cont": ""},
+                {"ctx": "A normal", "cont": " sentence."}]
+        (d / "edge.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (d / "tasks").mkdir()
+        (d / "tasks" / "edge.yaml").write_text(
+            f"task: fault_edge\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {d / 'edge.jsonl'}\n"
+            "test_split: test\noutput_type: loglikelihood\ndoc_to_text: '{{ctx}}'\ndoc_to_target: '{{cont}}'\n"
+            "target_delimiter: ''\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+        return sh([*MPMOE, "eval", "--load", str(fx.ckpt), "--tasks", "fault_edge", "--include-path", str(d / "tasks"),
+                   "--output-path", "out", "--no-progress", "--bootstrap-iters", "0"], d)
+    add("eval whitespace context / empty continuation", ("exit 0 (scored, not fatal)", exit_ok("fault_edge")),
+        edge_task)
+    add("eval long generation prompt", ("exit 0, truncation logged", exit_ok("left truncation")),
+        E("--tasks", "mpmoe_docs_gen", "--limit", "2", "--bootstrap-iters", "0", "--gen-kwargs", "max_gen_toks=24"))
+    add("eval table empty folder", err(), lambda d: (d / "e").mkdir() or sh([*MPMOE, "eval", "table", str(d / "e")], d))
+
+    # -- analyze ---------------------------------------------------------------------------
+    A = lambda *a, **kw: mpmoe("analyze", *a, **kw)  # noqa: E731
+    add("analyze stats missing", err("/nonexistent/s"), A("stats", "/nonexistent/s", "--out", "o"))
+    add("analyze stats empty folder", err(), lambda d: (d / "e").mkdir() or sh(
+        [*MPMOE, "analyze", "stats", str(d / "e"), "--out", "o"], d))
+    add("analyze stats garbage .npz", err(), lambda d: (d / "s").mkdir() or (d / "s" / "layer1_seg0_mope.npz").write_bytes(
+        b"garbage") and sh([*MPMOE, "analyze", "stats", str(d / "s"), "--out", "o"], d))
+    add("analyze no subcommand", ("exit 2", exit_ok(rc=2)), A())
+    add("analyze stats without --out", err("--out"), A("stats", "x"))
+    add("analyze checkpoint --load missing", err("/nonexistent/ck"),
+        A("checkpoint", "--load", "/nonexistent/ck", "--out", "o"))
+    add("analyze checkpoint --layers bad", err("--layers"),
+        A("checkpoint", "--load", fx.ckpt, "--out", "o", "--layers", "x,y", "--no-progress"))
+    add("analyze stats --evolution-windows 0", err("--evolution-windows"),
+        A("stats", str(fx.root / "stats"), "--out", "o", "--evolution-windows", "0"))
+    add("analyze stats ok", ("exit 0", exit_ok("summary.json")), A("stats", str(fx.root / "stats"), "--out", "o",
+                                                                   "--no-progress"))
+
+    # -- top level and scripts --------------------------------------------------------------
+    add("mpmoe unknown verb", ("exit 2", exit_ok(rc=2)), mpmoe("frobnicate"))
+    add("mpmoe --version", ("exit 0", exit_ok("mpmoe")), mpmoe("--version"))
+    scripts = sorted(p for p in list((ROOT / "scripts").glob("*.sh")) + list((ROOT / "scripts").glob("*/*.sh"))
+                     if p.name != "eval_commands.sh")
+    for s in scripts:
+        rel = s.relative_to(ROOT)
+        add(f"script {rel} no arguments", ("usage, exit 2", exit_ok(rc=2)), lambda d, s=s: sh(["bash", str(s)], d))
+        add(f"script {rel} --help", ("usage, exit 0", exit_ok()), lambda d, s=s: sh(["bash", str(s), "--help"], d))
+    add("script train.sh unknown preset", err("no-such"), lambda d: sh(["bash", str(ROOT / "scripts/train.sh"),
+                                                                       "no-such"], d))
+    add("script download_fineweb.sh offline", err(max_s=30),
+        lambda d: sh(["bash", str(ROOT / "scripts/dataset/download_fineweb.sh"), str(d / "o"), "1e6"], d))
+    add("script tokenize_fineweb.sh missing input", err(),
+        lambda d: sh(["bash", str(ROOT / "scripts/dataset/tokenize_fineweb.sh"), "/nonexistent/in", str(d / "o")], d,
+                     env={"TOKENIZER": str(fx.tok)}))
+    add("script eval_benchmark.sh missing checkpoint", err(),
+        lambda d: sh(["bash", str(ROOT / "scripts/eval_benchmark.sh"), "/nonexistent/ck", str(d / "o")], d))
+    return C
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-k", default="", help="run only cases whose name contains one of these (comma-separated)")
+    ap.add_argument("-j", "--jobs", type=int, default=3, help="cases run at once (default 3)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = ap.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="mpmoe-faults-"))
+    start = time.perf_counter()
+    try:
+        (work / "fx").mkdir()
+        print(f"building the fixture (tokenizers, data, a 4-iteration checkpoint) in {work} ...", flush=True)
+        fx = Fixture(work / "fx")
+        todo = [c for c in cases(fx) if any(k in c.name for k in args.k.split(","))]
+
+        def one(i_case):
+            i, case = i_case
+            d = work / f"case{i:03d}"
+            d.mkdir()
+            try:
+                r = case.run(d)
+                ok, seen = case.judge(r)
+            except Exception as exc:  # noqa: BLE001 - a broken case is a failed case
+                ok, seen, r = False, f"harness error: {type(exc).__name__}: {exc}", Result(None, "", "", 0.0)
+            return case, ok, seen, r.seconds
+
+        rows = []
+        with cf.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for case, ok, seen, secs in pool.map(one, enumerate(todo)):
+                rows.append((case, ok, seen, secs))
+                print(f"{'PASS' if ok else 'FAIL'}  {case.name}  ({secs:.1f}s)", file=sys.stderr, flush=True)
+        w1 = max(len(c.name) for c, *_ in rows)
+        w2 = max(len(c.expected) for c, *_ in rows)
+        print(f"\n{'case':<{w1}}  {'expected':<{w2}}  verdict  observed")
+        for case, ok, seen, _ in rows:
+            print(f"{case.name:<{w1}}  {case.expected:<{w2}}  {'pass' if ok else 'FAIL':<7}  {seen}")
+        passed = sum(ok for _, ok, *_ in rows)
+        print(f"\ntotal {len(rows)}: {passed} pass, {len(rows) - passed} fail "
+              f"({time.perf_counter() - start:.0f} s, {args.jobs} at a time)")
+        return 0 if passed == len(rows) else 1
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

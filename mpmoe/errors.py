@@ -1,0 +1,93 @@
+"""User errors: one base type and the one place that prints them.
+
+Every problem a user can cause (a bad flag, a missing or corrupt file, a tokenizer that does
+not match the data) ends as one line ``mpmoe <verb>: error: <message>`` on stderr, at most
+:data:`MAX_CHARS` characters, exit status 2, no traceback. The drivers raise their own
+subclasses of :class:`UserError` (``DataError``, ``EvalError``, ``ConfigError``, ...);
+:func:`run_verb`, called by :mod:`mpmoe.cli` around every verb, turns those and a few library
+errors that are the user's doing (file-system errors naming a path, megatron's and torch's
+checkpoint errors) into that line. ``MPMOE_DEBUG=1`` shows the traceback instead.
+
+This module imports nothing from mpmoe, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Optional
+
+__all__ = ["MAX_CHARS", "UserError", "debug_enabled", "one_line", "innermost_error", "run_verb", "user_message"]
+
+#: Longest error line printed (longer messages are cut with "...").
+MAX_CHARS = 300
+
+
+class UserError(Exception):
+    """Bad input from the user; ``str(err)`` is a one-line explanation."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+def debug_enabled() -> bool:
+    """``MPMOE_DEBUG=1`` (or true/yes/on): show tracebacks instead of one-line errors."""
+    return os.environ.get("MPMOE_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def one_line(text: str, limit: int = MAX_CHARS) -> str:
+    """``text`` on one line (whitespace collapsed), cut to ``limit`` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def innermost_error(exc: BaseException) -> BaseException:
+    """torch's ``CheckpointException`` wraps each rank's failure as ``(exception, [FrameSummary
+    ...])``: the first rank's exception (recursively), else ``exc`` itself."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict):
+        for failure in failures.values():
+            if isinstance(failure, tuple) and failure and isinstance(failure[0], BaseException):
+                failure = failure[0]
+            if isinstance(failure, BaseException):
+                return innermost_error(failure)
+    return exc
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def user_message(exc: BaseException) -> Optional[str]:
+    """The one-line message of an error the user caused, or None for anything else (a bug,
+    which keeps its traceback)."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    name = type(exc).__name__
+    if name == "CheckpointException" and type(exc).__module__.startswith("torch.distributed"):
+        inner = innermost_error(exc)
+        return f"checkpoint: {type(inner).__name__}: {_last_line(inner)}"
+    if name == "CheckpointingException" and type(exc).__module__.startswith("megatron"):
+        return _last_line(exc) if len(str(exc).splitlines()) > 3 else str(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        # a file the user named (or an output folder): "PATH: No such file or directory"
+        what = exc.strerror or type(exc).__name__
+        return f"{exc.filename}: {what}"
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:  # e.g. ENOSPC
+        return f"{type(exc).__name__}: {exc.strerror}"
+    return None
+
+
+def run_verb(prog: str, main: Callable[[list], Optional[int]], argv: list) -> int:
+    """``main(argv)`` with every user error printed as one line (exit 2)."""
+    try:
+        return int(main(argv) or 0)
+    except BaseException as exc:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)) or debug_enabled():
+            raise
+        message = user_message(exc)
+        if message is None:
+            raise
+        print(f"{prog}: error: {one_line(message, MAX_CHARS - len(prog) - 9)}", file=sys.stderr)
+        return 2
