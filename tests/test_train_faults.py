@@ -76,7 +76,8 @@ class Trainer:
             time.sleep(0.1)
 
     def stderr(self) -> str:
-        self._err.flush()
+        if not self._err.closed:
+            self._err.flush()
         return self.stderr_path.read_text()
 
     def cleanup(self) -> None:
@@ -107,7 +108,8 @@ def _logged(run_dir: Path, iteration: int):
 
 
 # --------------------------------------------------------------------------- kills and signals
-def test_sigkill_during_a_save_leaves_no_process_and_resume_logs_each_iteration_once(tmp_path, dataset):
+def test_sigkill_during_a_save_leaves_no_process_and_resume_logs_each_iteration_once(tmp_path, dataset,
+                                                                                    capsys):
     """SIGKILL while a checkpoint is written (a ``.tmp`` folder exists, writer children if
     any are running): no descendant of the trainer survives; the resumed run's
     metrics.jsonl holds every iteration exactly once."""
@@ -131,30 +133,32 @@ def test_sigkill_during_a_save_leaves_no_process_and_resume_logs_each_iteration_
         assert not t.survivors(), [(p.pid, p.cmdline()[:3]) for p in t.survivors(wait=0)]
     finally:
         t.cleanup()
+    from mpmoe.train.cli import main
+
     killed_at = max(m["iteration"] for m in read_metrics(run))
     start = int((ck / TRACKER).read_text())
     assert start <= killed_at
 
     common.pop("save-interval")
-    r = subprocess.run([sys.executable, "-m", "mpmoe", "train",
-                        *tiny_flags(dataset, run, load=str(ck), **{"train-iters": killed_at + 2,
-                                                                   **common})],
-                       env=_env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert f"resuming from {ck / f'iter_{start:07d}'} (iteration {start})" in r.stderr
+    capsys.readouterr()
+    assert main(tiny_flags(dataset, run, load=str(ck), **{"train-iters": killed_at + 2, **common})) == 0
+    assert f"resuming from {ck / f'iter_{start:07d}'} (iteration {start})" in capsys.readouterr().err
     iterations = [m["iteration"] for m in read_metrics(run)]
     assert iterations == list(range(1, killed_at + 3)), iterations
 
 
-@pytest.mark.parametrize("sig,code,name", [(signal.SIGTERM, 143, "SIGTERM"),
-                                           (signal.SIGINT, 130, "SIGINT")])
-def test_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, dataset, sig, code, name):
+@pytest.mark.parametrize("sig,code,save_on_signal", [(signal.SIGTERM, 143, True),
+                                                     (signal.SIGINT, 130, False)])
+def test_signal_stops_at_a_step_boundary(tmp_path, dataset, sig, code, save_on_signal):
+    """One line, exit 128 + signal, no traceback, no process left; a checkpoint of the last
+    step unless --no-save-on-signal."""
     ck, run = tmp_path / "ck", tmp_path / "run"
-    t = Trainer(tiny_flags(dataset, run, save=str(ck), **{"train-iters": 500, "no-progress": True,
-                                                          "eval-interval": 100}), tmp_path)
+    t = Trainer(tiny_flags(dataset, run, save=str(ck), **{
+        "train-iters": 500, "no-progress": True, "eval-interval": 100,
+        "no-save-on-signal": not save_on_signal}), tmp_path)
     try:
         _wait_until(t, _logged(run, 2))
-        t.watch()  # no writer here: descendants (if any) are helpers megatron or torch started
+        t.watch()  # no save is running: descendants, if any, are megatron's or torch's helpers
         t.proc.send_signal(sig)
         t.proc.wait(timeout=120)
         assert not t.survivors()
@@ -165,26 +169,13 @@ def test_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, dataset, si
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     stopped = max(m["iteration"] for m in read_metrics(run))
-    assert last == f"mpmoe train: stopped by {name} at iteration {stopped}; checkpoint {ck / f'iter_{stopped:07d}'}"
-    assert int((ck / TRACKER).read_text()) == stopped
-
-
-def test_no_save_on_signal_and_a_second_signal_stops_at_once(tmp_path, dataset):
-    """--no-save-on-signal: SIGTERM stops without a checkpoint. A second signal (after the
-    grace second) during the set-up... is covered by StopSignals directly below."""
-    ck, run = tmp_path / "ck", tmp_path / "run"
-    t = Trainer(tiny_flags(dataset, run, save=str(ck), **{
-        "train-iters": 500, "no-progress": True, "eval-interval": 100, "no-save-on-signal": True}),
-        tmp_path)
-    try:
-        _wait_until(t, _logged(run, 1))
-        t.proc.send_signal(signal.SIGTERM)
-        t.proc.wait(timeout=120)
-    finally:
-        t.cleanup()
-    assert t.proc.returncode == 143
-    assert "no checkpoint written" in t.stderr().strip().splitlines()[-1]
-    assert not (ck / TRACKER).exists()
+    head = f"mpmoe train: stopped by {signal.Signals(sig).name} at iteration {stopped}; "
+    if save_on_signal:
+        assert last == head + f"checkpoint {ck / f'iter_{stopped:07d}'}"
+        assert int((ck / TRACKER).read_text()) == stopped
+    else:
+        assert last == head + "no checkpoint written (no --save, or --no-save-on-signal)"
+        assert not (ck / TRACKER).exists()
 
 
 def test_stop_signals_second_signal_exits_at_once():
@@ -351,3 +342,34 @@ def test_metrics_keep_lines_up_to_the_resumed_iteration(tmp_path):
     path.write_text("\n".join(lines) + '\n{"iteration": 8, "lo')  # cut short by a kill
     _drop_lines_after(path, 5)
     assert [json.loads(x)["iteration"] for x in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+# --------------------------------------------------------------------------- resharding
+def _train_rank(rank, world_size, flags):
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    from mpmoe.train.args import parse_args
+    from mpmoe.train.loop import train
+
+    os.environ["WORLD_SIZE"] = str(world_size)
+    try:
+        return train(parse_args(flags))["iteration"]
+    except CheckpointingException as exc:
+        return str(exc)
+
+
+def test_one_process_checkpoint_into_two_processes(tmp_path, dataset, checkpoint):
+    """DP=2 loads everything (the plain optimizer's state is replicated, keyed by global
+    parameter); EP=2 refuses the optimizer in one line naming --no-load-optim (the model
+    alone reshards: tests/test_train_distributed.py)."""
+    from megatron_testing import run_distributed
+
+    common = {"train-iters": 5, "no-progress": True, "load": str(checkpoint)}
+    assert run_distributed(_train_rank, 2, tiny_flags(dataset, tmp_path / "dp2", **common)) == [5, 5]
+    assert [m["iteration"] for m in read_metrics(tmp_path / "dp2")] == [5]
+    errors = run_distributed(_train_rank, 2, tiny_flags(dataset, tmp_path / "ep2", **{
+        **common, "expert-model-parallel-size": 2}))
+    assert errors[0] == errors[1] == (
+        f"{checkpoint / 'iter_0000004'}: its optimizer state (expert-model-parallel-size 1) does "
+        "not load with expert-model-parallel-size 2; pass --no-load-optim to load the model "
+        "alone (it reshards)")

@@ -225,6 +225,19 @@ def latest_iteration(root) -> Optional[int]:
         raise CheckpointingException(f"{path}: expected an iteration number, got {text!r}") from None
 
 
+def _layout(saved_args: Optional[dict]) -> dict:
+    """Tensor- and expert-parallel sizes of a saved run (its ``args``) or of this one (None)."""
+    if saved_args is not None:
+        return {"TP": int(saved_args.get("tensor_model_parallel_size") or 1),
+                "EP": int(saved_args.get("expert_model_parallel_size") or 1)}
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return {"TP": 1, "EP": 1}
+    return {"TP": ps.get_tensor_model_parallel_world_size(),
+            "EP": ps.get_expert_model_parallel_world_size()}
+
+
 def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = True,
                     load_rng: bool = True, iteration: Optional[int] = None) -> Optional[dict]:
     """Restore the latest checkpoint under ``root`` (or its ``iteration``); returns its
@@ -239,6 +252,14 @@ def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = Tru
     common = dist_checkpointing.load_common_state_dict(str(path))
     saved_world = common["train_state"]["world_size"]
     world = dist.get_world_size() if dist.is_initialized() else 1
+    saved_layout, layout = _layout(common["train_state"].get("args") or {}), _layout(None)
+    if load_optim and (saved_layout["EP"] > 1) != (layout["EP"] > 1):
+        # megatron keeps expert and dense parameters in two chained optimizers only when EP > 1,
+        # and their saved state (keys and param groups) does not map onto one optimizer
+        raise CheckpointingException(
+            f"{path}: its optimizer state (expert-model-parallel-size {saved_layout['EP']}) does "
+            f"not load with expert-model-parallel-size {layout['EP']}; pass --no-load-optim to "
+            f"load the model alone (it reshards)")
     model_sd = model.sharded_state_dict()
     request = {"model": model_sd}
     if load_optim:
@@ -251,8 +272,10 @@ def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = Tru
     except CheckpointException as exc:
         # torch's CheckpointException derives from BaseException (so `except Exception`
         # misses it) and carries every rank's traceback; keep the first failure's last line.
+        hint = ("; if the model fits, pass --no-load-optim (the optimizer state may not reshard "
+                f"from {saved_layout} to {layout})" if load_optim and saved_layout != layout else "")
         raise CheckpointingException(
-            f"{path} does not fit this model: {_last_line(exc)}"
+            f"{path} does not fit this model: {_last_line(exc)}{hint}"
         ) from exc
     model.load_state_dict(state["model"], strict=True)
     if load_optim:
