@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"mpmoe: unknown command {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    if not {"-h", "--help"} & set(rest):
+        from mpmoe.deps import VERB_NEEDS, missing
+
+        problem = missing(VERB_NEEDS[verb], f"mpmoe {verb}")
+        if problem:
+            print(f"mpmoe {verb}: error: {problem}", file=sys.stderr)
+            return 2
     module = importlib.import_module(VERBS[verb][0])
     return int(module.main(rest) or 0)
 

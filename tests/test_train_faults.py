@@ -373,3 +373,43 @@ def test_one_process_checkpoint_into_two_processes(tmp_path, dataset, checkpoint
         f"{checkpoint / 'iter_0000004'}: its optimizer state (expert-model-parallel-size 1) does "
         "not load with expert-model-parallel-size 2; pass --no-load-optim to load the model "
         "alone (it reshards)")
+
+
+# --------------------------------------------------------------------------- optional deps
+_BLOCKING_MAIN = """
+import importlib.abc, sys
+blocked = set(sys.argv[1].split(","))
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, Blocker())
+from mpmoe.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("blocked,argv,expect", [
+    ("psutil", ["train", "--save", "{tmp}/ck", "--train-iters", "1"], "psutil (a dependency of mpmoe"),
+    ("tokenizers", ["train", "--train-iters", "1"], "mpmoe[data]"),
+    ("tokenizers", ["data", "inspect", "{tmp}/x"], "mpmoe[data]"),
+    ("lm_eval", ["eval", "--load", "{tmp}"], "mpmoe[eval]"),
+    ("ot", ["analyze", "stats", "{tmp}"], "mpmoe[analysis]"),
+])
+def test_a_missing_dependency_stops_the_verb_in_one_line(tmp_path, blocked, argv, expect):
+    """As after a plain `pip install mpmoe` (the module made unimportable in a subprocess):
+    exit 2 and one line naming what to install, before any work (never a hang)."""
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    r = subprocess.run([sys.executable, "-c", _BLOCKING_MAIN, blocked, *argv], env=_env(),
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith(f"mpmoe {argv[0]}: error: ") and blocked in lines[0] and expect in lines[0]
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "runs").exists()
+
+
+def test_help_needs_no_optional_dependency():
+    r = subprocess.run([sys.executable, "-c", _BLOCKING_MAIN, "lm_eval", "eval", "--help"],
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "usage" in r.stdout.lower(), r.stderr[-1000:]

@@ -53,6 +53,15 @@ def _main(argv: Optional[list[str]] = None) -> int:
         return _error(str(exc))
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
+    from mpmoe.deps import missing
+
+    for modules, purpose, wanted in (
+            (["tokenizers"], "the embedded corpus (no --data-path) or --tokenizer-model",
+             args.data_path is None or args.tokenizer_model is not None),
+            (["wandb"], "--wandb-project", bool(args.wandb_project))):
+        problem = missing(modules, purpose) if wanted else None
+        if problem:
+            return _error(problem)
     warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
     warnings.filterwarnings("ignore", message=".*Apex.*")
     from mpmoe.train.faults import NonFiniteLoss, TrainingStopped
