@@ -40,10 +40,11 @@ def dataset(tmp_path_factory):
 class Trainer:
     """``mpmoe train`` in a subprocess; remembers every descendant it was seen with."""
 
-    def __init__(self, flags, tmp_path):
+    def __init__(self, flags, tmp_path, env=None):
         self.stderr_path = tmp_path / f"stderr-{time.monotonic_ns()}.txt"
         self._err = open(self.stderr_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mpmoe", "train", *flags], env=_env(),
+        self.proc = subprocess.Popen([sys.executable, "-m", "mpmoe", "train", *flags],
+                                     env={**_env(), **(env or {})},
                                      stdout=subprocess.DEVNULL, stderr=self._err)
         self.seen: dict[int, float] = {}  # pid -> create time
 
@@ -108,6 +109,7 @@ def _logged(run_dir: Path, iteration: int):
 
 
 # --------------------------------------------------------------------------- kills and signals
+@pytest.mark.slow  # two trainers (or ranks) on 2 CPU cores: 30-60 s
 def test_sigkill_during_a_save_leaves_no_process_and_resume_logs_each_iteration_once(tmp_path, dataset,
                                                                                     capsys):
     """SIGKILL while a checkpoint is written (a ``.tmp`` folder exists, writer children if
@@ -358,6 +360,7 @@ def _train_rank(rank, world_size, flags):
         return str(exc)
 
 
+@pytest.mark.slow  # two trainers (or ranks) on 2 CPU cores: 30-60 s
 def test_one_process_checkpoint_into_two_processes(tmp_path, dataset, checkpoint):
     """DP=2 loads everything (the plain optimizer's state is replicated, keyed by global
     parameter); EP=2 refuses the optimizer in one line naming --no-load-optim (the model
@@ -413,3 +416,36 @@ def test_help_needs_no_optional_dependency():
     r = subprocess.run([sys.executable, "-c", _BLOCKING_MAIN, "lm_eval", "eval", "--help"],
                        env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "usage" in r.stdout.lower(), r.stderr[-1000:]
+
+
+@pytest.mark.slow  # two trainers (or ranks) on 2 CPU cores: 30-60 s
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, dataset):
+    """Two ranks launched as torchrun does (RANK/WORLD_SIZE/MASTER_* env); SIGTERM to rank 1
+    only: both stop at the same step, write one checkpoint together, exit 143."""
+    from mpmoe.megatron.parallel import find_free_port
+
+    ck, run = tmp_path / "ck", tmp_path / "run"
+    flags = tiny_flags(dataset, run, save=str(ck), **{"train-iters": 500, "no-progress": True,
+                                                      "eval-interval": 100})
+    port = str(find_free_port())
+    ranks = []
+    try:
+        for rank in (0, 1):
+            t = Trainer(flags, tmp_path, env={"RANK": str(rank), "LOCAL_RANK": str(rank),
+                                              "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                              "MASTER_PORT": port})
+            ranks.append(t)
+        _wait_until(ranks[0], _logged(run, 2))
+        ranks[1].proc.send_signal(signal.SIGTERM)
+        for t in ranks:
+            t.proc.wait(timeout=120)
+            assert not t.survivors()
+    finally:
+        for t in ranks:
+            t.cleanup()
+    assert [t.proc.returncode for t in ranks] == [143, 143], ranks[0].stderr()[-2000:]
+    stopped = max(m["iteration"] for m in read_metrics(run))
+    assert ranks[0].stderr().strip().splitlines()[-1] == (
+        f"mpmoe train: stopped by SIGTERM at iteration {stopped}; checkpoint {ck / f'iter_{stopped:07d}'}")
+    assert int((ck / TRACKER).read_text()) == stopped
+    assert "Traceback" not in ranks[0].stderr() + ranks[1].stderr()
