@@ -258,6 +258,8 @@ def test_load_without_a_checkpoint(tmp_path, dataset, capsys):
 # --------------------------------------------------------------------------- NaN / inf
 def _nan_at(monkeypatch, iterations: set):
     """Make the loss of the given (1-based) iterations NaN."""
+    import torch
+
     from mpmoe.train import loop
 
     real = loop._loss_func
@@ -271,16 +273,10 @@ def _nan_at(monkeypatch, iterations: set):
         state["calls"] += 1
         if it in iterations:
             loss_sum = loss_sum * float("nan")
-            report = {"lm loss": report["lm loss"] * torch_nan()}
+            report = {"lm loss": report["lm loss"] * torch.tensor([float("nan"), 1.0])}
         return loss_sum, n, report
 
     monkeypatch.setattr(loop, "_loss_func", loss_func)
-
-
-def torch_nan():
-    import torch
-
-    return torch.tensor([float("nan"), 1.0])
 
 
 def test_nan_loss_stops_with_one_line(tmp_path, dataset, monkeypatch, capsys):
