@@ -47,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         import warnings
 
         warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
+    if not {"-h", "--help"} & set(rest):
+        from mpmoe.deps import VERB_NEEDS, missing
+
+        problem = missing(VERB_NEEDS[verb], f"mpmoe {verb}")
+        if problem:
+            print(f"mpmoe {verb}: error: {problem}", file=sys.stderr)
+            return 2
     module = importlib.import_module(VERBS[verb][0])
     return run_verb(f"mpmoe {verb}", module.main, rest)
 

@@ -233,9 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, help="checkpoint directory")
     g.add_argument("--save-interval", type=POSITIVE, default=None)
-    g.add_argument("--load", default=None, help="resume from the latest checkpoint here")
+    g.add_argument("--load", default=None,
+                   help="resume from a save folder (its latest checkpoint) or one iter_XXXXXXX "
+                        "folder; with --load equal to --save a folder without a checkpoint "
+                        "starts from scratch (auto-resume)")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--no-save-on-signal", action="store_true",
+                   help="on SIGTERM/SIGINT stop at the next step without writing a checkpoint")
+
+    g = p.add_argument_group("numerical faults")
+    g.add_argument("--check-for-nan-in-loss-and-grad", action=B, default=True,
+                   help="check every step's loss and gradients for NaN/inf before the "
+                        "optimizer step (default: on)")
+    g.add_argument("--on-nan", choices=["stop", "skip"], default="stop",
+                   help="a non-finite loss or gradient: stop with an error (default), or skip "
+                        "that step's update and go on")
 
     g = p.add_argument_group("logging")
     g.add_argument("--run-dir", default=None,
@@ -418,7 +431,8 @@ def validate(args: argparse.Namespace, world_size: Optional[int] = None) -> None
                        ("--tensorboard-dir", args.tensorboard_dir), ("--moe-stats-dir", args.moe_stats_dir),
                        ("--data-cache-path", args.data_cache_path)):
         _check_output_dir(flag, path)
-    if args.load is not None and not os.path.isdir(args.load):
+    if args.load is not None and not os.path.isdir(args.load) and not (
+            args.save is not None and os.path.abspath(args.load) == os.path.abspath(args.save)):
         raise ConfigError(f"--load: {args.load} is not a directory")
     if args.bf16 and not _cuda_available():
         raise ConfigError("--bf16 needs a GPU (the CPU optimizer keeps no fp32 master weights); "

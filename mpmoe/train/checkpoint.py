@@ -22,13 +22,23 @@ tokenizer to ``<save>/tokenizer/`` (:func:`save_tokenizer`).
 Tensor storage: megatron's default ``torch_dist`` strategy, on GPU and CPU (on CPU through
 :mod:`mpmoe.megatron.cpu_compat`, patches ``dist_ckpt_preload_sync`` and
 ``dist_ckpt_finalize_device``), so checkpoints reshard and move between CPU and GPU runs.
+
+Writer processes (:func:`writer_dies_with_trainer`): saves are synchronous. megatron's
+writer would start a persistent ``multiprocessing`` Manager process (and its
+``resource_tracker``) for one result queue, which outlive a SIGKILLed trainer forever; the
+trainer hands it an in-process queue instead, so no Manager is started. The writer's
+forked worker processes (megatron-core 0.16: one per file) get a parent-death signal, so
+they die with the trainer at any moment of a save.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import random
 import shutil
+import signal
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -40,8 +50,9 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-__all__ = ["latest_iteration", "load_checkpoint", "resolve_checkpoint", "save_checkpoint",
-           "save_tokenizer", "saved_run_info", "TOKENIZER_DIR"]
+__all__ = ["latest_iteration", "load_checkpoint", "resolve_checkpoint", "resolve_load",
+           "save_checkpoint", "save_tokenizer", "saved_run_info", "writer_dies_with_trainer",
+           "TOKENIZER_DIR"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
 TOKENIZER_DIR = "tokenizer"
@@ -110,11 +121,55 @@ def _barrier():
         dist.barrier()
 
 
+# --------------------------------------------------------------------------- writer processes
+_PR_SET_PDEATHSIG = 1
+_fork_hook = {"installed": False, "prctl": None, "parent": None}
+
+
+def _child_dies_with_parent() -> None:
+    """In a child just forked by the trainer: SIGKILL when the forking thread dies."""
+    _fork_hook["prctl"](_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != _fork_hook["parent"]:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def writer_dies_with_trainer() -> None:
+    """Make checkpoint writing leave no process behind a killed trainer (idempotent).
+
+    1. megatron's ``FileSystemWriterAsync`` takes its result queue from a module global that
+       it fills, on first use, with ``multiprocessing.get_context("spawn").Manager().Queue()``:
+       a server process plus a ``resource_tracker`` that nothing stops when the trainer is
+       SIGKILLed. Saves here are synchronous (``dist_checkpointing.save``), so the queue is
+       only used inside this process: an in-process ``queue.Queue`` does the same job and
+       starts no process. (megatron-core 0.16.1 to 0.19.x keep the queue in
+       ``filesystem_async._results_queue``; if that name goes, nothing is changed.)
+    2. Linux: every child this process forks from now on (megatron-core 0.16's writer forks
+       one worker per checkpoint file) gets ``PR_SET_PDEATHSIG = SIGKILL``, so it cannot
+       outlive the trainer. Children started by fork+exec (``subprocess``) are not affected.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", False) is None:
+        filesystem_async._results_queue = queue.Queue()
+    if _fork_hook["installed"] or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        _fork_hook["prctl"] = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    _fork_hook["installed"] = True
+    os.register_at_fork(before=lambda: _fork_hook.update(parent=os.getpid()),
+                        after_in_child=_child_dies_with_parent)
+
+
 def save_checkpoint(root, iteration: int, model, optimizer, scheduler, train_state: dict) -> Path:
     """Write ``<root>/iter_XXXXXXX`` atomically and point the tracker file at it."""
     from mpmoe.megatron.router import sync_routing_state
 
     sync_routing_state(model)  # fold pending Sigma counts so the saved state is complete
+    writer_dies_with_trainer()
     final = iteration_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
     if _is_rank0():
@@ -169,6 +224,19 @@ def latest_iteration(root) -> Optional[int]:
         raise CheckpointingException(f"{path}: expected an iteration number, got {text!r}") from None
 
 
+def _layout(saved_args: Optional[dict]) -> dict:
+    """Tensor- and expert-parallel sizes of a saved run (its ``args``) or of this one (None)."""
+    if saved_args is not None:
+        return {"TP": int(saved_args.get("tensor_model_parallel_size") or 1),
+                "EP": int(saved_args.get("expert_model_parallel_size") or 1)}
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return {"TP": 1, "EP": 1}
+    return {"TP": ps.get_tensor_model_parallel_world_size(),
+            "EP": ps.get_expert_model_parallel_world_size()}
+
+
 def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = True,
                     load_rng: bool = True, iteration: Optional[int] = None) -> Optional[dict]:
     """Restore the latest checkpoint under ``root`` (or its ``iteration``); returns its
@@ -183,6 +251,14 @@ def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = Tru
     common = dist_checkpointing.load_common_state_dict(str(path))
     saved_world = common["train_state"]["world_size"]
     world = dist.get_world_size() if dist.is_initialized() else 1
+    saved_layout, layout = _layout(common["train_state"].get("args") or {}), _layout(None)
+    if load_optim and (saved_layout["EP"] > 1) != (layout["EP"] > 1):
+        # megatron keeps expert and dense parameters in two chained optimizers only when EP > 1,
+        # and their saved state (keys and param groups) does not map onto one optimizer
+        raise CheckpointingException(
+            f"{path}: its optimizer state (expert-model-parallel-size {saved_layout['EP']}) does "
+            f"not load with expert-model-parallel-size {layout['EP']}; pass --no-load-optim to "
+            f"load the model alone (it reshards)")
     model_sd = model.sharded_state_dict()
     request = {"model": model_sd}
     if load_optim:
@@ -195,8 +271,10 @@ def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = Tru
     except CheckpointException as exc:
         # torch's CheckpointException derives from BaseException (so `except Exception`
         # misses it) and carries every rank's traceback; keep the first failure's last line.
+        hint = ("; if the model fits, pass --no-load-optim (the optimizer state may not reshard "
+                f"from {saved_layout} to {layout})" if load_optim and saved_layout != layout else "")
         raise CheckpointingException(
-            f"{path} does not fit this model: {_last_line(exc)}"
+            f"{path} does not fit this model: {_last_line(exc)}{hint}"
         ) from exc
     model.load_state_dict(state["model"], strict=True)
     if load_optim:
@@ -245,6 +323,30 @@ def resolve_checkpoint(path, step: Optional[int] = None) -> tuple[Path, Path, in
     if not it_dir.is_dir():
         raise CheckpointingException(f"{it_dir} does not exist")
     return path, it_dir, it
+
+
+def resolve_load(load, save=None) -> Optional[tuple[Path, int]]:
+    """What ``mpmoe train --load`` resumes from: ``(iteration folder, iteration)``, or None
+    to start from scratch.
+
+    ``load`` is what ``mpmoe eval --load`` takes: a save folder (its latest checkpoint) or
+    one ``iter_XXXXXXX`` folder. A folder without a checkpoint (absent, or no
+    ``latest_checkpointed_iteration.txt``) is an error, except when it is also ``--save``:
+    that is the auto-resume idiom (``--load DIR --save DIR`` in a job that may be requeued),
+    and the first run of it starts from scratch.
+    """
+    path = Path(load)
+    same_as_save = save is not None and os.path.abspath(path) == os.path.abspath(save)
+    is_iter_dir = path.name.startswith("iter_")
+    if not is_iter_dir and not (path / TRACKER).is_file():
+        if same_as_save and (not path.exists() or path.is_dir()):
+            return None
+        what = "does not exist" if not path.exists() else f"holds no checkpoint ({TRACKER} is missing)"
+        raise CheckpointingException(
+            f"--load {path} {what}: give a save folder or one of its iter_XXXXXXX folders "
+            f"(or the same folder as --save to resume it when it exists)")
+    _, it_dir, it = resolve_checkpoint(path)
+    return it_dir, it
 
 
 def saved_run_info(iteration_path) -> dict:

@@ -1,11 +1,14 @@
 """``mpmoe train``: parse Megatron-LM-style flags over a preset and run :func:`mpmoe.train.loop.train`.
 
-Exit codes: 0 success, 2 configuration error (one line: ``mpmoe train: error: ...``).
+Exit codes: 0 success, 2 configuration error or NaN/inf under ``--on-nan stop`` (one line:
+``mpmoe train: error: ...``), 130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM (one line; with
+``--save`` a checkpoint of the last completed step is written first).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import warnings
 from typing import Optional
@@ -21,7 +24,29 @@ def _error(message: str) -> int:
     return 2
 
 
+class _Terminated(Exception):
+    """SIGTERM outside the iterations (set-up): end like Ctrl-C, with one line."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(argv)
+    except (KeyboardInterrupt, _Terminated) as exc:
+        code = 130 if isinstance(exc, KeyboardInterrupt) else 143
+        if os.environ.get("RANK", "0") == "0":
+            print(f"mpmoe train: stopped by {'SIGINT' if code == 130 else 'SIGTERM'} before "
+                  "training started; nothing was saved", file=sys.stderr)
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Optional[list[str]] = None) -> int:
     from mpmoe.train.args import ConfigError, parse_args
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -31,16 +56,30 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _error(str(exc))
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
+    from mpmoe.deps import missing
+
+    for modules, purpose, wanted in (
+            (["tokenizers"], "the embedded corpus (no --data-path) or --tokenizer-model",
+             args.data_path is None or args.tokenizer_model is not None),
+            (["wandb"], "--wandb-project", bool(args.wandb_project))):
+        problem = missing(modules, purpose) if wanted else None
+        if problem:
+            return _error(problem)
     warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
     warnings.filterwarnings("ignore", message=".*Apex.*")
+    from mpmoe.train.faults import NonFiniteLoss, TrainingStopped
     from mpmoe.train.loop import train
 
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
     try:
         result = train(args)
-    except (ConfigError, CheckpointingException) as exc:
+    except (ConfigError, CheckpointingException, NonFiniteLoss) as exc:
         return _error(str(exc))
+    except TrainingStopped as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"mpmoe train: {exc}", file=sys.stderr)
+        return exc.exit_code
     except ValueError as exc:  # megatron / mpmoe config validation: one line
         if len(str(exc).splitlines()) <= 1:
             return _error(str(exc))

@@ -11,14 +11,21 @@
 4. data-parallel wrapper, optimizer, LR schedule (:mod:`mpmoe.train.optim`);
 5. resume from ``--load`` (model, optimizer, schedule, data position, RNG, routing state);
 6. iterations: tell the routers the step (MoPE warm-up), forward-backward over the
-   micro-batches (megatron's schedule), optimizer step, schedule step, routing statistics
-   window, logging, evaluation, checkpoint.
+   micro-batches (megatron's schedule), NaN/inf check and stop-signal agreement
+   (:mod:`mpmoe.train.faults`), optimizer step, schedule step, routing statistics window,
+   logging, evaluation, checkpoint.
+
+A SIGTERM/SIGINT during the iterations stops at the next step boundary, saves (``--save``,
+unless ``--no-save-on-signal``) and raises :class:`mpmoe.train.faults.TrainingStopped`;
+a NaN/inf loss or gradient raises :class:`mpmoe.train.faults.NonFiniteLoss` (``--on-nan
+stop``) or skips that step's update (``--on-nan skip``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -144,6 +151,7 @@ def train(args) -> dict:
     from mpmoe.train import checkpoint as ckpt
     from mpmoe.train.args import validate
     from mpmoe.train.data import build_datasets, micro_batches, resolve_data
+    from mpmoe.train.faults import NonFiniteLoss, StopSignals, TrainingStopped, agree, local_nonfinite
     from mpmoe.train.metrics import ExpertLoadMonitor, RunLogger, Throughput, environment_summary
     from mpmoe.train.optim import build_optimizer, build_scheduler, schedule_lengths, wrap_model
 
@@ -153,6 +161,7 @@ def train(args) -> dict:
         expert_model_parallel_size=args.expert_model_parallel_size,
         backend=args.distributed_backend, seed=args.seed,
     )
+    signals = StopSignals()
     try:
         validate(args, world_size=info.world_size)
         dp_rank, dp_size = info.data_parallel_rank, info.data_parallel_size
@@ -176,12 +185,17 @@ def train(args) -> dict:
 
         # 5. resume ---------------------------------------------------------------------
         iteration, consumed = 0, 0
-        if args.load is not None:
-            state = ckpt.load_checkpoint(args.load, model, optimizer, scheduler,
+        resume = ckpt.resolve_load(args.load, args.save) if args.load is not None else None
+        if resume is not None:
+            state = ckpt.load_checkpoint(resume[0].parent, model, optimizer, scheduler,
                                          load_optim=not args.no_load_optim,
-                                         load_rng=not args.no_load_rng)
-            if state is not None:
-                iteration, consumed = state["iteration"], state["consumed_samples"]
+                                         load_rng=not args.no_load_rng, iteration=resume[1])
+            iteration, consumed = state["iteration"], state["consumed_samples"]
+        if info.rank == 0 and args.load is not None:
+            print(f"mpmoe train: resuming from {resume[0]} (iteration {iteration}"
+                  f"{', optimizer not loaded' if args.no_load_optim else ''})" if resume else
+                  f"mpmoe train: no checkpoint in {args.load} yet: starting from scratch",
+                  file=sys.stderr, flush=True)
         stats = None
         if args.num_experts is not None and args.moe_stats_dir is not None:
             from mpmoe.megatron.stats import RoutingStatsTracker
@@ -210,19 +224,33 @@ def train(args) -> dict:
         last_log = iteration
         last_saved = iteration if args.load is not None and iteration > 0 else None
         train_loss = val_loss = float("nan")
+        stop_signal, nan_skipped = 0, 0
         wrapped.train()
 
         # 6. iterations -----------------------------------------------------------------
-        while iteration < args.train_iters:
+        signals.__enter__()
+        while iteration < args.train_iters and not stop_signal:
             set_training_progress(model, iteration, args.train_iters)  # MoPE warm-up clock
             optimizer.zero_grad()
             wrapped.zero_grad_buffer()
             data = micro_batches(train_ds, consumed, args.global_batch_size, args.micro_batch_size,
                                  dp_rank, dp_size)
             reports = forward_backward(wrapped, data, num_microbatches, args)
-            ok, grad_norm, _ = optimizer.step()
-            update_balancing_state(model)  # ReMoE's L1 coefficient (the expert bias: in the step)
-            scheduler.step(increment=1)
+            bad = local_nonfinite(reports, wrapped) if args.check_for_nan_in_loss_and_grad else ""
+            stop_signal, nonfinite = agree(signals.signum, bool(bad))
+            if nonfinite:
+                what = (f"iteration {iteration + 1}: {bad or 'a loss or gradient on another rank is not finite'}")
+                if args.on_nan == "stop":
+                    raise NonFiniteLoss(f"{what}; stopped before the optimizer step (checkpoints "
+                                        "are unchanged); lower --lr, or pass --on-nan skip")
+                nan_skipped += 1
+                if info.rank == 0:
+                    print(f"mpmoe train: {what}: update skipped (--on-nan skip)", file=sys.stderr, flush=True)
+                ok, grad_norm = False, None
+            else:
+                ok, grad_norm, _ = optimizer.step()
+                update_balancing_state(model)  # ReMoE's L1 coefficient (the expert bias: in the step)
+                scheduler.step(increment=1)
             iteration += 1
             consumed += args.global_batch_size
             throughput.tick()
@@ -237,7 +265,7 @@ def train(args) -> dict:
                 record.update(loss=train_loss, lr=optimizer.param_groups[0]["lr"],
                               grad_norm=float(grad_norm) if grad_norm is not None else None,
                               tokens_per_s=tok_s, iter_time_s=sec, consumed_samples=consumed,
-                              skipped=not ok)
+                              skipped=not ok, nan_skipped=nan_skipped)
                 if args.num_experts is not None:
                     logger.moe_scalars(iteration, load_monitor, model, iteration - last_log,
                                        num_microbatches)
@@ -253,14 +281,20 @@ def train(args) -> dict:
                 ckpt.save_checkpoint(args.save, iteration, model, optimizer, scheduler,
                                      {"consumed_samples": consumed, **run_info})
                 last_saved = iteration
-        if args.save and last_saved != iteration:  # the final state, unless just saved
+        # the final state, unless just saved (or stopped by a signal under --no-save-on-signal)
+        if args.save and last_saved != iteration and not (stop_signal and args.no_save_on_signal):
             ckpt.save_checkpoint(args.save, iteration, model, optimizer, scheduler,
                                  {"consumed_samples": consumed, **run_info})
+            last_saved = iteration
         logger.close()
         load_monitor.close()
+        if stop_signal:
+            raise TrainingStopped(stop_signal, iteration, ckpt.iteration_dir(args.save, iteration)
+                                  if args.save and last_saved == iteration else None)
         return {"iteration": iteration, "train_loss": train_loss, "val_loss": val_loss,
                 "run_dir": str(run_dir), "consumed_samples": consumed}
     finally:
+        signals.__exit__()
         destroy_distributed()
 
 

@@ -123,6 +123,25 @@ def _aux_losses(iterations: int, num_microbatches: int) -> dict:
     return out
 
 
+def _drop_lines_after(path: Path, iteration: int) -> None:
+    """Keep the lines of ``iteration`` and before: a run resumed into its run directory
+    (after a kill, from an earlier checkpoint) logs each iteration once."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["iteration"] <= iteration:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by the kill
+    if len(keep) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, path)
+
+
 class RunLogger:
     """Progress bar + metrics.jsonl + TensorBoard (+ W&B) for one run (rank 0 writes)."""
 
@@ -138,6 +157,7 @@ class RunLogger:
         if not self.rank0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        _drop_lines_after(self.run_dir / "metrics.jsonl", start_iter)
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         if not args.no_tensorboard:
             try:

@@ -38,7 +38,9 @@ def wrap_model(model: torch.nn.Module, config, args):
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=use_distributed_optimizer(args),
-        check_for_nan_in_grad=True,
+        # the trainer checks loss and gradients itself (mpmoe.train.faults): megatron's
+        # check needs CUDA to report a NaN, and it can only stop, not skip the step
+        check_for_nan_in_grad=False,
     )
     wrapped = DistributedDataParallel(config, ddp_config, model)
     config.no_sync_func = wrapped.no_sync
