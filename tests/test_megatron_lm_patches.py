@@ -197,12 +197,14 @@ def test_pretrain_gpt_trains_on_gpu(trees, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     flags = preset_flags("tiny-cpu", "mope", train_iters=3, mock_data=True)
-    flags += ["--transformer-impl", "local", "--no-persist-layer-norm", "--log-interval", "1",
+    flags += [f for f in CPU_FLAGS if f not in ("--distributed-backend", "gloo", "--use-cpu-initialization")]
+    flags += ["--log-interval", "1",
               "--eval-iters", "1", "--eval-interval", "2", "--moe-stats-dir", str(tmp_path / "s"),
-              "--moe-plot-every", "1"]
+              "--moe-plot-every", "1", "--save", str(tmp_path / "ckpt"), "--save-interval", "2"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
                            "pretrain_gpt.py", *flags], cwd=trees["patched"],
                           env=_env(trees["patched"]), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "load_balancing_loss" in proc.stdout
     assert sorted(os.listdir(tmp_path / "s"))
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").is_file()

@@ -94,6 +94,9 @@ def check_args(args) -> None:
         _fail(f"{_LBT_FLAG} otep (MoPE) needs --num-experts")
     if not uses_mpmoe(args):
         return
+    if lbt == MOPE_ROUTING_TYPE and args.moe_otep_warmup_fraction > 0 and args.train_iters is None:
+        _fail("--moe-otep-warmup-fraction is a fraction of --train-iters: give --train-iters, "
+              "or --moe-otep-warmup-fraction 0 with --train-samples")
     for flag, on in (("--multi-latent-attention", args.multi_latent_attention),
                      ("--heterogeneous-layers-config-path", args.heterogeneous_layers_config_path),
                      ("--yaml-cfg", args.yaml_cfg)):
