@@ -18,6 +18,7 @@ from megatron.core.transformer.moe.router import TopKRouter  # noqa: E402
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP  # noqa: E402
 from megatron.core.transformer.torch_norm import WrappedTorchNorm  # noqa: E402
 
+from mpmoe.megatron.compat import moe_submodules  # noqa: E402
 from mpmoe.megatron import (  # noqa: E402
     SDPAttention,
     build_gpt_model,
@@ -217,34 +218,35 @@ def test_bad_moe_layer_freq_is_a_clear_error(bad):
 def test_shared_experts_only_when_configured():
     with_shared = tiny_config(moe_shared_expert_intermediate_size=48)
     specs = get_gpt_layer_specs(with_shared)
-    assert all(s.submodules.mlp.submodules.shared_experts is not None for s in specs)
+    assert all(moe_submodules(s.submodules.mlp).shared_experts is not None for s in specs)
     model = build_gpt_model(with_shared, VOCAB, SEQ)
     for mlp in _mlps(model):
         assert isinstance(mlp.shared_experts, SharedExpertMLP)
         assert mlp.shared_experts.linear_fc1.weight.shape[0] == 48
 
     without = get_gpt_layer_specs(tiny_config())
-    assert all(s.submodules.mlp.submodules.shared_experts is None for s in without)
+    assert all(moe_submodules(s.submodules.mlp).shared_experts is None for s in without)
 
 
 def test_otep_layers_get_the_mope_router_and_others_the_topk_router():
     cfg = tiny_config(num_layers=4, moe_layer_freq=[1, 0, 1, 1])
     specs = get_gpt_layer_specs(cfg, moe_router=MarkerTopKRouter, mope_router=MarkerMoPERouter)
-    routers = [s.submodules.mlp.submodules.router if k else None
+    routers = [moe_submodules(s.submodules.mlp).router if k else None
                for s, k in zip(specs, moe_layer_pattern(cfg))]
+    assert [moe_submodules(s.submodules.mlp) is None for s in specs] == [False, True, False, False]
     assert routers == [MarkerTopKRouter, None, MarkerTopKRouter, MarkerTopKRouter]
 
     cfg.moe_router_load_balancing_type = "otep"
     assert layer_kinds(cfg) == ["mope", "dense", "mope", "mope"]
     specs = get_gpt_layer_specs(cfg, moe_router=MarkerTopKRouter, mope_router=MarkerMoPERouter)
-    assert [s.submodules.mlp.submodules.router for s in specs if hasattr(
-        s.submodules.mlp.submodules, "router")] == [MarkerMoPERouter] * 3
+    assert [moe_submodules(s.submodules.mlp).router for s in specs
+            if moe_submodules(s.submodules.mlp) is not None] == [MarkerMoPERouter] * 3
 
 
 def test_default_routers_come_from_the_router_module():
     router_mod = pytest.importorskip("mpmoe.megatron.router")
     spec = get_gpt_layer_specs(tiny_config())[0]
-    assert spec.submodules.mlp.submodules.router is router_mod.TopKStatsRouter
+    assert moe_submodules(spec.submodules.mlp).router is router_mod.TopKStatsRouter
 
 
 def test_mope_model_builds_and_trains_with_the_router_half():

@@ -10,10 +10,9 @@ import torch.nn.functional as F
 
 from test_megatron_router_support import build_moe_layer, make_config, single_process_group
 
-from megatron.core.transformer.moe.moe_utils import (  # noqa: E402
-    clear_aux_losses_tracker,
-    get_moe_layer_wise_logging_tracker,
-)
+from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker  # noqa: E402
+
+from mpmoe.megatron.compat import moe_metrics  # noqa: E402
 
 from mpmoe.megatron.config import MoPEConfig  # noqa: E402
 from mpmoe.megatron.router import (  # noqa: E402
@@ -237,9 +236,9 @@ def test_aux_and_z_loss_use_unmasked_probabilities():
     clear_aux_losses_tracker()
     probs, rmap = router(x)
     probs.sum().backward()  # the autoscaler attaches the losses' gradients
-    tracker = get_moe_layer_wise_logging_tracker()
-    aux = tracker["load_balancing_loss"]["values"][1]
-    z = tracker["z_loss"]["values"][1]
+    tracker = moe_metrics()
+    aux = tracker["load_balancing_loss"][1]
+    z = tracker["z_loss"][1]
     p = torch.softmax(logits, dim=1)
     t = logits.shape[0]
     ref_aux = E / (K * t * t) * (p.sum(0) * rmap.float().sum(0)).sum()

@@ -14,8 +14,9 @@ import torch
 warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
 warnings.filterwarnings("ignore", message=".*Apex.*")
 
-from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec  # noqa: E402
-from megatron.core.transformer.spec_utils import build_module  # noqa: E402
+from megatron.core.models.backends import LocalSpecProvider  # noqa: E402
+
+from mpmoe.megatron.compat import build_mlp, mlp_spec_for_backend, moe_submodules  # noqa: E402
 
 from mpmoe.megatron.config import MoPEConfig  # noqa: E402
 from mpmoe.megatron.parallel import destroy_distributed, find_free_port, init_distributed  # noqa: E402
@@ -68,10 +69,10 @@ def make_config(**overrides) -> MoPEConfig:
 def build_moe_layer(config: MoPEConfig, layer_number: int = 1, seed: int = 0):
     """A megatron MoELayer (local SequentialMLP experts) with an mpmoe router."""
     router = MoPERouter if config.is_mope else TopKStatsRouter
-    spec = get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts, moe_grouped_gemm=False)
-    spec.submodules.router = router
-    spec.submodules.shared_experts = None
+    spec = mlp_spec_for_backend(LocalSpecProvider(), config, num_experts=config.num_moe_experts)
+    moe_submodules(spec).router = router
+    moe_submodules(spec).shared_experts = None
     torch.manual_seed(seed)
-    layer = build_module(spec, config=config, layer_number=layer_number)
+    layer = build_mlp(spec, config=config, layer_number=layer_number)
     layer.set_layer_number(layer_number)
     return layer

@@ -1,6 +1,6 @@
-"""CPU compatibility for megatron-core 0.16.1: the few places it hard-codes CUDA.
+"""CPU compatibility for megatron-core 0.16.1-0.19.x: the few places it hard-codes CUDA.
 
-megatron-core 0.16.1 cannot run a GPT MoE forward/backward on a machine without CUDA:
+megatron-core cannot run a GPT MoE forward/backward on a machine without CUDA:
 a handful of functions allocate on ``torch.cuda.current_device()``, keep RNG state in
 the CUDA generator, or create CUDA streams, and two collectives it uses
 (``reduce_scatter``) are not implemented by the gloo backend. Everything that can be
@@ -20,6 +20,9 @@ Rules:
   still fails on CPU (when that test starts failing, upstream fixed it: delete the
   patch) and (b) the replacement behaves as documented.
 * :func:`disable` restores every original (used by tests).
+* A patch whose target is absent from the installed megatron-core, or that this release
+  does not need (its ``needed`` check, feature-detected in :mod:`mpmoe.megatron.compat`),
+  is skipped, not an error; the tests check upstream still fails wherever it is applied.
 
 The patches (name: target):
 
@@ -34,7 +37,7 @@ The patches (name: target):
 ``router_gating_te_gemm``
     ``moe_utils.te_general_gemm``: name undefined without Transformer Engine, so
     ``RouterGatingLinearFunction`` raises NameError; defined as ``None`` (upstream's own
-    ``torch.mm`` fallback then runs).
+    ``torch.mm`` fallback then runs). 0.17+ defines it itself: skipped there.
 ``global_memory_buffer_device``
     ``GlobalMemoryBuffer.get_tensor``: allocates on ``torch.cuda.current_device()``.
 ``gather_along_first_dim``
@@ -51,6 +54,8 @@ The patches (name: target):
 ``ddp_grad_buffer_device``
     ``distributed.param_and_grad_buffer._ParamAndGradBuffer.__init__``: DDP's contiguous
     param/grad buffers on ``torch.cuda.current_device()``.
+``ddp_grad_sync_stream`` (0.19+)
+    ``_ParamAndGradBucketGroup.start_grad_sync``: ``torch.cuda.current_stream()``.
 ``schedule_token_count_device``
     ``pipeline_parallel.schedules.forward_backward_no_pipelining``: token counter created
     with ``device="cuda"``.
@@ -60,9 +65,12 @@ The patches (name: target):
     ``get_grad_norm_fp32`` and ``clip_grad_by_total_norm_fp32`` as ``optimizer.optimizer``
     sees them, and ``clip_grads.l2_norm_impl``: CUDA scratch tensors (and a
     ``torch.cuda.FloatTensor`` type assertion in the clip).
+``grad_norm_group_device`` (0.19+)
+    ``MegatronOptimizer.has_grad_norm_group``: a flag tensor with ``device="cuda"``.
 ``dist_ckpt_preload_sync`` / ``dist_ckpt_finalize_device``
     ``FileSystemWriterAsync.preload_tensors`` (``torch.cuda.synchronize()``) and
-    ``save_state_dict_async_finalize`` as ``strategies.torch`` sees it (failure flag on
+    ``save_state_dict_async_finalize`` where the save looks it up (``strategies.torch``
+    before 0.17, ``state_dict_saver`` from 0.17; failure flag on
     ``torch.cuda.current_device()``): the ``torch_dist`` checkpoint writer.
 ``inference_kv_cache_device``
     ``transformer.attention.Attention._allocate_memory``: the static-batching KV cache
@@ -72,7 +80,8 @@ The patches (name: target):
 Most of the newer patches do not rewrite anything: :func:`_with_cuda_on_cpu` runs upstream's
 own function (same code object) with the global name ``torch`` resolving to a view in
 which ``torch.cuda.current_device()`` is the CPU, ``device="cuda"`` factories allocate on
-the CPU and ``torch.cuda.synchronize()`` does nothing; the rest of that function, and
+the CPU, ``torch.cuda.synchronize()`` does nothing and ``torch.cuda.current_stream()`` is a
+stream with nothing to wait for; the rest of that function, and
 everything outside it, is untouched.
 
 Not patched: megatron's distributed optimizer (``DistributedOptimizer`` checks parameter
@@ -94,6 +103,7 @@ import torch
 __all__ = [
     "PATCHES",
     "CpuRNGStatesTracker",
+    "applicable",
     "disable",
     "enable",
     "enabled_patches",
@@ -113,6 +123,14 @@ class Patch:
     attr: str
     replacement: Callable[[], Any]  # returns the new value (built lazily)
     doc: str
+    # needed(owner): does this megatron-core release need the patch? Default: the target
+    # exists. Checks that differ between releases live in mpmoe.megatron.compat.
+    needed: Optional[Callable[[Any], bool]] = None
+
+    def is_needed(self, owner: Any) -> bool:
+        if self.needed is not None:
+            return self.needed(owner)
+        return hasattr(owner, self.attr)
 
 
 _MISSING = object()
@@ -345,11 +363,16 @@ def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_g
     return reduced[start : start + input_split_sizes[rank]].contiguous()
 
 
-def _all_to_all_forward(ctx, group, input, output_split_sizes, input_split_sizes):
-    """``_AllToAll.forward`` with the output allocated on ``input``'s device."""
+def _all_to_all_forward(ctx, group, input, output_split_sizes, input_split_sizes,
+                        use_nccl_stream=False):
+    """``_AllToAll.forward`` with the output allocated on ``input``'s device.
+
+    ``use_nccl_stream`` (0.18+) is kept for upstream's backward; without CUDA there is no
+    NCCL stream, so the exchange is the same synchronous all-to-all either way."""
     ctx.group = group
     ctx.output_split_sizes = output_split_sizes
     ctx.input_split_sizes = input_split_sizes
+    ctx.use_nccl_stream = use_nccl_stream
     if group.size() == 1:
         return input
     input = input.contiguous()
@@ -394,6 +417,15 @@ class _NoStream:
 
     def __repr__(self):
         return "<mpmoe cpu_compat: no CUDA stream>"
+
+    def wait_event(self, event):  # nothing runs asynchronously on the CPU
+        return None
+
+    def wait_stream(self, stream):
+        return None
+
+    def synchronize(self):
+        return None
 
 
 _NO_STREAM = _NoStream()
@@ -450,6 +482,10 @@ class _CpuCudaView:
     @staticmethod
     def synchronize(device=None):
         return None
+
+    @staticmethod
+    def current_stream(device=None):
+        return _NO_STREAM
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
@@ -584,9 +620,33 @@ def _attention_cls():
 
 
 def _torch_strategy_module():
-    from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
+    from mpmoe.megatron.compat import dist_ckpt_finalize_owner
 
-    return torch_strategy
+    return dist_ckpt_finalize_owner()
+
+
+def _bucket_group_cls():
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup
+
+    return _ParamAndGradBucketGroup
+
+
+def _megatron_optimizer_cls():
+    from megatron.core.optimizer.optimizer import MegatronOptimizer
+
+    return MegatronOptimizer
+
+
+def _te_gemm_needed(owner) -> bool:
+    from mpmoe.megatron.compat import te_general_gemm_undefined
+
+    return te_general_gemm_undefined(owner)
+
+
+def _grad_sync_stream_needed(owner) -> bool:
+    from mpmoe.megatron.compat import start_grad_sync_uses_cuda_stream
+
+    return start_grad_sync_uses_cuda_stream(getattr(owner, "start_grad_sync", None))
 
 
 # ---------------------------------------------------------------------------------------
@@ -652,8 +712,9 @@ PATCHES: Tuple[Patch, ...] = (
         "Upstream: moe_utils imports te_general_gemm only when Transformer Engine is "
         "installed, but RouterGatingLinearFunction tests 'te_general_gemm is not None' "
         "unconditionally -> NameError without TE. Replacement: define it as None so "
-        "upstream's own torch.mm/addmm path runs. Applied only if the name is missing. "
-        "Delete when moe_utils sets te_general_gemm = None in its except ImportError.",
+        "upstream's own torch.mm/addmm path runs. Applied only if the name is missing "
+        "(0.17+ sets te_general_gemm = None itself). Delete with 0.16 support.",
+        needed=_te_gemm_needed,
     ),
     Patch(
         "global_memory_buffer_device",
@@ -725,6 +786,18 @@ PATCHES: Tuple[Patch, ...] = (
         "DistributedDataParallel cannot be built without CUDA. Replacement: upstream's own "
         "__init__ with torch.cuda.current_device() answering the CPU (buffers on CPU). "
         "Delete when the buffer allocates on its parameters' device.",
+    ),
+    Patch(
+        "ddp_grad_sync_stream",
+        _bucket_group_cls,
+        "start_grad_sync",
+        _upstream(_bucket_group_cls, "start_grad_sync"),
+        "Upstream (0.19+): distributed._ParamAndGradBucketGroup.start_grad_sync calls "
+        "torch.cuda.current_stream() to wait on CUDA-graph weight-gradient events before "
+        "reducing gradients. Replacement: upstream's own method with a current stream that "
+        "has nothing to wait for. Applied only where start_grad_sync asks for the stream. "
+        "Delete when it asks only under CUDA graphs.",
+        needed=_grad_sync_stream_needed,
     ),
     Patch(
         "schedule_token_count_device",
@@ -810,6 +883,16 @@ PATCHES: Tuple[Patch, ...] = (
         "device=torch.cuda.current_device(). Replacement: upstream's own method with that "
         "device the CPU. Delete when it allocates on the device of the keys.",
     ),
+    Patch(
+        "grad_norm_group_device",
+        _megatron_optimizer_cls,
+        "has_grad_norm_group",
+        _upstream(_megatron_optimizer_cls, "has_grad_norm_group"),
+        "Upstream (0.19+): optimizer.MegatronOptimizer.has_grad_norm_group (asked by "
+        "get_grad_norm/clip_grad_norm) all-reduces a flag created with device='cuda'. "
+        "Replacement: upstream's own method with that flag on the CPU (gloo). Delete when "
+        "the flag is allocated on the grad-stats group's device.",
+    ),
 )
 
 _BY_NAME = {p.name: p for p in PATCHES}
@@ -822,6 +905,26 @@ def _original_or_current(owner_fn: Callable[[], Any], attr: str) -> Any:
             if o is owner and a == attr:
                 return orig
     return getattr(owner, attr)
+
+
+def _owner_or_none(patch: Patch) -> Any:
+    try:
+        return patch.owner()
+    except (ImportError, AttributeError):  # target's module or class gone upstream
+        return None
+
+
+def applicable() -> List[str]:
+    """Names of the patches the installed megatron-core needs (target present and needed)."""
+    names = []
+    for patch in PATCHES:
+        if patch.name in _APPLIED:  # judged before it changed the target
+            names.append(patch.name)
+            continue
+        owner = _owner_or_none(patch)
+        if owner is not None and patch.is_needed(owner):
+            names.append(patch.name)
+    return names
 
 
 def is_enabled() -> bool:
@@ -857,9 +960,10 @@ def enable(force: bool = False) -> List[str]:
     for patch in PATCHES:
         if patch.name in _APPLIED:
             continue
-        owner = patch.owner()
-        if patch.name == "router_gating_te_gemm" and getattr(owner, patch.attr, None) is not None:
-            continue  # Transformer Engine present: nothing to fix
+        owner = _owner_or_none(patch)
+        if owner is None or not patch.is_needed(owner):
+            log.debug("mpmoe cpu_compat: %s not needed by this megatron-core, skipped", patch.name)
+            continue
         orig = owner.__dict__.get(patch.attr, _MISSING) if isinstance(owner, type) else getattr(
             owner, patch.attr, _MISSING
         )

@@ -206,12 +206,11 @@ def reset_moe_globals() -> None:
 
     :func:`init_distributed` and :func:`destroy_distributed` both call it.
     """
-    from megatron.core.transformer.moe.moe_utils import (
-        MoEAuxLossAutoScaler,
-        get_moe_layer_wise_logging_tracker,
-    )
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    get_moe_layer_wise_logging_tracker().clear()
+    from mpmoe.megatron.compat import reset_moe_metrics
+
+    reset_moe_metrics()
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
 
 

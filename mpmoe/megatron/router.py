@@ -1,4 +1,4 @@
-"""MoPE and top-k routers for megatron-core 0.16 (subclasses of ``TopKRouter``).
+"""MoPE and top-k routers for megatron-core 0.16-0.19 (subclasses of ``TopKRouter``).
 
 * :class:`TopKStatsRouter` - megatron's top-k routing plus what every mpmoe MoE layer
   shares: a portable gating (no Transformer Engine needed), the static and dynamic
@@ -12,7 +12,7 @@
   probabilities.
 
 Both plug into ``MoESubmodules(router=...)`` with megatron's constructor signature
-``(config, pg_collection=None)``.
+``(config, pg_collection=None, **kwargs)`` (0.17+ passes ``is_mtp_layer``).
 
 Training progress (warm-up is measured in optimizer steps) is pushed in by the
 trainer with :func:`set_training_progress`; a router that was never told routes as if
@@ -139,7 +139,8 @@ class TopKStatsRouter(TopKRouter):
     #: file-name tag of the statistics files (``layer{L}_seg{S}_{tag}.npz``).
     stats_kind = "moe"
 
-    def __init__(self, config, pg_collection=None) -> None:
+    def __init__(self, config, pg_collection=None, **kwargs) -> None:
+        # kwargs: what MoELayer passes besides (e.g. is_mtp_layer from 0.17), for TopKRouter.
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
         if not torch.cuda.is_available():
@@ -150,7 +151,7 @@ class TopKStatsRouter(TopKRouter):
                 raise ValueError(
                     "moe_router_load_balancing_type='global_aux_loss' needs CUDA (megatron allocates its buffers there)"
                 )
-        super().__init__(config=config, pg_collection=pg_collection)
+        super().__init__(config=config, pg_collection=pg_collection, **kwargs)
         self.pg_collection = pg_collection
         self.token_group = token_group(config, pg_collection)
         num_experts = config.num_moe_experts
@@ -367,7 +368,7 @@ class MoPERouter(TopKStatsRouter):
 
     stats_kind = "mope"
 
-    def __init__(self, config, pg_collection=None) -> None:
+    def __init__(self, config, pg_collection=None, **kwargs) -> None:
         if config.moe_router_load_balancing_type != MOPE_ROUTING_TYPE:
             raise ValueError(
                 "MoPERouter needs moe_router_load_balancing_type='otep', "
@@ -375,7 +376,7 @@ class MoPERouter(TopKStatsRouter):
             )
         if not hasattr(config, "moe_otep_warmup_fraction"):
             raise ValueError("MoPERouter needs an mpmoe.megatron.config.MoPEConfig")
-        super().__init__(config=config, pg_collection=pg_collection)
+        super().__init__(config=config, pg_collection=pg_collection, **kwargs)
         # Aux loss and z-loss exactly as megatron's "aux_loss" routing.
         self.routing_type = "aux_loss"
         self.cooccurrence_stats = CooccurrenceStats(

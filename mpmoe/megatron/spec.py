@@ -31,7 +31,6 @@ from typing import List, Optional, Sequence
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
-from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -49,6 +48,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from mpmoe.megatron.attention import SDPAttention
+from mpmoe.megatron.compat import mlp_spec_for_backend, moe_submodules
 
 __all__ = [
     "DENSE",
@@ -194,26 +194,24 @@ def _mlp_spec(
     kind: str,
     moe_router: type,
     mope_router: Optional[type],
-) -> ModuleSpec:
+):
+    """megatron's MLP / MoELayer spec for ``kind`` (a ``ModuleSpec`` or, from 0.18, a
+    builder; read it with :func:`mpmoe.megatron.compat.moe_submodules`)."""
     if kind == DENSE:
-        return get_mlp_module_spec_for_backend(backend=backend, num_experts=None)
-    spec = get_mlp_module_spec_for_backend(
-        backend=backend,
-        num_experts=config.num_moe_experts,
-        moe_grouped_gemm=config.moe_grouped_gemm,
-        moe_use_legacy_grouped_gemm=config.moe_use_legacy_grouped_gemm,
-    )
+        return mlp_spec_for_backend(backend, config, num_experts=None)
+    spec = mlp_spec_for_backend(backend, config, num_experts=config.num_moe_experts)
+    moe = moe_submodules(spec)
     if kind == MOPE:
         if mope_router is None:
             raise ValueError(
                 "moe_router_load_balancing_type='otep' needs the MoPE router "
                 "(mpmoe.megatron.router.MoPERouter), which is not available"
             )
-        spec.submodules.router = mope_router
+        moe.router = mope_router
     else:
-        spec.submodules.router = moe_router
+        moe.router = moe_router
     if config.moe_shared_expert_intermediate_size is None:
-        spec.submodules.shared_experts = None
+        moe.shared_experts = None
     return spec
 
 

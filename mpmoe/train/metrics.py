@@ -106,16 +106,16 @@ def _aux_losses(iterations: int, num_microbatches: int) -> dict:
     """Per-layer aux losses megatron's routers recorded since the last call (then cleared)."""
     from megatron.core.transformer.moe.moe_utils import (
         clear_aux_losses_tracker,
-        get_moe_layer_wise_logging_tracker,
         reduce_aux_losses_tracker_across_ranks,
     )
 
-    tracker = get_moe_layer_wise_logging_tracker()
-    if not tracker:
+    from mpmoe.megatron.compat import moe_metrics
+
+    if not moe_metrics():
         return {}
     reduce_aux_losses_tracker_across_ranks()
     scale = 1.0 / max(iterations * num_microbatches, 1)
-    out = {name: [float(v) * scale for v in entry["values"].tolist()] for name, entry in tracker.items()}
+    out = {name: [float(v) * scale for v in values.tolist()] for name, values in moe_metrics().items()}
     clear_aux_losses_tracker()
     return out
 
