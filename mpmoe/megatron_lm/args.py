@@ -65,15 +65,16 @@ def args_provider(then: Optional[Callable] = None) -> Callable:
 
 
 def uses_mpmoe(args) -> bool:
-    """Whether the run needs mpmoe's config and routers: MoPE, statistics or masks."""
+    """Whether the run needs mpmoe's config and routers: MoPE, statistics or masks.
+
+    ``args`` may come from another script of the patched tree, whose parser has none of
+    mpmoe's flags (``core_transformer_config_from_args`` asks for every script).
+    """
     if getattr(args, "num_experts", None) is None:
         return False
-    return (
-        args.moe_router_load_balancing_type == MOPE_ROUTING_TYPE
-        or args.moe_stats_dir is not None
-        or args.moe_mask_experts is not None
-        or args.moe_dynamic_mask_mode is not None
-        or args.moe_eval_dump_dir is not None
+    return getattr(args, "moe_router_load_balancing_type", None) == MOPE_ROUTING_TYPE or any(
+        getattr(args, name, None) is not None
+        for name in ("moe_stats_dir", "moe_mask_experts", "moe_dynamic_mask_mode", "moe_eval_dump_dir")
     )
 
 
