@@ -9,6 +9,7 @@ import torch
 
 from megatron_testing import tiny_config
 from mpmoe.megatron import MoPEConfig, build_gpt_model, destroy_distributed, init_distributed
+from mpmoe.megatron.compat import moe_submodules
 from mpmoe.megatron.router import MoPERouter, TopKStatsRouter, iter_routers
 from mpmoe.megatron_lm import add_mpmoe_args, hooks, uses_mpmoe
 from mpmoe.megatron_lm.spec import gpt_block_spec
@@ -42,7 +43,8 @@ def test_spec_function_takes_megatron_lms_model_config():
     config = tiny_config(MoPEConfig, moe_router_load_balancing_type="otep", moe_layer_freq=[0, 1])
     config.transformer_impl = "local"
     spec = gpt_block_spec(SimpleNamespace(transformer=config), vp_stage=None)
-    routers = [getattr(s.submodules.mlp.submodules, "router", None) for s in spec.layer_specs]
+    moe = [moe_submodules(s.submodules.mlp) for s in spec.layer_specs]
+    routers = [m.router if m is not None else None for m in moe]
     assert routers == [None, MoPERouter]
 
 
