@@ -3,9 +3,9 @@
 The patch series in ``patches/megatron-lm/<branch>/`` only imports this package and
 calls it at a few points of Megatron-LM's own code; every decision lives here:
 
-* :mod:`~mpmoe.megatron_lm.args` - the MoPE flags (``--moe-otep-warmup-fraction``, ...),
-  ``otep`` as a ``--moe-router-load-balancing-type`` choice, and the post-parse check
-  that picks mpmoe's layer spec for MoPE runs;
+* :mod:`~mpmoe.megatron_lm.args` - the MoPE flags (``--moe-otep-warmup-fraction``, ...)
+  and the post-parse check that picks mpmoe's layer spec for MoPE runs (``otep`` itself
+  is a choice patched into Megatron-LM's parser);
 * :mod:`~mpmoe.megatron_lm.spec` - the ``--spec`` function (MoPE / top-k-with-statistics
   routers on megatron's MoE layer);
 * :mod:`~mpmoe.megatron_lm.hooks` - config class, training-step, checkpoint, evaluation
@@ -13,7 +13,8 @@ calls it at a few points of Megatron-LM's own code; every decision lives here:
 * :mod:`~mpmoe.megatron_lm.flags` - mpmoe's presets as Megatron-LM flags (the launch
   script ``scripts/megatron_lm/pretrain.sh`` uses it).
 
-Nothing here imports ``megatron.training``; Megatron-LM imports this package.
+No module here imports ``megatron.training`` at import time (``check_args`` does when
+called); Megatron-LM imports this package.
 """
 
 __all__ = ["add_mpmoe_args", "args_provider", "check_args", "uses_mpmoe"]
