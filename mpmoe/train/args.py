@@ -113,6 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="routing-statistics window (iterations) for --moe-stats-dir")
     g.add_argument("--moe-stats-dir", default=None,
                    help="write layer{L}_seg{S}_{moe|mope}.npz routing statistics here")
+    g.add_argument("--moe-router-pre-softmax", action=B, default=False,
+                   help="softmax over all experts before the top-k (gate weights sum to the "
+                        "top-k probability mass; megatron's semantics). Off: softmax over the k "
+                        "chosen logits (weights sum to 1). MoPE after warm-up is unaffected")
+    g.add_argument("--moe-sigma-shrinkage", type=float, default=0.0,
+                   help="MoPE Sigma prior: shrink toward mean(diag) * I by this weight in [0, 1) "
+                        "(bounds the pull of experts never routed yet; 0 = the reference)")
+    g.add_argument("--moe-sigma-decay-rate", type=float, default=0.0,
+                   help="MoPE: multiply the co-occurrence counts by (1 - rate) before each "
+                        "training forward's update (0 = cumulative counts)")
+    g.add_argument("--last-trainable-layers", type=int, default=None,
+                   help="train only the last N transformer layers (+ final norm and output "
+                        "layer); -1 or unset: everything (the demo's flag)")
+
+    from mpmoe.train import ablation
+
+    ablation.add_arguments(p)
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -301,10 +318,28 @@ def validate(args: argparse.Namespace, world_size: Optional[int] = None) -> None
     if args.bf16 and not _cuda_available():
         raise ConfigError("--bf16 needs a GPU (the CPU optimizer keeps no fp32 master weights); "
                           "pass --no-bf16 on CPU")
+    _validate_mpmoe_extras(args)
     if args.recompute_granularity == "full" and args.recompute_method is None:
         args.recompute_method = "uniform"
     if args.recompute_method is not None and args.recompute_num_layers is None:
         args.recompute_num_layers = 1
+
+
+def _validate_mpmoe_extras(args: argparse.Namespace) -> None:
+    """Sigma prior / decay, layer freezing and the routing ablations (mpmoe.train.ablation)."""
+    from mpmoe.train import ablation
+
+    for name in ("moe_sigma_shrinkage", "moe_sigma_decay_rate"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    n = args.last_trainable_layers
+    if n is not None and not -1 <= n <= args.num_layers:
+        raise ConfigError(f"--last-trainable-layers must be -1 (all) or 0..--num-layers "
+                          f"{args.num_layers}, got {n}")
+    try:
+        ablation.validate(args, args.num_experts, args.moe_router_topk)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _cuda_available() -> bool:
@@ -367,7 +402,13 @@ def model_config_kwargs(args: argparse.Namespace) -> dict:
             moe_sigma_update_every=args.moe_sigma_update_every,
             moe_plot_every=args.moe_plot_every,
             moe_stats_dir=args.moe_stats_dir,
+            moe_router_pre_softmax=getattr(args, "moe_router_pre_softmax", False),
+            moe_sigma_shrinkage=getattr(args, "moe_sigma_shrinkage", 0.0),
+            moe_sigma_decay_rate=getattr(args, "moe_sigma_decay_rate", 0.0),
         )
+        from mpmoe.train.ablation import config_kwargs
+
+        kw.update(config_kwargs(args))
     return kw
 
 
