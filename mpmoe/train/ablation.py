@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["FIELDS", "ENV_VARS", "add_arguments", "validate", "config_kwargs"]
+__all__ = ["FIELDS", "ENV_VARS", "DEFAULTS", "add_arguments", "validate", "resolve", "config_kwargs"]
 
 #: option (argparse dest) -> MoPEConfig field
 FIELDS = {
@@ -40,6 +40,12 @@ ENV_VARS = {
     "MOE_DYNAMIC_MASK_LAYERS": "moe_dynamic_mask_layers",
     "MOE_DYNAMIC_MASK_SEED": "moe_dynamic_mask_seed",
 }
+
+
+#: option (argparse dest) -> default
+DEFAULTS = {"moe_mask_experts": None, "moe_dynamic_mask": None, "moe_dynamic_mask_layers": None,
+            "moe_cooccurrence_stats_dir": None, "moe_dynamic_mask_seed": 1234,
+            "moe_dynamic_mask_source": "mpmoe"}
 
 
 def add_arguments(parser) -> None:
@@ -64,8 +70,7 @@ def add_arguments(parser) -> None:
 
 
 def _apply_env(args, prog: str, environ) -> None:
-    defaults = {"moe_mask_experts": None, "moe_dynamic_mask": None, "moe_cooccurrence_stats_dir": None,
-                "moe_dynamic_mask_layers": None, "moe_dynamic_mask_seed": 1234}
+    defaults = DEFAULTS
     for var, dest in ENV_VARS.items():
         raw = environ.get(var, "").strip()
         if not raw:
@@ -137,6 +142,15 @@ def validate(args, num_experts, topk, *, prog: str = "mpmoe train", environ=None
                 raise ValueError(f"--moe-cooccurrence-stats-dir: no layer*_seg*_{{moe,mope}}.npz in {stats}")
     elif args.moe_dynamic_mask_layers or args.moe_cooccurrence_stats_dir:
         raise ValueError("--moe-dynamic-mask-layers / --moe-cooccurrence-stats-dir need --moe-dynamic-mask")
+
+
+def resolve(values, num_experts, topk, *, prog: str, environ=None) -> dict:
+    """The validated ablation options of ``values`` (dest -> value; missing: default)."""
+    import argparse
+
+    ns = argparse.Namespace(**{**DEFAULTS, **{k: v for k, v in (values or {}).items() if k in DEFAULTS}})
+    validate(ns, num_experts, topk, prog=prog, environ=environ)
+    return vars(ns)
 
 
 def config_kwargs(args) -> dict:
