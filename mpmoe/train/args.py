@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "--tokenizer-model); the embedded default uses its tokenizer's")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default="RMSNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action=B, default=True)
     g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="rope")
     g.add_argument("--untie-embeddings-and-output-weights", action=B, default=True)
@@ -360,6 +361,7 @@ def model_config_kwargs(args: argparse.Namespace) -> dict:
         num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups,
         normalization=args.normalization,
+        layernorm_epsilon=getattr(args, "norm_epsilon", 1e-5),
         gated_linear_unit=args.swiglu,
         activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
         add_bias_linear=False,
