@@ -156,7 +156,7 @@ def test_router_uses_the_configured_prior_and_decay():
 
 
 # ---------------------------------------------------------------- command line
-def _args(*flags, env=None, monkeypatch=None):
+def _args(*flags):
     return parse_args(["--preset", "tiny-cpu", "--train-iters", "4", *flags])
 
 

@@ -39,14 +39,16 @@ CONFIGS = {
         "--moe-ffn-hidden-size", "32", "--moe-shared-expert-intermediate-size", "64", "--moe-layer-freq", "[0,1,1,1]",
         "--moe-router-pre-softmax", "--global-batch-size", "8", "--micro-batch-size", "8", "--lr", "2e-3",
         "--min-lr", "2e-4", "--moe-otep-warmup-fraction", "0.05"],
-        iters=300, eval_interval=50, eval_iters=8, plot_every=50, seeds=[1, 2, 3], eval_limit=40, random_draws=3),
+        iters=300, eval_interval=50, eval_iters=8, plot_every=50, seeds=[1, 2, 3], eval_limit=40, random_draws=3,
+        side_runs=3),
     "quick": dict(preset="tiny-cpu", flags=[
         "--num-layers", "3", "--hidden-size", "32", "--ffn-hidden-size", "64", "--num-attention-heads", "2",
         "--seq-length", "32", "--max-position-embeddings", "32", "--num-experts", "8", "--moe-router-topk", "2",
         "--moe-ffn-hidden-size", "16", "--moe-shared-expert-intermediate-size", "32", "--moe-layer-freq", "[0,1,1]",
         "--moe-router-pre-softmax", "--global-batch-size", "4", "--micro-batch-size", "4", "--lr", "3e-3",
         "--min-lr", "3e-4", "--moe-otep-warmup-fraction", "0.2"],
-        iters=16, eval_interval=8, eval_iters=2, plot_every=8, seeds=[1, 2, 3], eval_limit=3, random_draws=1),
+        iters=16, eval_interval=8, eval_iters=2, plot_every=8, seeds=[1, 2], eval_limit=3, random_draws=1,
+        side_runs=1),
 }
 
 CLAIMS = {
@@ -187,7 +189,7 @@ def eval_tasks(run: dict, routing: str, limit, out: Path) -> dict:
     scores = {}
     for task, metrics in res.get("results", {}).items():
         for key, value in metrics.items():
-            if isinstance(value, (int, float)) and "stderr" not in key and key != "alias":
+            if isinstance(value, (int, float)) and "stderr" not in key and not key.startswith("sample_len"):
                 scores[f"{task}/{key.split(',')[0]}"] = value
     return scores
 
@@ -263,7 +265,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="paper_tiny", description=__doc__.splitlines()[0])
     p.add_argument("out")
     p.add_argument("--quick", action="store_true", help="a few iterations of a smaller model (tests)")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 1,2,3)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 1,2,3; --quick: 1,2)")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--shrinkage", type=float, default=0.1, help="Sigma prior of the prior-on runs")
     p.add_argument("--preset", default=None, help="a preset instead of the tiny model (e.g. flame-moe-38m)")
@@ -273,6 +275,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-limit", type=float, default=None, help="documents per eval task")
     p.add_argument("--skip-eval", action="store_true", help="skip the lm-eval tasks")
     p.add_argument("--skip-analysis", action="store_true", help="skip mpmoe analyze")
+    p.add_argument("--train-only", action="store_true",
+                   help="only train (e.g. one process per seed into one OUT; a later run without it "
+                        "reuses the runs)")
     a = p.parse_args(argv)
     import shlex
 
@@ -299,9 +304,13 @@ def main(argv=None) -> int:
     for seed in seeds:
         groups["MoPE"].append(train_run(out, f"seed{seed}-mope", base, seed, "otep", iters))
         groups["top-k"].append(train_run(out, f"seed{seed}-topk", base, seed, "aux_loss", iters))
-        groups[f"MoPE + prior {a.shrinkage:g}"].append(train_run(
-            out, f"seed{seed}-mope-prior", base, seed, "otep", iters, ["--moe-sigma-shrinkage", str(a.shrinkage)]))
+        if len(groups[f"MoPE + prior {a.shrinkage:g}"]) < cfg["side_runs"]:
+            groups[f"MoPE + prior {a.shrinkage:g}"].append(train_run(
+                out, f"seed{seed}-mope-prior", base, seed, "otep", iters, ["--moe-sigma-shrinkage", str(a.shrinkage)]))
     t_train = time.time() - t0
+    if a.train_only:
+        log(f"trained in {t_train / 60:.1f} min")
+        return 0
 
     log("ablations (knock-out, dynamic mask, routing swap)")
     abl = {label: [ablations(r, cfg["random_draws"]) for r in groups[label]] for label in ("MoPE", "top-k")}
@@ -310,7 +319,7 @@ def main(argv=None) -> int:
     if not a.skip_eval:
         limit = a.eval_limit or cfg["eval_limit"]
         limit = int(limit) if float(limit).is_integer() else limit
-        for r_mope, r_topk in zip(groups["MoPE"], groups["top-k"]):
+        for r_mope, r_topk in list(zip(groups["MoPE"], groups["top-k"]))[:cfg["side_runs"]]:
             tasks[r_mope["name"] + " (MoPE routing)"] = eval_tasks(r_mope, "mope", limit, out)
             tasks[r_mope["name"] + " (top-k routing)"] = eval_tasks(r_mope, "topk", limit, out)
             tasks[r_topk["name"] + " (top-k)"] = eval_tasks(r_topk, "auto", limit, out)
@@ -393,9 +402,10 @@ def main(argv=None) -> int:
         for name, v in tasks.items():
             lines.append(f"| {name} | " + " | ".join(f"{v.get(k, float('nan')):.4f}" for k in keys) + " |")
     if not a.skip_analysis:
-        lines += ["", "## Analysis plots", "", "Routing statistics: `analysis_stats/report.md`; expert "
-                  "similarity, CKA, t-SNE/PCA: `analysis_checkpoint/report.md` (seed "
-                  f"{seeds[0]}, MoPE vs top-k)."]
+        lines += ["", "## Analysis plots", "", "Routing statistics: [analysis_stats/index.md](analysis_stats/index.md); "
+                  "expert similarity, CKA, t-SNE/PCA: [analysis_checkpoint/index.md](analysis_checkpoint/index.md) "
+                  f"(seed {seeds[0]}, MoPE vs top-k).", "",
+                  "![co-activation and load over windows](analysis_stats/imbalance_curves.png)", ""]
     lines += ["", "Winner by validation loss: " + verdict(stats["MoPE"][0], stats["top-k"][0], spread,
                                                          "MoPE", "top-k") + ".", ""]
     (out / "report.md").write_text("\n".join(lines))
