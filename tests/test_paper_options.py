@@ -201,6 +201,10 @@ def test_demo_environment_variables(monkeypatch, capsys):
     assert "MOE_MASK_EXPERTS" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="disagree"):
         _args("--moe-mask-experts", "3:0")
+    monkeypatch.setenv("MOE_DYNAMIC_MASK_MODE", "sometimes")
+    with pytest.raises(ConfigError, match="MOE_DYNAMIC_MASK_MODE='sometimes': expected"):
+        _args()
+    monkeypatch.setenv("MOE_DYNAMIC_MASK_MODE", "random")
     monkeypatch.setenv("EACT_SAVE", "/tmp/x")
     with pytest.raises(ConfigError, match="EACT_SAVE"):
         _args()

@@ -76,6 +76,8 @@ def _apply_env(args, prog: str, environ) -> None:
         if not raw:
             continue
         value = raw.lower() if dest == "moe_dynamic_mask" else raw
+        if dest == "moe_dynamic_mask" and value not in ("cooccurrence", "random"):
+            raise ValueError(f"environment variable {var}={raw!r}: expected cooccurrence or random")
         if dest == "moe_dynamic_mask_seed":
             try:
                 value = int(raw)
