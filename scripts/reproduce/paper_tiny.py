@@ -277,7 +277,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-analysis", action="store_true", help="skip mpmoe analyze")
     p.add_argument("--side-runs", type=int, default=None,
                    help="seeds that also get a Sigma-prior run and the eval tasks (default: all; "
-                        "--quick: 1; 0: none)")
+                        "--quick: 1; 0: none); finished prior runs in OUT are always reported")
     p.add_argument("--train-only", action="store_true",
                    help="only train (e.g. one process per seed into one OUT; a later run without it "
                         "reuses the runs)")
@@ -309,7 +309,8 @@ def main(argv=None) -> int:
     for seed in seeds:
         groups["MoPE"].append(train_run(out, f"seed{seed}-mope", base, seed, "otep", iters))
         groups["top-k"].append(train_run(out, f"seed{seed}-topk", base, seed, "aux_loss", iters))
-        if len(groups[f"MoPE + prior {a.shrinkage:g}"]) < cfg["side_runs"]:
+        prior_done = (out / "runs" / f"seed{seed}-mope-prior" / "done.json").is_file()
+        if len(groups[f"MoPE + prior {a.shrinkage:g}"]) < cfg["side_runs"] or prior_done:
             groups[f"MoPE + prior {a.shrinkage:g}"].append(train_run(
                 out, f"seed{seed}-mope-prior", base, seed, "otep", iters, ["--moe-sigma-shrinkage", str(a.shrinkage)]))
     t_train = time.time() - t0
