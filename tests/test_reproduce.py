@@ -36,7 +36,7 @@ def test_paper_tiny_quick(tmp_path, embedded_cache):
     assert len(summary["eval_tasks"]) == 3 and all(summary["eval_tasks"].values())
     report = (out / "report.md").read_text()
     for text in ("## Validation loss", "Paper claims next to what was measured", "Winner by validation loss",
-                 "MoPE + prior"):
+                 "MoPE + prior", "co-activation concentration MoPE"):
         assert text in report
     for png in ("learning_curves.png", "ablations.png"):
         assert (out / png).stat().st_size > 5000

@@ -422,6 +422,12 @@ def main(argv=None) -> int:
                   "expert similarity, CKA, t-SNE/PCA: [analysis_checkpoint/index.md](analysis_checkpoint/index.md) "
                   f"(seed {seeds[0]}, MoPE vs top-k).", "",
                   "![co-activation and load over windows](analysis_stats/imbalance_curves.png)", ""]
+        comp = json.loads((out / "analysis_stats" / "summary.json").read_text()).get("comparison", {})
+        for layer, v in sorted(comp.items()):
+            c = v.get("coactivation_concentration")
+            if c and len(c) == 2:
+                lines.append(f"- layer {layer}: co-activation concentration MoPE {c[0]:.4f}, top-k {c[1]:.4f} "
+                             "(all windows, seed " + str(seeds[0]) + ")")
     lines += ["", "Winner by validation loss: " + verdict(stats["MoPE"][0], stats["top-k"][0], spread,
                                                          "MoPE", "top-k") + ".", ""]
     (out / "report.md").write_text("\n".join(lines))
