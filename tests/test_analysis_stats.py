@@ -89,7 +89,7 @@ def test_cli_report_with_compare(tmp_path):
     out = tmp_path / "report"
     assert main(["stats", str(a), "--compare", str(b), "--out", str(out), "--no-progress"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert [r["name"] for r in summary["runs"]] == ["mope", "moe"]
+    assert [r["name"] for r in summary["runs"]] == ["MoPE (mope)", "top-k (moe)"]
     # the skewed (moe) run uses fewer experts effectively than the near-uniform one
     for layer in ("2", "3", "4"):
         eff = summary["comparison"][layer]["effective_experts"]
@@ -145,3 +145,28 @@ def test_remoe_windows_with_variable_experts_per_token(tmp_path):
     assert layer["experts_per_token_max"] == k.max()
     assert layer["tokens_with_no_expert_fraction"] == pytest.approx((k == 0).mean())
     assert "experts_per_token.png" in summary["images"]
+
+
+def test_runs_are_named_by_routing_and_run_not_by_generic_folder(tmp_path):
+    from mpmoe.analysis.stats import load_stats
+
+    a = write_stats(tmp_path / "seed1-a" / "stats", layers=(2,), experts=4, k=2, windows=2, kind="mope", seed=0)
+    b = write_stats(tmp_path / "seed1-b" / "stats", layers=(2,), experts=4, k=2, windows=2, kind="moe", seed=0)
+    assert load_stats(a).name == "MoPE (seed1-a)" and load_stats(b).name == "top-k (seed1-b)"
+    out = tmp_path / "report"
+    assert main(["stats", str(a), "--compare", str(b), "--out", str(out), "--no-progress"]) == 0
+    assert [r["name"] for r in json.loads((out / "summary.json").read_text())["runs"]] == \
+        ["MoPE (seed1-a)", "top-k (seed1-b)"]
+
+
+def test_window_axes_have_integer_ticks():
+    from mpmoe.analysis.plotting import integer_ticks, pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1, 2], [1, 2, 3])
+    integer_ticks(ax)
+    fig.canvas.draw()
+    ticks = ax.get_xticks()
+    assert all(float(t).is_integer() for t in ticks)
+    plt.close(fig)

@@ -87,6 +87,10 @@ def test_errors_are_one_line(tmp_path, eval_checkpoints, capsys):
     assert _eval(["--load", str(eval_checkpoints["trained"]), "--tasks", "mpmoe_local",
                   "--batch-size", "0"]) == 2
     assert "--batch-size" in capsys.readouterr().err
+    assert _eval(["--load", str(eval_checkpoints["trained"]), "--tasks", "mpmoe_local",
+                  "--moe-dynamic-mask", "cooccurrence", "--output-path", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "mpmoe eval: error: --moe-dynamic-mask cooccurrence needs --moe-cooccurrence-stats-dir"
 
 
 def _closed_port() -> int:

@@ -242,6 +242,31 @@ def test_routing_dump_of_evaluation_forwards(eval_checkpoints, tmp_path):
     np.testing.assert_allclose(routed.sum(axis=1), 1.0, rtol=1e-5)
 
 
+def test_knockout_and_dynamic_mask_at_evaluation(eval_checkpoints, tmp_path):
+    import numpy as np
+
+    from mpmoe.eval.errors import EvalError
+    from mpmoe.eval.lm import MpmoeLM
+
+    dump = tmp_path / "dump"
+    model = MpmoeLM(load=str(eval_checkpoints["trained"]), routing_dump_dir=str(dump), batch_size=2,
+                    progress=False, routing_ablation={"moe_mask_experts": "2:0,1", "moe_dynamic_mask": "random",
+                                                      "moe_dynamic_mask_layers": "3"})
+    try:
+        _ll(model, [("Lists are", " mutable sequences")])
+        k = model.em.args.moe_router_topk
+    finally:
+        model.close()
+    with np.load(dump / "layer2_rank0_fwd000000.npz") as z:
+        assert not np.isin(z["experts"], [0, 1]).any()
+        assert ((z["experts"] >= 0).sum(axis=1) == k).all()
+    with np.load(dump / "layer3_rank0_fwd000000.npz") as z:  # k -> k-1
+        assert ((z["experts"] >= 0).sum(axis=1) == k - 1).all()
+    with pytest.raises(EvalError, match="--moe-mask-experts: layer 2: expert ids \\[99\\]"):
+        MpmoeLM(load=str(eval_checkpoints["trained"]), progress=False,
+                routing_ablation={"moe_mask_experts": "2:99"})
+
+
 def test_bad_arguments_are_one_line_errors(eval_checkpoints, tmp_path):
     from mpmoe.eval.errors import EvalError
     from mpmoe.eval.lm import MpmoeLM

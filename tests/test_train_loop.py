@@ -88,9 +88,11 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.01)
 
 
-def test_kill_and_resume_matches_uninterrupted_run(tmp_path, dataset):
+@pytest.mark.parametrize("extra", [{}, {"moe-sigma-decay-rate": 0.05, "moe-sigma-shrinkage": 0.1,
+                                       "last-trainable-layers": 1}], ids=["default", "decay-prior-frozen"])
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, dataset, extra):
     """SIGKILL after the first checkpoint; --load continues the same losses (fp32: 1e-6)."""
-    common = {"train-iters": 40, "save-interval": 5, "eval-interval": 10, "no-progress": True}
+    common = {"train-iters": 40, "save-interval": 5, "eval-interval": 10, "no-progress": True, **extra}
     full = tmp_path / "full"
     a = subprocess.run(_cli(tiny_flags(dataset, full, save=str(tmp_path / "ck_full"), **common)),
                        env=_env(), capture_output=True, text=True, timeout=600)

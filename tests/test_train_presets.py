@@ -40,6 +40,35 @@ def test_flame_preset_shape(name):
     assert (p["lr"], p["min_lr"], p["lr_decay_style"]) == (3e-4, 3e-5, "WSD")
 
 
+# The MP-MoE authors' scripts: (layers, hidden, train iterations); counts as flame-moe-*'s
+# with top-8 routed experts instead of 6.
+PAPER = {"mp-moe-38m": (9, 256, 2121), "mp-moe-98m": (9, 512, 2424), "mp-moe-290m": (9, 1024, 5473),
+         "mp-moe-419m": (15, 1024, 5685)}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_preset_shape(name):
+    p = load_preset(name)
+    layers, hidden, iters = PAPER[name]
+    assert (p["num_layers"], p["hidden_size"], p["train_iters"]) == (layers, hidden, iters)
+    assert p["num_experts"] == 64 and p["moe_router_topk"] == 8 and p["moe_router_pre_softmax"]
+    assert p["moe_shared_expert_intermediate_size"] == 2 * p["moe_ffn_hidden_size"]
+    assert p["global_batch_size"] == 960 and p["lr_wsd_decay_iters"] == iters // 10
+    assert p["moe_router_load_balancing_type"] == "otep" and p["num_attention_heads"] == 16
+    flame = load_preset(name.replace("mp-moe", "flame-moe"))
+    for key in ("ffn_hidden_size", "moe_ffn_hidden_size", "moe_layer_freq", "seq_length", "lr", "min_lr"):
+        assert p[key] == flame[key], key
+
+
+def test_paper_preset_builds():
+    counts, model = _build_on_meta(["--preset", "mp-moe-38m", "--train-iters", "1", "--no-bf16",
+                                    "--global-batch-size", "4", "--micro-batch-size", "4"])
+    assert model.config.moe_router_pre_softmax and model.config.moe_router_topk == 8
+    assert model.config.layernorm_epsilon == 1e-6
+    # 2 more routed experts of 3 x 256 x 176 (SwiGLU) in each of the 8 MoE layers than flame-moe-38m
+    assert abs(counts["active"] - 38.0e6 - 8 * 2 * 3 * 256 * 176) < 0.5e6, counts
+
+
 def _build_on_meta(argv):
     """Build the preset's GPTModel on the meta device (no memory) and count its parameters."""
     from mpmoe.megatron import build_gpt_model, destroy_distributed, init_distributed

@@ -357,12 +357,10 @@ def analyze_checkpoint(cli_args, train_argv: list[str]) -> dict:
             raise AnalysisError(f"--layers: expected comma-separated integers, got {cli_args.layers!r}") from None
     progress = not cli_args.no_progress
     out = Path(cli_args.out)
-    specs = [(cli_args.name or Path(cli_args.load).name, cli_args.load, train_argv)]
+    specs = [(cli_args.name, cli_args.load, train_argv)]  # name None: routing + run name
     if cli_args.compare_load:
         argv2 = shlex.split(cli_args.compare_args) if cli_args.compare_args is not None else train_argv
-        specs.append((cli_args.compare_name or Path(cli_args.compare_load).name, cli_args.compare_load, argv2))
-        if specs[0][0] == specs[1][0]:
-            specs = [("A:" + specs[0][0],) + specs[0][1:], ("B:" + specs[1][0],) + specs[1][1:]]
+        specs.append((cli_args.compare_name, cli_args.compare_load, argv2))
     for _, path, _ in specs:
         if not Path(path).is_dir():
             raise AnalysisError(f"{path}: no such checkpoint directory")
@@ -371,6 +369,13 @@ def analyze_checkpoint(cli_args, train_argv: list[str]) -> dict:
     try:
         for name, path, argv in specs:
             model, args, spec, iteration = load_model(path, argv)
+            if name is None:
+                from mpmoe.analysis.plotting import run_label
+
+                kind = "dense" if args.num_experts is None else args.moe_router_load_balancing_type
+                name = run_label({"otep" if kind == "otep" else "topk"} if args.num_experts else set(), path)
+                if runs and runs[0][0] == name:
+                    name = "B:" + name
             tokens, pos = sample_tokens(args, spec, cli_args.num_tokens)
             probes = collect_expert_outputs(model, tokens, pos, layers=layers, max_tokens=cli_args.num_tokens,
                                             progress=progress)

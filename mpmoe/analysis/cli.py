@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="plots + summary.json from layer{L}_seg{S}_{moe|mope|remoe}.npz windows")
     s.add_argument("path", help="statistics folder, run folder (config.json names it), or a tree of them")
     s.add_argument("--compare", default=None, help="a second run's statistics, shown side by side")
-    s.add_argument("--name", default=None, help="label of the first run (default: folder name)")
+    s.add_argument("--name", default=None, help="label of the first run (default: its routing and run name, e.g. \"MoPE (run1)\")")
     s.add_argument("--compare-name", default=None, help="label of the second run")
     s.add_argument("--out", required=True, help="report folder (PNGs, summary.json, index.md, index.html)")
     s.add_argument("--evolution-windows", type=int, default=4, help="windows shown in the evolution plot")

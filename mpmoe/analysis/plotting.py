@@ -72,3 +72,29 @@ def finite(x):
     """float, or None for NaN/inf (JSON has no NaN)."""
     x = float(x)
     return x if math.isfinite(x) else None
+
+
+_GENERIC_FOLDERS = {"stats", "moe_stats", "routing_stats", "ckpt", "checkpoints", "save", "run", "."}
+
+
+def routing_label(kinds) -> str:
+    """"MoPE", "top-k", "ReMoE" or "MoPE+top-k" for a set of statistics kinds / routings."""
+    names = {"mope": "MoPE", "otep": "MoPE", "moe": "top-k", "topk": "top-k", "remoe": "ReMoE"}
+    labels = sorted({names.get(k, k) for k in kinds})
+    return "+".join(labels) if labels else "dense"
+
+
+def run_label(kinds, path) -> str:
+    """A run's label: what it routes with and the run's name (the folder, or its parent's
+    name when the folder has a generic name such as ``stats``), e.g. ``"MoPE (seed1-mope)"``."""
+    p = Path(path).resolve()
+    name = p.parent.name if p.name in _GENERIC_FOLDERS and p.parent.name else p.name
+    return f"{routing_label(kinds)} ({name})"
+
+
+def integer_ticks(*axes) -> None:
+    """Integer-only major ticks on the x axis (statistics windows are numbered)."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))

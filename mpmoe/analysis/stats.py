@@ -163,8 +163,11 @@ def load_stats(path, name: Optional[str] = None) -> StatsSet:
         entry["s"].append(sigma)
         entry["h"].append(hist if has_hist else None)
         entry["sources"] = max(entry["sources"], len(paths))
+    from mpmoe.analysis.plotting import run_label
+
     root = Path(path)
-    out = StatsSet(name=name or root.name or str(root), roots=sorted({f.parent for f in files}))
+    label = run_label({e["kind"] for e in per_layer.values()}, root)
+    out = StatsSet(name=name or label, roots=sorted({f.parent for f in files}))
     for layer, e in sorted(per_layer.items()):
         sig = np.stack(e["s"]) if all(s is not None for s in e["s"]) else None
         hist = np.stack(e["h"]) if all(h is not None for h in e["h"]) else None
@@ -297,7 +300,7 @@ def _plot_experts_per_token(plt, sets: list[StatsSet], out: Path) -> Path:
 
 
 def _plot_load_over_training(plt, s: StatsSet, out: Path, tag: str) -> Path:
-    from mpmoe.analysis.plotting import grid
+    from mpmoe.analysis.plotting import grid, integer_ticks
 
     layers = sorted(s.layers)
     rows, cols = grid(len(layers), 3)
@@ -313,6 +316,7 @@ def _plot_load_over_training(plt, s: StatsSet, out: Path, tag: str) -> Path:
         ax.set_xlabel("window", fontsize=7)
         ax.set_ylabel("expert", fontsize=7)
         ax.tick_params(labelsize=6)
+        integer_ticks(ax)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(f"{s.name}: expert load over training", fontsize=10)
     fig.tight_layout()
@@ -320,6 +324,8 @@ def _plot_load_over_training(plt, s: StatsSet, out: Path, tag: str) -> Path:
 
 
 def _plot_curves(plt, sets: list[StatsSet], out: Path) -> Path:
+    from mpmoe.analysis.plotting import integer_ticks
+
     fig, axes = plt.subplots(2, 2, figsize=(WIDTH_IN, 7.0), squeeze=False)
     styles = ["-", "--", ":", "-."]
     cmap = plt.get_cmap("tab10")
@@ -341,6 +347,7 @@ def _plot_curves(plt, sets: list[StatsSet], out: Path) -> Path:
         ax.set_xlabel("window", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
+        integer_ticks(ax)
     if not any(ls.sigma is not None for s in sets for ls in s.layers.values()):
         axes[1, 1].text(0.5, 0.5, "no MoPE layers", ha="center", va="center", transform=axes[1, 1].transAxes)
     handles, labels = axes[0, 0].get_legend_handles_labels()

@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--routing-dump-dir", default=None,
                    help="write every forward's routing (experts and gate weights per token) here")
 
+    from mpmoe.train import ablation
+
+    ablation.add_arguments(p)
+
     t = p.add_argument_group("tasks")
     t.add_argument("--tasks", required=True, help="comma-separated lm-eval task / group names "
                    "(mpmoe's offline tasks: mpmoe_local, mpmoe_docs_mc, mpmoe_docs_gen, "
@@ -176,12 +180,18 @@ def evaluate(args) -> Optional[dict]:
 
     out = Path(args.output_path) if args.output_path else _default_output(args.load, args.ckpt_step, args.routing)
     from mpmoe.eval.lm import MpmoeLM
+    from mpmoe.train.ablation import DEFAULTS
+
+    if args.routing_dump_dir is None and os.environ.get("EACT_SAVE", "").strip():
+        args.routing_dump_dir = os.environ["EACT_SAVE"].strip()  # the demo's variable
+        print(f"{PROG}: note: EACT_SAVE={args.routing_dump_dir!r} sets --routing-dump-dir", file=sys.stderr)
 
     start = time.perf_counter()
     lm = MpmoeLM(load=args.load, routing=args.routing, dtype=args.dtype, device=args.device,
                  batch_size=args.batch_size, max_length=args.max_length, max_gen_toks=args.max_gen_toks,
                  ckpt_step=args.ckpt_step, tokenizer=args.tokenizer, model_flags=args.model_flags,
                  kv_cache=not args.no_kv_cache, routing_dump_dir=args.routing_dump_dir,
+                 routing_ablation={k: getattr(args, k) for k in DEFAULTS},
                  progress=not args.no_progress, seed=args.seed)
     try:
         results = lm_eval.simple_evaluate(

@@ -122,6 +122,7 @@ class MpmoeLM(TemplateLM):
         model_flags: Optional[str] = None,
         kv_cache=True,
         routing_dump_dir: Optional[str] = None,
+        routing_ablation: Optional[dict] = None,
         progress=True,
         seed=1234,
         eval_model: Optional[EvalModel] = None,
@@ -161,7 +162,7 @@ class MpmoeLM(TemplateLM):
                     load, routing=routing, dtype=dtype, device=device,
                     step=None if ckpt_step in (None, "") else _as_int(ckpt_step, "ckpt_step", 0),
                     tokenizer=tokenizer, model_flags=shlex.split(model_flags) if model_flags else None,
-                    routing_dump_dir=routing_dump_dir,
+                    routing_dump_dir=routing_dump_dir, routing_ablation=routing_ablation,
                 )
             except BaseException:
                 self.close()

@@ -153,6 +153,7 @@ def load_eval_model(
     tokenizer=None,
     model_flags: Optional[Sequence[str]] = None,
     routing_dump_dir: Optional[str] = None,
+    routing_ablation: Optional[dict] = None,
 ) -> EvalModel:
     """Load a checkpoint for inference (needs :func:`mpmoe.megatron.init_distributed`).
 
@@ -168,6 +169,9 @@ def load_eval_model(
             record them (they override the recorded ones otherwise).
         routing_dump_dir: write each forward's routing (experts and weights per token) there
             (the router's evaluation dump, ``moe_eval_dump_dir``).
+        routing_ablation: static knock-out / dynamic mask options (``mpmoe.train.ablation``
+            dests, e.g. ``{"moe_mask_experts": "2:3"}``); the training run's own are not
+            carried over. The demo's environment variables are honoured too.
     """
     from mpmoe.data import load_tokenizer
     from mpmoe.data.errors import DataError
@@ -235,6 +239,14 @@ def load_eval_model(
                             f"with ({own}); leave --tokenizer out to use that one")
     padded = int(data.get("padded_vocab") or padded_vocab_size(vocab, args.make_vocab_size_divisible_by))
 
+    from mpmoe.train import ablation
+
+    try:
+        resolved = ablation.resolve(routing_ablation, args.num_experts, args.moe_router_topk, prog="mpmoe eval")
+    except ValueError as exc:
+        raise EvalError(str(exc)) from None
+    for key, value in resolved.items():
+        setattr(args, key, value)
     if routing_dump_dir is not None:
         args.moe_eval_dump_dir = str(routing_dump_dir)
     config, model, module = build_model(args, padded)

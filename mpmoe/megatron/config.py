@@ -25,13 +25,13 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mpmoe.routing.masks import DYNAMIC_MASK_MODES, parse_expert_mask
 
-__all__ = ["MOPE_ROUTING_TYPE", "MoPEConfig", "parse_layer_list"]
+__all__ = ["DYNAMIC_MASK_SOURCES", "ENV_FIELDS", "MOPE_ROUTING_TYPE", "MoPEConfig", "parse_layer_list"]
 
 #: ``moe_router_load_balancing_type`` value that selects MoPE routing.
 MOPE_ROUTING_TYPE = "otep"
 
 # Demo-code environment variable -> config field.
-_ENV_FIELDS = {
+ENV_FIELDS = _ENV_FIELDS = {
     "MOE_MASK_EXPERTS": "moe_mask_experts",
     "MOE_DYNAMIC_MASK_MODE": "moe_dynamic_mask_mode",
     "MOE_COOCCURRENCE_STATS_DIR": "moe_cooccurrence_stats_dir",
@@ -39,6 +39,9 @@ _ENV_FIELDS = {
     "MOE_DYNAMIC_MASK_SEED": "moe_dynamic_mask_seed",
     "EACT_SAVE": "moe_eval_dump_dir",
 }
+
+#: Where the dynamic "cooccurrence" mask takes its matrix from (``moe_dynamic_mask_source``).
+DYNAMIC_MASK_SOURCES = ("mpmoe", "reference")
 
 
 def parse_layer_list(value: Any, field: str) -> Optional[Tuple[int, ...]]:
@@ -109,6 +112,19 @@ class MoPEConfig(TransformerConfig):
 
     moe_dynamic_mask_seed: int = 1234
     """Seed of the "random" dynamic mask."""
+
+    moe_dynamic_mask_source: str = "mpmoe"
+    """Dynamic mask's matrix and weights. "mpmoe": all windows of the layer in
+    ``moe_cooccurrence_stats_dir`` summed (the router's own kind preferred), kept weights
+    rescaled to the token's original total; "reference" (the demo): the latest window
+    only, kept weights renormalised to 1 (see docs/reference.md)."""
+
+    moe_sigma_shrinkage: float = 0.0
+    """Sigma prior: shrink Sigma toward mean(diag) * I by this weight in [0, 1) (0: off,
+    the reference). Bounds the first-pick advantage of experts never routed so far."""
+
+    moe_sigma_decay_rate: float = 0.0
+    """Multiply the co-occurrence counts by (1 - rate) before each update (0: cumulative)."""
 
     moe_eval_dump_dir: Optional[str] = None
     """Outside training, dump each token's routed experts and weights here (demo: EACT_SAVE)."""
@@ -207,6 +223,14 @@ class MoPEConfig(TransformerConfig):
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"moe_dynamic_mask_seed must be a non-negative int, got {seed!r}")
         self.moe_dynamic_mask_seed = seed
+        if self.moe_dynamic_mask_source not in DYNAMIC_MASK_SOURCES:
+            raise ValueError(f"moe_dynamic_mask_source must be one of {DYNAMIC_MASK_SOURCES}, "
+                             f"got {self.moe_dynamic_mask_source!r}")
+        for name in ("moe_sigma_shrinkage", "moe_sigma_decay_rate"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1), got {v!r}")
+            setattr(self, name, float(v))
 
     def _validate_otep_combination(self) -> None:
         if self.num_moe_experts is None:

@@ -258,8 +258,10 @@ class TopKStatsRouter(TopKRouter):
         if self._dynamic_cooccurrence is None:
             from mpmoe.megatron.stats import load_layer_cooccurrence
 
+            reference = self._dynamic_mask_source == "reference"
             counts = load_layer_cooccurrence(
-                self.config.moe_cooccurrence_stats_dir, self.layer_number, prefer=self.stats_kind
+                self.config.moe_cooccurrence_stats_dir, self.layer_number,
+                prefer="moe" if reference else self.stats_kind, latest_only=reference,
             )
             if counts.shape != (self.num_experts, self.num_experts):
                 raise ValueError(
@@ -326,7 +328,12 @@ class TopKStatsRouter(TopKRouter):
         # updates expert_bias after each step (and zeroes the counts).
         self.local_tokens_per_expert += routing_map.sum(dim=0)
 
+    @property
+    def _dynamic_mask_source(self) -> str:
+        return getattr(self.config, "moe_dynamic_mask_source", "mpmoe")
+
     def _apply_dynamic_mask(self, probs, routing_map, mode: str, counted: bool, replay: Optional[dict] = None):
+        renormalize = self._dynamic_mask_source == "reference"
         if mode == "cooccurrence":
             return dynamic_drop_one(
                 probs,
@@ -334,6 +341,7 @@ class TopKStatsRouter(TopKRouter):
                 "cooccurrence",
                 cooccurrence=self._dynamic_mask_cooccurrence(probs.device),
                 max_routed=self.topk,
+                renormalize=renormalize,
             )
         # Seeded per (seed, layer, forward) so that a recomputation of a forward (which
         # runs before the next counted forward) draws the same experts.
@@ -348,7 +356,7 @@ class TopKStatsRouter(TopKRouter):
             (int(self.config.moe_dynamic_mask_seed) * 1_000_003 + int(self.layer_number or 0)) * 1_000_003
             + forward_index * 2 + (0 if self.training else 1)
         )
-        return dynamic_drop_one(probs, routing_map, "random", generator=gen)
+        return dynamic_drop_one(probs, routing_map, "random", generator=gen, renormalize=renormalize)
 
     @torch.no_grad()
     def _count(self, routing_map: torch.Tensor) -> None:
@@ -411,7 +419,9 @@ class MoPERouter(TopKStatsRouter):
         # Aux loss and z-loss exactly as megatron's "aux_loss" routing.
         self.routing_type = "aux_loss"
         self.cooccurrence_stats = CooccurrenceStats(
-            self.num_experts, eps=config.moe_otep_eps, device=self.weight.device
+            self.num_experts, eps=config.moe_otep_eps, device=self.weight.device,
+            shrinkage=getattr(config, "moe_sigma_shrinkage", 0.0),
+            decay_rate=getattr(config, "moe_sigma_decay_rate", 0.0),
         )
         self._since_refresh = 0  # counted forwards added since Sigma was last rebuilt
 

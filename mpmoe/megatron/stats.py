@@ -60,8 +60,9 @@ def read_stats_file(path) -> dict:
         return {k: data[k] for k in data.files}
 
 
-def load_layer_cooccurrence(stats_dir, layer: int, prefer: str = "moe") -> np.ndarray:
-    """Co-occurrence counts of ``layer`` summed over all its windows in ``stats_dir``.
+def load_layer_cooccurrence(stats_dir, layer: int, prefer: str = "moe", latest_only: bool = False) -> np.ndarray:
+    """Co-occurrence counts of ``layer`` summed over all its windows in ``stats_dir``
+    (``latest_only``: the highest-numbered window alone, as the reference code reads).
 
     Uses the files of kind ``prefer`` ("moe" or "mope") when there are any, otherwise
     the other kind. Raises ``ValueError`` when the layer has no file.
@@ -79,6 +80,8 @@ def load_layer_cooccurrence(stats_dir, layer: int, prefer: str = "moe") -> np.nd
     files = by_kind.get(prefer) or [p for kind, paths in by_kind.items() if kind != prefer for p in paths]
     if not files:
         raise ValueError(f"moe_cooccurrence_stats_dir: no layer{layer}_seg*_{{moe,mope}}.npz in {str(root)!r}")
+    if latest_only:
+        files = [max(files, key=lambda p: int(_FILE_RE.match(p.name).group(2)))]
     total = None
     for path in sorted(files):
         c = read_stats_file(path)["cooccurrence_matrix"].astype(np.float64)

@@ -12,6 +12,18 @@ indicators:
 
 Before any token is counted Sigma is the identity (MoPE then equals top-k).
 
+Two options beyond the reference code (both off by default, which is the reference):
+
+* ``shrinkage`` lambda in [0, 1): Sigma <- (1 - lambda) Sigma + lambda tau I with
+  tau = mean(diag Sigma), the Ledoit-Wolf target (a scaled identity). It bounds
+  the pathology of an expert never routed so far: without it its variance is the
+  floor eps and p_j^2 / Sigma_jj makes it nearly every token's first OTEP pick;
+  with it Sigma_jj >= lambda tau, so it wins only when p_j > sqrt(lambda tau /
+  Sigma_ii) p_i.
+* ``decay_rate`` r in [0, 1): before each update the counts (totals and pending)
+  are multiplied by (1 - r), an exponential forgetting of old routing (0 keeps the
+  cumulative counts). The demo declares ``moe_sigma_decay_rate`` but never uses it.
+
 Unlike the demo code, the counters stay on the device and nothing is synchronised
 with the host: ``update`` only adds to local *pending* counters; ``all_reduce``
 sums the pending counters over a process group (the ranks that see different
@@ -28,9 +40,14 @@ __all__ = ["CooccurrenceStats", "covariance_from_counts"]
 
 
 def covariance_from_counts(
-    num_tokens: torch.Tensor, usage: torch.Tensor, cooccurrence: torch.Tensor, eps: float = 1e-12
+    num_tokens: torch.Tensor,
+    usage: torch.Tensor,
+    cooccurrence: torch.Tensor,
+    eps: float = 1e-12,
+    shrinkage: float = 0.0,
 ) -> torch.Tensor:
-    """Sigma = C/N - u u^T/N^2, symmetrised, diag floored at ``eps``; identity if N == 0.
+    """Sigma = C/N - u u^T/N^2, symmetrised, shrunk toward ``tau I`` by ``shrinkage``
+    (tau = mean of the diagonal), diag floored at ``eps``; identity if N == 0.
 
     Works on any device without a host synchronisation (the N == 0 case is a
     ``torch.where``, not a Python branch). Computed in the counters' dtype.
@@ -39,6 +56,10 @@ def covariance_from_counts(
     mean = usage / n
     sigma = cooccurrence / n - torch.outer(mean, mean)
     sigma = 0.5 * (sigma + sigma.transpose(0, 1))
+    if shrinkage:
+        tau = sigma.diagonal().mean()
+        sigma = (1.0 - shrinkage) * sigma
+        sigma.diagonal().add_(shrinkage * tau)
     diag = sigma.diagonal()
     diag.copy_(diag.clamp_min(eps))
     eye = torch.eye(sigma.shape[0], dtype=sigma.dtype, device=sigma.device)
@@ -61,12 +82,18 @@ class CooccurrenceStats(torch.nn.Module):
     if they must not be lost.
     """
 
-    def __init__(self, num_experts: int, *, eps: float = 1e-12, device=None):
+    def __init__(self, num_experts: int, *, eps: float = 1e-12, device=None,
+                 shrinkage: float = 0.0, decay_rate: float = 0.0):
         super().__init__()
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"CooccurrenceStats: num_experts must be a positive int, got {num_experts!r}")
+        for name, value in (("shrinkage", shrinkage), ("decay_rate", decay_rate)):
+            if not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"CooccurrenceStats: {name} must be in [0, 1), got {value!r}")
         self.num_experts = num_experts
         self.eps = float(eps)
+        self.shrinkage = float(shrinkage)
+        self.decay_rate = float(decay_rate)
         f64 = dict(dtype=torch.float64, device=device)
         self.register_buffer("num_tokens", torch.zeros((), **f64))
         self.register_buffer("usage", torch.zeros(num_experts, **f64))
@@ -81,7 +108,8 @@ class CooccurrenceStats(torch.nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, eps={self.eps:g}"
+        return (f"num_experts={self.num_experts}, eps={self.eps:g}, shrinkage={self.shrinkage:g}, "
+                f"decay_rate={self.decay_rate:g}")
 
     @torch.no_grad()
     def update(self, routing_map: torch.Tensor) -> None:
@@ -94,6 +122,11 @@ class CooccurrenceStats(torch.nn.Module):
         # fp32 products are exact while a single update has < 2^24 tokens; the
         # running sums are float64.
         m = routing_map.to(device=self.usage.device, dtype=torch.float32)
+        if self.decay_rate:
+            keep = 1.0 - self.decay_rate
+            for t in (self.num_tokens, self.usage, self.cooccurrence,
+                      self._pending_tokens, self._pending_usage, self._pending_cooccurrence):
+                t.mul_(keep)
         self._pending_tokens.add_(m.shape[0])
         self._pending_usage.add_(m.sum(dim=0))
         self._pending_cooccurrence.add_(m.t() @ m)
@@ -124,7 +157,7 @@ class CooccurrenceStats(torch.nn.Module):
     def sigma(self) -> torch.Tensor:
         """Sigma (float32 [E, E]) from the totals; the identity before any token."""
         return covariance_from_counts(
-            self.num_tokens, self.usage, self.cooccurrence, self.eps
+            self.num_tokens, self.usage, self.cooccurrence, self.eps, self.shrinkage
         ).to(torch.float32)
 
     @torch.no_grad()

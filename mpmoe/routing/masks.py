@@ -37,7 +37,8 @@ def parse_expert_mask(spec: str | os.PathLike | Mapping | None) -> dict[int, tup
     """Parse a static expert mask: layer -> expert ids to knock out.
 
     Accepts ``None`` (no mask), a mapping, JSON text (``'{"2": [0, 5], "5": [1]}'``,
-    the demo's ``MOE_MASK_EXPERTS`` format) or the path of a JSON file. Layer numbers
+    the demo's ``MOE_MASK_EXPERTS`` format), the command line's compact form
+    ``"2:0,5;5:1"`` (``layer:ids`` groups separated by ``;``) or the path of a JSON file. Layer numbers
     are as megatron counts them (1-based); expert ids are global ids. Raises
     ``ValueError`` with a one-line reason on malformed input.
     """
@@ -52,6 +53,8 @@ def parse_expert_mask(spec: str | os.PathLike | Mapping | None) -> dict[int, tup
         if not text.lstrip().startswith("{") and os.path.isfile(text):
             with open(text, encoding="utf-8") as fh:
                 text = fh.read()
+        elif ":" in text and not text.lstrip().startswith("{"):
+            text = _compact_to_json(text)
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -73,6 +76,22 @@ def parse_expert_mask(spec: str | os.PathLike | Mapping | None) -> dict[int, tup
             ids.append(e)
         out[layer_id] = tuple(sorted(set(ids)))
     return out
+
+
+def _compact_to_json(text: str) -> str:
+    """``"2:3,17;5:0"`` -> ``'{"2": [3, 17], "5": [0]}'`` (raises ValueError on bad groups)."""
+    out = {}
+    for group in (g.strip() for g in text.split(";")):
+        if not group:
+            continue
+        layer, sep, ids = group.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            out[str(int(layer))] = [int(e) for e in ids.replace(" ", "").split(",") if e]
+        except ValueError:
+            raise ValueError(f"expert mask: expected LAYER:ID,ID;LAYER:ID..., got group {group!r}") from None
+    return json.dumps(out)
 
 
 def apply_static_mask(logits: torch.Tensor, expert_ids: Iterable[int]) -> torch.Tensor:
@@ -107,6 +126,7 @@ def dynamic_drop_one(
     cooccurrence: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     max_routed: int | None = None,
+    renormalize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Remove one routed expert from every token that has at least two (k -> k-1).
 
@@ -122,8 +142,11 @@ def dynamic_drop_one(
     Returns:
         ``(probs, routing_map)``, new tensors. The removed expert's weight is zeroed
         and the remaining weights of the token are rescaled to the token's
-        original total (so softmax-normalised weights still sum to one). Tokens
-        with fewer than two routed experts are unchanged.
+        original total (so softmax-normalised weights still sum to one), or, with
+        ``renormalize``, to sum to one (the reference code's choice; the two differ
+        only when the weights did not sum to one, e.g. under
+        ``moe_router_pre_softmax``). Tokens with fewer than two routed experts are
+        unchanged.
     """
     if mode not in DYNAMIC_MASK_MODES:
         raise ValueError(f"dynamic mask mode must be one of {DYNAMIC_MASK_MODES}, got {mode!r}")
@@ -169,6 +192,8 @@ def dynamic_drop_one(
     remove = torch.zeros_like(routed).scatter_(1, drop.unsqueeze(1), True) & eligible.unsqueeze(1)
     new_map = routed & ~remove
     total = probs.sum(dim=1, keepdim=True)
+    if renormalize:
+        total = torch.where(eligible.unsqueeze(1), torch.ones_like(total), total)
     kept = probs.masked_fill(~new_map, 0.0)
     kept_total = kept.sum(dim=1, keepdim=True)
     scale = torch.where(kept_total > 0, total / kept_total.clamp_min(torch.finfo(probs.dtype).tiny), 1.0)

@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "--tokenizer-model); the embedded default uses its tokenizer's")
     g.add_argument("--make-vocab-size-divisible-by", type=POSITIVE, default=128)
     g.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default="RMSNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action=B, default=True)
     g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="rope")
     g.add_argument("--untie-embeddings-and-output-weights", action=B, default=True)
@@ -178,6 +179,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="aux-loss-free balancing: per-expert bias on the scores for selection only")
     g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3,
                    help="expert bias step per iteration (sign of the load offset times this)")
+    g.add_argument("--moe-router-pre-softmax", action=B, default=False,
+                   help="softmax over all experts before the top-k (gate weights sum to the "
+                        "top-k probability mass; megatron's semantics). Off: softmax over the k "
+                        "chosen logits (weights sum to 1). MoPE after warm-up is unaffected")
+    g.add_argument("--moe-sigma-shrinkage", type=float, default=0.0,
+                   help="MoPE Sigma prior: shrink toward mean(diag) * I by this weight in [0, 1) "
+                        "(bounds the pull of experts never routed yet; 0 = the reference)")
+    g.add_argument("--moe-sigma-decay-rate", type=float, default=0.0,
+                   help="MoPE: multiply the co-occurrence counts by (1 - rate) before each "
+                        "training forward's update (0 = cumulative counts)")
+    g.add_argument("--last-trainable-layers", type=int, default=None,
+                   help="train only the last N transformer layers (+ final norm and output "
+                        "layer); -1 or unset: everything (the demo's flag)")
+
+    from mpmoe.train import ablation
+
+    ablation.add_arguments(p)
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=POSITIVE, default=1)
@@ -437,6 +455,7 @@ def validate(args: argparse.Namespace, world_size: Optional[int] = None) -> None
     if args.bf16 and not _cuda_available():
         raise ConfigError("--bf16 needs a GPU (the CPU optimizer keeps no fp32 master weights); "
                           "pass --no-bf16 on CPU")
+    _validate_mpmoe_extras(args)
     if args.recompute_granularity == "full" and args.recompute_method is None:
         args.recompute_method = "uniform"
     if args.recompute_method is not None and args.recompute_num_layers is None:
@@ -467,6 +486,23 @@ def _validate_balancing(args: argparse.Namespace) -> None:
         raise ConfigError("--moe-router-load-balancing-type otep (MoPE) needs --moe-router-score-function softmax")
 
 
+def _validate_mpmoe_extras(args: argparse.Namespace) -> None:
+    """Sigma prior / decay, layer freezing and the routing ablations (mpmoe.train.ablation)."""
+    from mpmoe.train import ablation
+
+    for name in ("moe_sigma_shrinkage", "moe_sigma_decay_rate"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    n = args.last_trainable_layers
+    if n is not None and not -1 <= n <= args.num_layers:
+        raise ConfigError(f"--last-trainable-layers must be -1 (all) or 0..--num-layers "
+                          f"{args.num_layers}, got {n}")
+    try:
+        ablation.validate(args, args.num_experts, args.moe_router_topk)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -485,6 +521,7 @@ def model_config_kwargs(args: argparse.Namespace) -> dict:
         num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups,
         normalization=args.normalization,
+        layernorm_epsilon=getattr(args, "norm_epsilon", 1e-5),
         gated_linear_unit=args.swiglu,
         activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
         add_bias_linear=False,
@@ -527,8 +564,14 @@ def model_config_kwargs(args: argparse.Namespace) -> dict:
             moe_sigma_update_every=args.moe_sigma_update_every,
             moe_plot_every=args.moe_plot_every,
             moe_stats_dir=args.moe_stats_dir,
+            moe_router_pre_softmax=getattr(args, "moe_router_pre_softmax", False),
+            moe_sigma_shrinkage=getattr(args, "moe_sigma_shrinkage", 0.0),
+            moe_sigma_decay_rate=getattr(args, "moe_sigma_decay_rate", 0.0),
         )
         kw.update(_balancing_kwargs(args))
+        from mpmoe.train.ablation import config_kwargs
+
+        kw.update(config_kwargs(args))
     return kw
 
 

@@ -82,9 +82,15 @@ def _reduce_losses(reports: list) -> float:
 
 @torch.no_grad()
 def evaluate(model, dataset, args, dp_rank: int, dp_size: int) -> float:
-    """Validation loss on the first ``--eval-iters`` global batches of ``dataset`` (fixed set)."""
+    """Validation loss on the first ``--eval-iters`` global batches of ``dataset`` (fixed set).
+
+    Routing state is synced first (pending Sigma counts summed over ranks, Sigma rebuilt),
+    so validation routes with every token counted so far, as a checkpoint would.
+    """
+    from mpmoe.megatron.router import sync_routing_state
     from mpmoe.train.data import micro_batches
 
+    sync_routing_state(model)
     model.eval()
     reports = []
     nmb = args.global_batch_size // (args.micro_batch_size * dp_size)
@@ -153,7 +159,8 @@ def train(args) -> dict:
     from mpmoe.train.data import build_datasets, micro_batches, resolve_data
     from mpmoe.train.faults import NonFiniteLoss, StopSignals, TrainingStopped, agree, local_nonfinite
     from mpmoe.train.metrics import ExpertLoadMonitor, RunLogger, Throughput, environment_summary
-    from mpmoe.train.optim import build_optimizer, build_scheduler, schedule_lengths, wrap_model
+    from mpmoe.train.optim import (build_optimizer, build_scheduler, freeze_all_but_last_layers,
+                                   schedule_lengths, wrap_model)
 
     # 1. processes and parallel groups ------------------------------------------------
     info = init_distributed(
@@ -175,6 +182,7 @@ def train(args) -> dict:
 
         # 3. model ----------------------------------------------------------------------
         config, model, module = build_model(args, vocab)
+        freeze_all_but_last_layers(model, getattr(args, "last_trainable_layers", None))
 
         # 4. data parallelism, optimizer, LR schedule ------------------------------------
         wrapped, finalize_grads = wrap_model(module, config, args)

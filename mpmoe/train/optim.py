@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["build_optimizer", "build_scheduler", "schedule_lengths", "use_distributed_optimizer",
+__all__ = ["build_optimizer", "freeze_all_but_last_layers", "build_scheduler", "schedule_lengths", "use_distributed_optimizer",
            "wrap_model"]
 
 
@@ -94,3 +94,29 @@ def build_scheduler(optimizer, args):
         wsd_decay_steps=n["wsd_decay"] if args.lr_decay_style == "WSD" else None,
         lr_wsd_decay_style=args.lr_wsd_decay_style if args.lr_decay_style == "WSD" else None,
     )
+
+
+def freeze_all_but_last_layers(model: torch.nn.Module, n) -> int:
+    """``--last-trainable-layers N``: only the last ``N`` transformer layers, the final norm
+    and the output layer keep ``requires_grad`` (embeddings and earlier layers are frozen;
+    megatron's DDP and optimizer skip frozen parameters). ``None`` or -1: train everything.
+    Routers of frozen layers still route and count their statistics. Returns the number
+    of frozen parameters (elements)."""
+    if n is None or n < 0:
+        return 0
+    decoder = model.decoder
+    layers = list(decoder.layers)
+    keep = {id(p) for layer in layers[len(layers) - n:] for p in layer.parameters()} if n else set()
+    for name in ("final_layernorm",):
+        mod = getattr(decoder, name, None)
+        if mod is not None:
+            keep |= {id(p) for p in mod.parameters()}
+    output = getattr(model, "output_layer", None)
+    if output is not None and not getattr(model, "share_embeddings_and_output_weights", False):
+        keep |= {id(p) for p in output.parameters()}
+    frozen = 0
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen

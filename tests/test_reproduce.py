@@ -1,0 +1,48 @@
+"""scripts/reproduce/paper_tiny.sh --quick: the whole pipeline end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_paper_tiny_quick(tmp_path, embedded_cache):
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    for var in ("WORLD_SIZE", "RANK", "MOE_MASK_EXPERTS", "MOE_DYNAMIC_MASK_MODE", "EACT_SAVE"):
+        env.pop(var, None)
+    r = subprocess.run([str(REPO / "scripts/reproduce/paper_tiny.sh"), str(out), "--quick",
+                        "--train-flags", f"--embedded-cache-dir {embedded_cache}"],
+                       env=env, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    val = summary["val_loss"]
+    assert len(val["MoPE"]["per_seed"]) == len(val["top-k"]["per_seed"]) == 2
+    assert all(3 < v < 10 for v in val["MoPE"]["per_seed"] + val["top-k"]["per_seed"])
+    for label in ("MoPE", "top-k"):
+        for abl in summary["ablations"][label]:
+            assert set(abl["knockout"]) == {"2", "3"}  # the MoE layers of the quick model
+            assert set(abl["dynamic"]) == {"cooccurrence", "random"}
+            # dropping one of two experts per token changes the loss
+            assert abl["dynamic"]["random"] != 0.0
+    assert "topk_routing" in summary["ablations"]["MoPE"][0]
+    assert len(summary["eval_tasks"]) == 3 and all(summary["eval_tasks"].values())
+    report = (out / "report.md").read_text()
+    for text in ("## Validation loss", "Paper claims next to what was measured", "Winner by validation loss",
+                 "MoPE + prior", "co-activation concentration MoPE"):
+        assert text in report
+    for png in ("learning_curves.png", "ablations.png"):
+        assert (out / png).stat().st_size > 5000
+    assert list((out / "analysis_stats").glob("*.png")) and list((out / "analysis_checkpoint").glob("*.png"))
+
+
+def test_paper_tiny_usage_error():
+    r = subprocess.run([str(REPO / "scripts/reproduce/paper_tiny.sh")], capture_output=True, text=True)
+    assert r.returncode == 2 and "usage" in r.stderr
