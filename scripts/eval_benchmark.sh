@@ -51,7 +51,7 @@ if [[ $# -lt 2 ]]; then
     exit 2
 fi
 CKPT="$1"; OUT_DIR="$2"; shift 2
-if [[ ! -d "$CKPT" ]]; then
+if [[ "${DRY_RUN:-0}" != 1 && ! -d "$CKPT" ]]; then  # a dry run only prints the commands
     echo "$ME: error: checkpoint $CKPT is not a folder" >&2
     exit 2
 fi

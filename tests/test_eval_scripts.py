@@ -178,6 +178,7 @@ def test_benchmark_bad_settings_run_nothing(tmp_path, bad):
 def test_benchmark_real_run_with_fake_mpmoe(tmp_path, fake_mpmoe):
     out = tmp_path / "o"
     ck = tmp_path / "ckpt" / "iter_0000100"
+    ck.mkdir(parents=True)
     _run(BENCH, [ck, out], _env(tmp_path, MPMOE=fake_mpmoe))
     calls = _calls(tmp_path)
     assert [c[1] for c in calls] == ["--load"] * 5 + ["table"]
@@ -193,6 +194,7 @@ def test_benchmark_real_run_with_fake_mpmoe(tmp_path, fake_mpmoe):
 def test_benchmark_stops_at_a_hub_error(tmp_path, fake_mpmoe):
     out = tmp_path / "o"
     env = _env(tmp_path, MPMOE=fake_mpmoe, FAKE_FAIL_TASKS="arc_easy")
+    (tmp_path / "ck").mkdir()
     proc = _run(BENCH, [tmp_path / "ck", out], env, check=False)
     assert proc.returncode == 2
     assert "mpmoe eval: error: cannot get the data" in proc.stderr
@@ -264,3 +266,8 @@ def test_run_all_real_run_one_table(tmp_path, run_tree, fake_mpmoe):
     n_calls = len(_calls(tmp_path))
     _run(RUN_ALL, [run], env)          # everything done: only the tables again
     assert all(c[1] == "table" for c in _calls(tmp_path)[n_calls:])
+
+
+def test_benchmark_refuses_a_missing_checkpoint(tmp_path, fake_mpmoe):
+    proc = _run(BENCH, [tmp_path / "nope", tmp_path / "o"], _env(tmp_path, MPMOE=fake_mpmoe), check=False)
+    assert proc.returncode == 2 and "is not a folder" in proc.stderr and not _calls(tmp_path)

@@ -14,6 +14,10 @@ ROOT="$(cd -- "$HERE/../.." && pwd -P)"
 if [ -z "${PYTHON:-}" ]; then
     if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+    sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    exit 0
+fi
 if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
     echo "usage: $0 OUT [--quick] [--seeds 1,2,3] [--iters N] [--preset P --data-path ...]" >&2
     exit 2
