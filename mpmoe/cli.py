@@ -8,6 +8,7 @@ A driver exposes ``main(argv: list[str] | None) -> int``.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 # verb -> (module with main(argv), one-line help)
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         import warnings
 
         warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
+        # a CUDA build of torch on a machine without CUDA notes it at import (cpp_extension)
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     if not {"-h", "--help"} & set(rest):
         from mpmoe.deps import VERB_NEEDS, missing
 

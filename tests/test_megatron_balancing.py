@@ -10,9 +10,9 @@ from test_megatron_router_support import make_config, single_process_group
 
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec  # noqa: E402
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler  # noqa: E402
-from megatron.core.transformer.spec_utils import build_module  # noqa: E402
 
 from mpmoe.megatron.balancing import ReMoERouter, update_balancing_state  # noqa: E402
+from mpmoe.megatron.compat import build_mlp, moe_submodules  # noqa: E402
 from mpmoe.megatron.router import TopKStatsRouter  # noqa: E402
 from mpmoe.megatron.stats import RoutingStatsTracker, read_stats_file  # noqa: E402
 
@@ -26,10 +26,11 @@ def group():
 def remoe_layer(seed=0, **overrides):
     cfg = make_config(moe_relu_routing=True, moe_router_load_balancing_type="none", **overrides)
     spec = get_moe_module_spec(use_te=False, num_experts=cfg.num_moe_experts, moe_grouped_gemm=False)
-    spec.submodules.router = ReMoERouter
-    spec.submodules.shared_experts = None
+    moe = moe_submodules(spec)  # megatron 0.18+: a builder, not a ModuleSpec
+    moe.router = ReMoERouter
+    moe.shared_experts = None
     torch.manual_seed(seed)
-    layer = build_module(spec, config=cfg, layer_number=1)
+    layer = build_mlp(spec, config=cfg, layer_number=1)
     layer.set_layer_number(1)
     return layer
 

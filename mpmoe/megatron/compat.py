@@ -26,6 +26,7 @@ import inspect
 from typing import Any, Optional
 
 __all__ = [
+    "allow_variable_experts_per_token",
     "build_mlp",
     "dist_ckpt_finalize_owner",
     "mlp_spec_for_backend",
@@ -85,6 +86,52 @@ def build_mlp(mlp_spec: Any, **kwargs):
     if isinstance(mlp_spec, ModuleSpec):
         return build_module(mlp_spec, **kwargs)
     return mlp_spec(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# Token dispatch
+# ---------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _permute_needs_exact_count() -> bool:
+    """0.19: the unfused ``permute`` selects exactly ``num_out_tokens`` rows (an argsort of
+    fixed size, for CUDA graphs), where 0.16 used ``masked_select`` (the routed pairs)."""
+    import torch
+    from megatron.core.transformer.moe.moe_utils import permute
+
+    routed_once = torch.tensor([[True, False], [False, False]])
+    return permute(torch.zeros(2, 1), routed_once, num_out_tokens=2)[0].shape[0] != 1
+
+
+def allow_variable_experts_per_token() -> None:
+    """Let the dropless alltoall dispatcher carry a variable number of experts per token.
+
+    megatron's ``MoEAlltoAllTokenDispatcher.preprocess`` sizes dropless permutation as
+    tokens x ``moe_router_topk``; with 0.19's fixed-size ``permute`` a router that routes
+    fewer or more pairs (ReMoE's ReLU gates, the k -> k-1 dynamic mask) then sends wrong
+    rows. For configs that route so (``moe_relu_routing`` or ``moe_dynamic_mask_mode``)
+    the count becomes the routing map's own (one host sync per layer; other configs are
+    untouched). Idempotent; a no-op where ``permute`` takes the routed pairs as they are.
+    """
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher as D
+
+    if getattr(D.preprocess, "_mpmoe_variable_k", False) or not _permute_needs_exact_count():
+        return
+    upstream = D.preprocess
+
+    @functools.wraps(upstream)
+    def preprocess(self, routing_map):
+        out = upstream(self, routing_map)
+        cfg = self.config
+        variable = getattr(cfg, "moe_relu_routing", False) or getattr(cfg, "moe_dynamic_mask_mode", None)
+        if variable and not self.drop_and_pad and cfg.moe_expert_capacity_factor is None \
+                and not getattr(cfg, "moe_router_padding_for_quantization", False):
+            self.num_out_tokens = int(routing_map.sum())
+        return out
+
+    preprocess._mpmoe_variable_k = True
+    D.preprocess = preprocess
 
 
 # ---------------------------------------------------------------------------------------

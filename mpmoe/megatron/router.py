@@ -50,6 +50,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
+from mpmoe.megatron import compat
 from mpmoe.megatron.config import MOPE_ROUTING_TYPE
 from mpmoe.megatron.parallel import token_parallel_group
 from mpmoe.routing import CooccurrenceStats, apply_static_mask, dynamic_drop_one, otep_select
@@ -152,6 +153,8 @@ class TopKStatsRouter(TopKRouter):
                     "moe_router_load_balancing_type='global_aux_loss' needs CUDA (megatron allocates its buffers there)"
                 )
         super().__init__(config=config, pg_collection=pg_collection, **kwargs)
+        if getattr(config, "moe_relu_routing", False) or getattr(config, "moe_dynamic_mask_mode", None):
+            compat.allow_variable_experts_per_token()  # not exactly k experts per token
         self.pg_collection = pg_collection
         self.token_group = token_group(config, pg_collection)
         num_experts = config.num_moe_experts
