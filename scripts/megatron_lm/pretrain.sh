@@ -54,26 +54,8 @@ if [[ -z "$PYTHON" ]]; then
     PYTHON="${PYTHON:-python3}"
 fi
 
-# --- GPUs on this node
-GPUS=0
-if command -v nvidia-smi >/dev/null 2>&1; then
-    GPUS=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l || echo 0)
-fi
-if [[ "$GPUS" -eq 0 ]]; then
-    GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
-fi
-
-# --- nodes (torchrun rendezvous; SLURM-friendly defaults)
-NNODES="${NNODES:-${SLURM_NNODES:-1}}"
-NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-0}}"
-if [[ -z "${MASTER_ADDR:-}" ]]; then
-    if [[ -n "${SLURM_JOB_NODELIST:-}" ]] && command -v scontrol >/dev/null 2>&1; then
-        MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-    else
-        MASTER_ADDR=127.0.0.1
-    fi
-fi
-MASTER_PORT="${MASTER_PORT:-29500}"
+# --- GPUs on this node, nodes (torchrun rendezvous)
+. "$ROOT/scripts/launch_env.sh"
 
 EXTRA=()
 if [[ "$GPUS" -gt 0 ]]; then

@@ -1,0 +1,23 @@
+# Sourced by scripts/train.sh and scripts/megatron_lm/pretrain.sh (needs $PYTHON): the GPUs
+# of this node and torchrun's rendezvous, with SLURM-friendly defaults.
+#   GPUS         nvidia-smi's count, else torch's, else 0
+#   NNODES NODE_RANK MASTER_ADDR MASTER_PORT   the environment's, else SLURM's, else one node
+
+GPUS=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+    GPUS=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l || echo 0)
+fi
+if [[ "$GPUS" -eq 0 ]]; then
+    GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+fi
+
+NNODES="${NNODES:-${SLURM_NNODES:-1}}"
+NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-0}}"
+if [[ -z "${MASTER_ADDR:-}" ]]; then
+    if [[ -n "${SLURM_JOB_NODELIST:-}" ]] && command -v scontrol >/dev/null 2>&1; then
+        MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    else
+        MASTER_ADDR=127.0.0.1
+    fi
+fi
+MASTER_PORT="${MASTER_PORT:-29500}"
