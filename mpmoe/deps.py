@@ -7,6 +7,7 @@ for the embedded corpus or ``--tokenizer-model``) with :func:`missing`.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from typing import Iterable, Optional
 
@@ -33,8 +34,16 @@ VERB_NEEDS = {
 }
 
 
+# Imported, not only looked up: megatron's checkpoint writer hangs when psutil is present
+# but broken, and the import is cheap (the big extras are only looked up).
+IMPORTED = ("psutil",)
+
+
 def _installed(name: str) -> bool:
     try:
+        if name in IMPORTED:
+            importlib.import_module(name)
+            return True
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False

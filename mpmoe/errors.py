@@ -89,5 +89,7 @@ def run_verb(prog: str, main: Callable[[list], Optional[int]], argv: list) -> in
         message = user_message(exc)
         if message is None:
             raise
-        print(f"{prog}: error: {one_line(message, MAX_CHARS - len(prog) - 9)}", file=sys.stderr)
+        # one write per line: under torchrun every rank reports, and lines must not interleave
+        sys.stderr.write(f"{prog}: error: {one_line(message, MAX_CHARS - len(prog) - 9)}\n")
+        sys.stderr.flush()
         return 2

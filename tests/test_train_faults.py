@@ -445,3 +445,12 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, dataset):
         f"mpmoe train: stopped by SIGTERM at iteration {stopped}; checkpoint {ck / f'iter_{stopped:07d}'}")
     assert int((ck / TRACKER).read_text()) == stopped
     assert "Traceback" not in ranks[0].stderr() + ranks[1].stderr()
+
+
+def test_a_present_but_broken_psutil_counts_as_missing(monkeypatch):
+    """psutil is imported, not only looked up: megatron's writer hangs on a broken one."""
+    from mpmoe.deps import missing
+
+    assert missing(["psutil"], "mpmoe train") is None
+    monkeypatch.setitem(sys.modules, "psutil", None)  # present on disk, fails to import
+    assert "psutil" in missing(["psutil"], "mpmoe train")
