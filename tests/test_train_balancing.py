@@ -3,14 +3,11 @@ update rules checked step by step against the routing statistics, and SIGKILL + 
 
 from __future__ import annotations
 
-import signal
-import subprocess
-
 import numpy as np
 import pytest
 
 from megatron_testing import run_distributed
-from test_train_loop import _cli, _env, _wait_for
+from test_train_loop import kill_and_resume
 from train_testing import make_indexed_dataset, read_metrics, tiny_flags
 
 E = 4
@@ -111,23 +108,7 @@ def test_kill_and_resume_keeps_the_balancing_state(tmp_path, dataset, method):
              if method == "remoe" else
              {"moe-router-enable-expert-bias": True, "moe-router-bias-update-rate": 0.01})
     common = {"train-iters": 16, "save-interval": 4, "eval-interval": 8, "no-progress": True, **extra}
-    full = tmp_path / "full"
-    a = subprocess.run(_cli(tiny_flags(dataset, full, **common)), env=_env(), capture_output=True,
-                       text=True, timeout=600)
-    assert a.returncode == 0, a.stderr
-    ck = tmp_path / "ck"
-    killed = subprocess.Popen(_cli(tiny_flags(dataset, tmp_path / "killed", save=str(ck), **common)),
-                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for(ck / "latest_checkpointed_iteration.txt", killed, timeout=300)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    start = int((ck / "latest_checkpointed_iteration.txt").read_text())
-    resumed = tmp_path / "resumed"
-    c = subprocess.run(_cli(tiny_flags(dataset, resumed, save=str(ck), load=str(ck), **common)),
-                       env=_env(), capture_output=True, text=True, timeout=600)
-    assert c.returncode == 0, c.stderr
-    ref = {m["iteration"]: m for m in read_metrics(full)}
-    got = {m["iteration"]: m for m in read_metrics(resumed)}
+    ref, got, start = kill_and_resume(tmp_path, dataset, common)
     assert min(got) == start + 1 and max(got) == 16
     key = "remoe/l1_coeff/layer_2" if method == "remoe" else "moe/expert_bias_absmax/layer_2"
     for it, m in got.items():

@@ -88,16 +88,13 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("extra", [{}, {"moe-sigma-decay-rate": 0.05, "moe-sigma-shrinkage": 0.1,
-                                       "last-trainable-layers": 1}], ids=["default", "decay-prior-frozen"])
-def test_kill_and_resume_matches_uninterrupted_run(tmp_path, dataset, extra):
-    """SIGKILL after the first checkpoint; --load continues the same losses (fp32: 1e-6)."""
-    common = {"train-iters": 40, "save-interval": 5, "eval-interval": 10, "no-progress": True, **extra}
+def kill_and_resume(tmp_path: Path, dataset: str, common: dict) -> tuple[dict, dict, int]:
+    """An uninterrupted run, and a run SIGKILLed after its first checkpoint then resumed with
+    --load: (metrics by iteration of the first, of the resumed one, the resumed iteration)."""
     full = tmp_path / "full"
     a = subprocess.run(_cli(tiny_flags(dataset, full, save=str(tmp_path / "ck_full"), **common)),
                        env=_env(), capture_output=True, text=True, timeout=600)
     assert a.returncode == 0, a.stderr
-
     ck = tmp_path / "ck"
     killed = subprocess.Popen(_cli(tiny_flags(dataset, tmp_path / "killed", save=str(ck), **common)),
                               env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -107,14 +104,20 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, dataset, extra):
     assert killed.returncode == -signal.SIGKILL
     start = int((ck / "latest_checkpointed_iteration.txt").read_text())
     assert (ck / f"iter_{start:07d}" / "metadata.json").is_file()
-
     resumed = tmp_path / "resumed"
     c = subprocess.run(_cli(tiny_flags(dataset, resumed, save=str(ck), load=str(ck), **common)),
                        env=_env(), capture_output=True, text=True, timeout=600)
     assert c.returncode == 0, c.stderr
+    return ({m["iteration"]: m for m in read_metrics(full)},
+            {m["iteration"]: m for m in read_metrics(resumed)}, start)
 
-    ref = {m["iteration"]: m for m in read_metrics(full)}
-    got = {m["iteration"]: m for m in read_metrics(resumed)}
+
+@pytest.mark.parametrize("extra", [{}, {"moe-sigma-decay-rate": 0.05, "moe-sigma-shrinkage": 0.1,
+                                       "last-trainable-layers": 1}], ids=["default", "decay-prior-frozen"])
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, dataset, extra):
+    """SIGKILL after the first checkpoint; --load continues the same losses (fp32: 1e-6)."""
+    common = {"train-iters": 40, "save-interval": 5, "eval-interval": 10, "no-progress": True, **extra}
+    ref, got, start = kill_and_resume(tmp_path, dataset, common)
     assert min(got) == start + 1 and max(got) == 40
     for it, m in got.items():
         assert abs(m["loss"] - ref[it]["loss"]) <= 1e-6, (it, m["loss"], ref[it]["loss"])
