@@ -8,10 +8,12 @@ plain top-k) and times, on the offline tasks' real requests:
 * generated tokens/s (greedy, the generation task's prompts, ``--max-gen-toks`` tokens each,
   no stop string so every row generates the same amount), with the KV cache;
 
-each at batch size 1 and at ``--batch-size``, the configurations interleaved round by round
-so that machine load affects all alike; the median of ``--rounds`` rounds is reported with
-the batching speed-up and the MoPE / top-k ratio. ``--no-kv`` adds generation without the
-KV cache (recomputing the prefix each token) for comparison.
+each at batch size 1 and at ``--batch-size``. MoPE and top-k take turns batch by batch (the
+order swapped every batch), so that the load of a shared machine, which drifts over seconds,
+falls on both alike; each round sums its batches. Reported: the median of ``--rounds``
+rounds, the batching speed-up, and the MoPE / top-k ratio as the median of the rounds'
+paired ratios. ``--no-kv`` adds generation without the KV cache (recomputing the prefix each
+token) for comparison.
 
     python benchmarks/bench_eval.py                    # tiny-cpu on CPU
     python benchmarks/bench_eval.py --load runs/x/ckpt --batch-size 32
@@ -103,25 +105,26 @@ def main(argv=None) -> int:
     print(f"{len(ll_reqs)} loglikelihood requests, {len(gen_reqs)} prompts x {args.max_gen_toks} "
           f"generated tokens\n", flush=True)
 
+    modes = ("mope", "topk")
     configs = []
-    for mode in ("mope", "topk"):
-        for bs in (1, args.batch_size):
-            configs.append(("loglikelihood", mode, bs, True))
-            configs.append(("generate", mode, bs, True))
-            if args.no_kv:
-                configs.append(("generate", mode, bs, False))
-    times: dict = {c: [] for c in configs}
-    units: dict = {}
+    for bs in (1, args.batch_size):
+        configs.append(("loglikelihood", bs, True))
+        configs.append(("generate", bs, True))
+        if args.no_kv:
+            configs.append(("generate", bs, False))
+    # seconds[(kind, bs, kv)][mode][round], units[(kind, bs, kv)][mode]: requests or tokens per pass
+    seconds: dict = {c: {m: [] for m in modes} for c in configs}
+    units: dict = {c: {m: 0 for m in modes} for c in configs}
 
-    def run(cfg):
-        kind, mode, bs, kv = cfg
+    def run(mode, cfg, chunk):
+        kind, bs, kv = cfg
         lm = models[mode]
         lm.batch_size, lm.kv_cache = bs, kv
         if kind == "loglikelihood":
-            return len(ll_reqs), _time(lambda: lm.loglikelihood(ll_reqs, disable_tqdm=True))
+            return len(chunk), _time(lambda: lm.loglikelihood(chunk, disable_tqdm=True))
         before = lm.counters["generated_tokens"]
-        seconds = _time(lambda: lm.generate_until(gen_reqs, disable_tqdm=True))
-        return lm.counters["generated_tokens"] - before, seconds
+        took = _time(lambda: lm.generate_until(chunk, disable_tqdm=True))
+        return lm.counters["generated_tokens"] - before, took
 
     for lm in models.values():  # warm-up: one small pass of each kind
         lm.batch_size = args.batch_size
@@ -129,46 +132,63 @@ def main(argv=None) -> int:
         lm.generate_until(gen_reqs[:2], disable_tqdm=True)
     for r in range(args.rounds):
         for cfg in configs:
-            n, seconds = run(cfg)
-            times[cfg].append(seconds)
-            units[cfg] = n
+            # The two routings take turns batch by batch (first one, then the other, swapped
+            # every batch), so that the machine's load, which drifts over seconds on a shared
+            # host, falls on both alike; each round sums its batches.
+            reqs = ll_reqs if cfg[0] == "loglikelihood" else gen_reqs
+            total = {m: 0.0 for m in modes}
+            count = {m: 0 for m in modes}
+            for b, start in enumerate(range(0, len(reqs), cfg[1])):
+                for mode in (modes if (b + r) % 2 == 0 else modes[::-1]):
+                    n, took = run(mode, cfg, reqs[start:start + cfg[1]])
+                    total[mode] += took
+                    count[mode] += n
+            for mode in modes:
+                seconds[cfg][mode].append(total[mode])
+                units[cfg][mode] = count[mode]
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
-    def rate(cfg):
-        return units[cfg] / statistics.median(times[cfg])
+    def rate(cfg, mode):
+        return units[cfg][mode] / statistics.median(seconds[cfg][mode])
+
+    def time_ratio(cfg):
+        """MoPE time / top-k time: the median over rounds of each round's paired ratio."""
+        return statistics.median(a / b for a, b in zip(seconds[cfg]["mope"], seconds[cfg]["topk"]))
 
     print()
     print(f"{'measure':<28}{'routing':<8}{'batch':>6}{'median s':>10}{'rate':>12}")
     for cfg in configs:
-        kind, mode, bs, kv = cfg
+        kind, bs, kv = cfg
         label = "loglikelihood requests/s" if kind == "loglikelihood" else \
             ("generated tokens/s" + ("" if kv else " (no KV)"))
-        print(f"{label:<28}{mode:<8}{bs:>6}{statistics.median(times[cfg]):>10.3f}{rate(cfg):>12.1f}")
+        for mode in modes:
+            print(f"{label:<28}{mode:<8}{bs:>6}{statistics.median(seconds[cfg][mode]):>10.3f}{rate(cfg, mode):>12.1f}")
     print()
     b = args.batch_size
-    for mode in ("mope", "topk"):
-        ll = rate(("loglikelihood", mode, b, True)) / rate(("loglikelihood", mode, 1, True))
-        gen = rate(("generate", mode, b, True)) / rate(("generate", mode, 1, True))
+    for mode in modes:
+        ll = rate(("loglikelihood", b, True), mode) / rate(("loglikelihood", 1, True), mode)
+        gen = rate(("generate", b, True), mode) / rate(("generate", 1, True), mode)
         print(f"batching speed-up ({mode}, batch {b} vs 1): loglikelihood {ll:.2f}x, generation {gen:.2f}x")
     for bs in (1, b):
-        ll = rate(("loglikelihood", "topk", bs, True)) / rate(("loglikelihood", "mope", bs, True))
-        gen = rate(("generate", "topk", bs, True)) / rate(("generate", "mope", bs, True))
-        print(f"MoPE time / top-k time (batch {bs}): loglikelihood {ll:.3f}x, generation {gen:.3f}x")
+        ll, gen = time_ratio(("loglikelihood", bs, True)), time_ratio(("generate", bs, True))
+        print(f"MoPE time / top-k time (batch {bs}, median of paired rounds): loglikelihood {ll:.3f}x, "
+              f"generation {gen:.3f}x; MoPE / top-k generated tokens/s {1 / gen:.3f}x")
     if args.no_kv:
         for bs in (1, b):
-            kv = rate(("generate", "mope", bs, True)) / rate(("generate", "mope", bs, False))
+            kv = rate(("generate", bs, True), "mope") / rate(("generate", bs, False), "mope")
             print(f"KV cache speed-up (mope, batch {bs}): {kv:.2f}x")
     # agreement: the two routing modes score the same requests differently only through routing
     same = models["mope"].loglikelihood(ll_reqs[:16], disable_tqdm=True) == \
         models["topk"].loglikelihood(ll_reqs[:16], disable_tqdm=True)
     print(f"MoPE and top-k scores identical on 16 requests: {same} (expected False with a learned Sigma)")
     if args.json:
-        rates = [{"measure": kind, "routing": mode, "batch": bs, "kv_cache": kv, "rate": rate((kind, mode, bs, kv))}
-                 for (kind, mode, bs, kv) in configs]
-        ratios = {f"generation_mope_over_topk_tokens_per_s_batch{bs}":
-                  rate(("generate", "mope", bs, True)) / rate(("generate", "topk", bs, True)) for bs in (1, b)}
+        rates = [{"measure": kind, "routing": mode, "batch": bs, "kv_cache": kv, "rate": rate((kind, bs, kv), mode)}
+                 for (kind, bs, kv) in configs for mode in modes]
+        ratios = {f"generation_mope_over_topk_tokens_per_s_batch{bs}": 1 / time_ratio(("generate", bs, True))
+                  for bs in (1, b)}
         with open(args.json, "w") as f:
-            json.dump({"device": str(em.device), "dtype": str(em.dtype), "rates": rates, **ratios}, f, indent=1)
+            json.dump({"device": str(em.device), "dtype": str(em.dtype), "rounds": args.rounds, "rates": rates,
+                       **ratios}, f, indent=1)
     for lm in models.values():
         lm.close()
     destroy_distributed()
