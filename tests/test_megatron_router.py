@@ -23,7 +23,7 @@ from mpmoe.megatron.router import (  # noqa: E402
     set_training_progress,
     sync_routing_state,
 )
-from mpmoe.routing import covariance_from_counts, otep_select  # noqa: E402
+from mpmoe.routing import covariance_from_counts, otep, otep_select  # noqa: E402
 
 H = 32
 E = 8
@@ -301,6 +301,23 @@ def test_eval_forward_does_not_count_and_uses_stored_sigma():
     assert torch.equal(rmap, expected)
 
 
+def test_decode_steps_route_as_the_whole_batch():
+    # One token at a time (decode, OTEP's small-batch loop and the router's memo of Sigma's
+    # factor rows) gives the routing of all tokens at once (the blocked loop).
+    layer = build_moe_layer(make_config(moe_router_load_balancing_type="otep"))
+    router = layer.router
+    router.cooccurrence_stats.covariance.copy_(correlated_sigma())
+    layer.eval()
+    x = tokens(2 * (otep.SMALL_BATCH + 8), seed=5).reshape(-1, 1, H)  # [tokens, batch 1, H]
+    with torch.no_grad():
+        probs, rmap = router(x)
+        steps = [router(x[i : i + 1]) for i in range(x.shape[0])]
+    assert torch.equal(torch.cat([m for _, m in steps]), rmap)
+    # (the gate weights only to rounding: a [1, H] and an [n, H] matmul round differently)
+    torch.testing.assert_close(torch.cat([p for p, _ in steps]), probs)
+    assert len(router._otep_cache) > 1  # the memo was used
+
+
 def test_inference_topk_flag_routes_plain_topk():
     cfg = make_config(moe_router_load_balancing_type="otep", moe_otep_inference_topk=True)
     layer = build_moe_layer(cfg)
@@ -457,7 +474,11 @@ def test_no_host_sync_on_router_hot_path(monkeypatch, variant):
         kw.update(moe_mask_experts={"1": [2]}, moe_dynamic_mask_mode="random", moe_router_topk=3, moe_stats_dir="/nonexistent")
     layer = build_moe_layer(make_config(**kw))
     router = layer.router
-    x = tokens(32).requires_grad_(True)
+    # More tokens than OTEP's small-batch CPU loop takes: that loop (decode steps, T <= 64)
+    # works on host memory through NumPy by design and never runs for device tensors.
+    n = otep.SMALL_BATCH + 16
+    assert otep._choose_path("auto", torch.empty(8, 8, device="meta"), 2, None) == "blocked"
+    x = tokens(n).requires_grad_(True)
     # One warm-up forward, so that the timed one also rebuilds Sigma (a collective).
     probs, _ = router(x)
     probs.sum().backward()
@@ -475,7 +496,7 @@ def test_no_host_sync_on_router_hot_path(monkeypatch, variant):
     monkeypatch.undo()
     assert router._counted_forwards == 2
     if variant != "topk":
-        assert float(router.cooccurrence_stats.num_tokens) == 32  # the refresh happened
+        assert float(router.cooccurrence_stats.num_tokens) == n  # the refresh happened
 
 
 # ---------------------------------------------------------------- masks

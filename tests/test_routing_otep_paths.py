@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpmoe.routing import otep, otep_select, otep_select_indices
+from mpmoe.routing import OtepCache, otep, otep_select, otep_select_indices
 from mpmoe.routing import otep_triton
 from routing_reference import otep_reference
 from test_routing_otep import degenerate_sigmas, random_probs, routing_covariance
@@ -71,6 +71,64 @@ def test_small_batch_loop_on_degenerate_sigma_and_ties(num_experts, k):
     assert otep_select_indices(ties, torch.eye(num_experts), k).tolist() == [list(range(k))] * 5
 
 
+@SETTINGS
+@given(
+    num_experts=st.integers(1, 40),
+    data=st.data(),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    max_nodes=st.sampled_from([2, 5, 1 << 14]),
+)
+def test_cache_kept_across_calls_matches_blocked_loop(num_experts, data, seed, dtype, max_nodes):
+    # One OtepCache over many calls of 1..64 tokens, as a MoPE layer keeps it while decoding:
+    # every call picks what the blocked loop picks, whether its prefixes were memoised by
+    # earlier calls, are new, or the cache had to start over (max_nodes).
+    k = data.draw(st.integers(1, num_experts))
+    sigma = routing_covariance(num_experts, seed, tokens=300).to(dtype)
+    cache = OtepCache(max_nodes=max_nodes)
+    for call, tokens in enumerate(data.draw(st.lists(st.sampled_from([1, 1, 2, 7, 64]), min_size=2, max_size=6))):
+        probs = random_probs(tokens, num_experts, seed + 1 + call).to(dtype)
+        got = otep_select_indices(probs, sigma, k, cache=cache)
+        assert torch.equal(got, blocked(probs, sigma, k)), call
+        assert torch.equal(otep_select(probs, sigma, k, cache=cache), otep_select(probs, sigma, k, backend="torch"))
+    assert 1 <= len(cache) <= max(max_nodes, 1 + 64 * (k - 1))
+
+
+def test_cache_follows_sigma_changes():
+    # The cache belongs to one Sigma: an in-place update (as Sigma's rebuild in training), a
+    # new tensor, another eps or dtype each start it over; an unchanged Sigma reuses it.
+    probs = random_probs(1, 12, seed=1)
+    sigma = routing_covariance(12, seed=2)
+    cache = OtepCache()
+    otep_select(probs, sigma, 4, cache=cache)
+    held = len(cache)
+    assert held == 4  # the root and three picks
+    assert torch.equal(otep_select_indices(probs, sigma, 4, cache=cache), blocked(probs, sigma, 4))
+    assert len(cache) == held  # the same prefixes: nothing added
+    sigma.copy_(routing_covariance(12, seed=3))
+    assert torch.equal(otep_select_indices(probs, sigma, 4, cache=cache), blocked(probs, sigma, 4))
+    other = routing_covariance(12, seed=4)
+    assert torch.equal(otep_select_indices(probs, other, 4, cache=cache), blocked(probs, other, 4))
+    assert torch.equal(otep_select_indices(probs, other, 4, eps=1e-3, cache=cache), blocked(probs, other, 4, eps=1e-3))
+    assert torch.equal(otep_select_indices(probs.double(), other.double(), 4, cache=cache),
+                       blocked(probs.double(), other.double(), 4))
+    with torch.inference_mode():  # inference tensors keep no version: never reused, still right
+        frozen = routing_covariance(12, seed=5)
+        assert torch.equal(otep_select_indices(probs, frozen, 4, cache=cache), blocked(probs, frozen, 4))
+    with pytest.raises(ValueError, match="max_nodes"):
+        OtepCache(max_nodes=1)
+
+
+def test_small_batch_loop_keeps_no_graph_and_leaves_inputs_alone():
+    probs = random_probs(3, 8, seed=2).requires_grad_()
+    sigma = routing_covariance(8, seed=2)
+    before = (probs.detach().clone(), sigma.clone())
+    for rows in (probs[:1], probs):
+        mask = otep_select(rows, sigma, 3, cache=OtepCache())
+        assert not mask.requires_grad and mask.grad_fn is None
+    assert torch.equal(probs.detach(), before[0]) and torch.equal(sigma, before[1])
+
+
 def test_backend_flag_and_environment_variable(monkeypatch):
     probs, sigma = random_probs(4, 8, seed=0), torch.eye(8)
     with pytest.raises(ValueError, match="backend"):
@@ -80,6 +138,9 @@ def test_backend_flag_and_environment_variable(monkeypatch):
         otep_select(probs, sigma, 2)
     monkeypatch.setenv("MPMOE_OTEP_BACKEND", "torch")
     assert otep._choose_path(None, probs, 2, None) == "small"
+    assert otep.default_backend() == "torch"
+    monkeypatch.setenv("MPMOE_OTEP_BACKEND", " Auto ")
+    assert otep.default_backend() == "auto"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     if otep_triton.available():
         with pytest.raises(ValueError, match="TRITON_INTERPRET"):

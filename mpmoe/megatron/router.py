@@ -53,7 +53,8 @@ from megatron.core.transformer.moe.router import TopKRouter
 from mpmoe.megatron import compat
 from mpmoe.megatron.config import MOPE_ROUTING_TYPE
 from mpmoe.megatron.parallel import token_parallel_group
-from mpmoe.routing import CooccurrenceStats, apply_static_mask, dynamic_drop_one, otep_select
+from mpmoe.routing import CooccurrenceStats, OtepCache, apply_static_mask, dynamic_drop_one, otep_select
+from mpmoe.routing.otep import default_backend
 
 try:  # Transformer Engine provides megatron's fused gating on CUDA.
     import transformer_engine  # noqa: F401
@@ -61,6 +62,10 @@ try:  # Transformer Engine provides megatron's fused gating on CUDA.
     _HAVE_TE = True
 except ImportError:  # pragma: no cover - depends on the environment
     _HAVE_TE = False
+
+# -inf as a 0-dim CPU tensor: on CPU torch.where takes it (of any float dtype) for about
+# half the cost of a Python-scalar operand.
+_NEG_INF = torch.tensor(-math.inf)
 
 __all__ = [
     "TopKStatsRouter",
@@ -427,6 +432,8 @@ class MoPERouter(TopKStatsRouter):
             decay_rate=getattr(config, "moe_sigma_decay_rate", 0.0),
         )
         self._since_refresh = 0  # counted forwards added since Sigma was last rebuilt
+        self._otep_cache = OtepCache()  # CPU decode: OTEP's Sigma-only state by pick prefix
+        self._otep_backend = default_backend()  # MPMOE_OTEP_BACKEND, read once (not per forward)
 
     def _stat_buffer_names(self) -> list[str]:
         names = super()._stat_buffer_names()
@@ -483,24 +490,25 @@ class MoPERouter(TopKStatsRouter):
 
         need_aux = self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled()
         # Unmasked softmax probabilities: OTEP's p, and (with grad) the aux loss's scores.
-        with torch.set_grad_enabled(need_aux):
-            scores_all = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        with torch.no_grad():
-            probs_all = scores_all.detach()
-            masked_ids = self.static_mask_ids
-            allowed = None
-            if masked_ids:
-                allowed = torch.ones(self.num_experts, dtype=torch.bool, device=logits.device)
-                allowed[list(masked_ids)] = False
-            selection = otep_select(
-                self._otep_scores(probs_all),
-                sigma,
-                self.topk,
-                allowed=allowed,
-                eps=self.config.moe_otep_eps,
-                check_finite=False,
-            )
-        masked_logits = logits.masked_fill(~selection, -math.inf)
+        # (No grad-mode context managers and no Python-scalar operands here: at one-token
+        # decode steps every microsecond shows.)
+        scores_all = torch.softmax(logits if need_aux else logits.detach(), dim=-1, dtype=torch.float32)
+        masked_ids = self.static_mask_ids
+        allowed = None
+        if masked_ids:
+            allowed = torch.ones(self.num_experts, dtype=torch.bool, device=logits.device)
+            allowed[list(masked_ids)] = False
+        selection = otep_select(  # records no autograd graph
+            self._otep_scores(scores_all.detach() if need_aux else scores_all),
+            sigma,
+            self.topk,
+            allowed=allowed,
+            eps=self.config.moe_otep_eps,
+            check_finite=False,
+            backend=self._otep_backend,
+            cache=self._otep_cache,
+        )
+        masked_logits = torch.where(selection, logits, _NEG_INF if logits.is_cpu else -math.inf)
         probs, routing_map = topk_routing_with_score_function(
             masked_logits,
             self.topk,

@@ -1,6 +1,7 @@
 """Pure-PyTorch MoPE routing math (no megatron import; CPU and CUDA; no host sync).
 
-* :func:`otep_select` / :func:`otep_select_indices` - greedy OTEP expert selection.
+* :func:`otep_select` / :func:`otep_select_indices` - greedy OTEP expert selection
+  (:class:`OtepCache`: its decode-time memo, one per Sigma).
 * :class:`CooccurrenceStats` - device-resident co-occurrence counters and Sigma.
 * :mod:`mpmoe.routing.masks` - static expert knock-out and dynamic k -> k-1 masks.
 * :mod:`mpmoe.routing.balancing` - ReMoE's ReLU gates and adaptive L1, and the
@@ -15,12 +16,13 @@ from mpmoe.routing.masks import (
     normalized_cooccurrence,
     parse_expert_mask,
 )
-from mpmoe.routing.otep import DEFAULT_EPS, otep_select, otep_select_indices
+from mpmoe.routing.otep import DEFAULT_EPS, OtepCache, otep_select, otep_select_indices
 
 __all__ = [
     "DEFAULT_EPS",
     "DYNAMIC_MASK_MODES",
     "CooccurrenceStats",
+    "OtepCache",
     "apply_static_mask",
     "covariance_from_counts",
     "dynamic_drop_one",

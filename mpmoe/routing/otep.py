@@ -33,10 +33,11 @@ Implementation notes, in the order they matter for speed on CPU and GPU:
   below every allowed expert, so they are picked only when nothing else is left.
 
 Three paths make the same picks (``tests/test_routing_otep_paths.py``): this blocked
-loop; for T <= ``SMALL_BATCH`` tokens on CPU (decode) :func:`_otep_small`, the same
-arithmetic in about half the tensor ops; on CUDA the fused Triton kernel of
-:mod:`mpmoe.routing.otep_triton` when Triton is importable. ``backend=`` or the
-environment variable ``MPMOE_OTEP_BACKEND`` forces one.
+loop; for T <= ``SMALL_BATCH`` tokens on CPU (decode) the loop of
+:mod:`mpmoe.routing.otep_small`, which memoises the Sigma-only part of the state by pick
+prefix in an :class:`OtepCache` (the caller keeps one per Sigma across calls); on CUDA
+the fused Triton kernel of :mod:`mpmoe.routing.otep_triton` when Triton is importable.
+``backend=`` or the environment variable ``MPMOE_OTEP_BACKEND`` forces one.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ import sys
 import torch
 
 from mpmoe.routing import otep_triton
+from mpmoe.routing.otep_small import OtepCache, otep_small
 
-__all__ = ["otep_select", "otep_select_indices", "DEFAULT_EPS", "BACKENDS"]
+__all__ = ["otep_select", "otep_select_indices", "OtepCache", "DEFAULT_EPS", "BACKENDS", "default_backend"]
 
 #: Values of ``backend=`` / ``MPMOE_OTEP_BACKEND``.
 BACKENDS = ("auto", "torch", "triton")
@@ -125,7 +127,6 @@ def _validate(probs: torch.Tensor, sigma: torch.Tensor, k: int, allowed, check_f
             raise ValueError("otep_select: sigma contains NaN or inf")
 
 
-@torch.no_grad()
 def otep_select_indices(
     probs: torch.Tensor,
     sigma: torch.Tensor,
@@ -137,18 +138,18 @@ def otep_select_indices(
     chunk_size: int | None = None,
     check_finite: bool | None = None,
     backend: str | None = None,
+    cache: OtepCache | None = None,
 ) -> torch.Tensor:
     """Greedy OTEP selection; returns the chosen expert ids [T, k] in pick order.
 
     Same arguments as :func:`otep_select`. Column ``t`` holds the expert picked in
     greedy round ``t``, so ``indices[:, :t]`` is the greedy selection of size ``t``.
-    The selection is not differentiable: it runs under ``torch.no_grad()``.
+    The selection is not differentiable (it records no autograd graph).
     """
-    return _select(probs, sigma, k, tie_break, allowed, eps, chunk_size, check_finite, backend, False)
+    return _select(probs, sigma, k, tie_break, allowed, eps, chunk_size, check_finite, backend, cache, False)
 
 
-@torch.no_grad()
-def _select(probs, sigma, k, tie_break, allowed, eps, chunk_size, check_finite, backend, want_mask):
+def _select(probs, sigma, k, tie_break, allowed, eps, chunk_size, check_finite, backend, cache, want_mask):
     """Validate, pick a path (Triton kernel, small-batch loop, blocked loop), run it.
 
     Returns the indices [T, k], or the bool map [T, E] when ``want_mask``.
@@ -156,23 +157,32 @@ def _select(probs, sigma, k, tie_break, allowed, eps, chunk_size, check_finite, 
     _validate(probs, sigma, k, allowed, check_finite)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"otep_select: chunk_size must be >= 1, got {chunk_size}")
+    path = _choose_path(backend, probs, k, tie_break, allowed)
+    if path == "small":  # NumPy, and in-place ops on tensors that need no grad
+        return otep_small(probs, sigma, k, eps, _compute_dtype(probs, sigma), want_mask, cache)
+    with torch.no_grad():
+        if path == "triton":
+            idx, mask = otep_triton.otep_triton(probs, sigma, k, allowed=allowed, eps=eps, want_mask=want_mask)
+            return mask if want_mask else idx
+        return _select_blocked(probs, sigma, k, tie_break, allowed, eps, chunk_size, want_mask)
+
+
+def _compute_dtype(probs, sigma) -> torch.dtype:
+    """fp32 at least (bf16/fp16 inputs are upcast), fp64 when given fp64."""
+    return torch.promote_types(torch.promote_types(probs.dtype, sigma.dtype), torch.float32)
+
+
+def _select_blocked(probs, sigma, k, tie_break, allowed, eps, chunk_size, want_mask):
     num_tokens, num_experts = probs.shape
     device = probs.device
-    path = _choose_path(backend, probs, k, tie_break)
-    if path == "triton":
-        idx, mask = otep_triton.otep_triton(probs, sigma, k, allowed=allowed, eps=eps, want_mask=want_mask)
-        return mask if want_mask else idx
-    # Compute in fp32 at least (bf16/fp16 inputs are upcast), fp64 when given fp64.
-    dtype = torch.promote_types(torch.promote_types(probs.dtype, sigma.dtype), torch.float32)
+    dtype = _compute_dtype(probs, sigma)
     gen = _as_generator(tie_break, device)
     sig = sigma.to(device=device, dtype=dtype)
     sig = 0.5 * (sig + sig.t())  # the math assumes symmetry; be robust to round-off
     diag = sig.diagonal().clamp_min(eps)
 
     out = torch.empty(num_tokens, k, dtype=torch.long, device=device)
-    if num_tokens and path == "small":
-        _otep_small(probs, sig, diag, k, allowed, eps, out)
-    elif num_tokens:
+    if num_tokens:
         if chunk_size is None:
             # Blocks of tokens whose [block, E] state tensors stay cache-resident.
             row_bytes = num_experts * torch.finfo(dtype).bits // 8
@@ -206,6 +216,7 @@ def otep_select(
     chunk_size: int | None = None,
     check_finite: bool | None = None,
     backend: str | None = None,
+    cache: OtepCache | None = None,
 ) -> torch.Tensor:
     """Select exactly ``k`` experts per token by greedy OTEP; returns a bool map [T, E].
 
@@ -231,84 +242,60 @@ def otep_select(
         backend: ``"auto"`` (default), ``"torch"`` or ``"triton"``; ``None`` reads the
             environment variable ``MPMOE_OTEP_BACKEND`` (default ``auto``). ``auto`` runs
             the fused Triton kernel on CUDA tensors when Triton is importable, E <= 256,
-            k <= 16 and ``tie_break`` is None; on CPU it runs a lean loop for T <= 64
-            tokens (decode) and the blocked loop otherwise. ``torch`` forces the PyTorch
-            paths, ``triton`` the kernel (an error where it cannot run).
+            k <= 16 and ``tie_break`` is None; on CPU it runs the small-batch loop for
+            T <= 64 tokens (decode) without ``allowed`` or ``tie_break``, and the blocked
+            loop otherwise. ``torch`` forces the CPU/PyTorch loops, ``triton`` the kernel
+            (an error where it cannot run).
+        cache: an :class:`OtepCache` kept by the caller for this ``sigma`` (e.g. one per
+            MoE layer): the small-batch loop memoises its Sigma-only state there across
+            calls (it rebuilds itself when ``sigma`` changes). ``None``: a fresh one per call.
 
     Returns:
         ``torch.bool`` tensor [T, E] with exactly ``k`` True entries per row.
     """
-    return _select(probs, sigma, k, tie_break, allowed, eps, chunk_size, check_finite, backend, True)
+    return _select(probs, sigma, k, tie_break, allowed, eps, chunk_size, check_finite, backend, cache, True)
 
 
-def _choose_path(backend, probs, k, tie_break) -> str:
-    """"triton", "small" (CPU, T <= SMALL_BATCH) or "blocked"."""
+def default_backend() -> str:
+    """What ``backend=None`` means: ``MPMOE_OTEP_BACKEND`` (validated), ``"auto"`` when unset.
+
+    Reading the environment costs about a microsecond, which a one-token decode step
+    notices: a caller on the hot path (the MoPE router) reads it once and passes it on.
+    """
+    value = os.environ.get("MPMOE_OTEP_BACKEND")
+    value = (value.strip().lower() if value else "") or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"otep_select: MPMOE_OTEP_BACKEND must be one of {', '.join(BACKENDS)}, got {value!r}")
+    return value
+
+
+def _choose_path(backend, probs, k, tie_break, allowed=None) -> str:
+    """"triton", "small" (CPU, T <= SMALL_BATCH, no mask, no seeded tie-break) or "blocked"."""
     if backend is None:
-        backend = os.environ.get("MPMOE_OTEP_BACKEND", "").strip().lower() or "auto"
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"otep_select: backend (or MPMOE_OTEP_BACKEND) must be one of {', '.join(BACKENDS)}, got {backend!r}"
-        )
-    num_tokens, num_experts = probs.shape
-    on_cpu = probs.device.type == "cpu"
+        backend = default_backend()
+    elif backend not in BACKENDS:
+        raise ValueError(f"otep_select: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    device = probs.device.type
     if backend == "triton":
         if not otep_triton.available():
             raise RuntimeError("otep_select: backend 'triton' needs Triton (pip install triton)")
         if tie_break is not None:
             raise ValueError("otep_select: backend 'triton' has no seeded tie-break; use tie_break=None")
-        if on_cpu and not otep_triton.interpreting():
+        if device == "cpu" and not otep_triton.interpreting():
             raise ValueError("otep_select: backend 'triton' runs on CUDA tensors (on CPU only with TRITON_INTERPRET=1)")
         return "triton"
+    if device == "cpu":
+        small = probs.shape[0] <= SMALL_BATCH and tie_break is None and allowed is None
+        return "small" if small else "blocked"
     if (
         backend == "auto"
-        and probs.device.type == "cuda"
+        and device == "cuda"
         and tie_break is None
         and otep_triton.available()
-        and otep_triton.supports(num_experts, k)
+        and otep_triton.supports(probs.shape[1], k)
     ):
         return "triton"
-    if on_cpu and num_tokens <= SMALL_BATCH and tie_break is None:
-        return "small"
     return "blocked"
-
-
-def _otep_small(probs, sig, diag, k, allowed, eps, out):
-    """The greedy loop for a few tokens (CPU decode): the blocked loop's arithmetic, op
-    for op (identical picks), in the fewest tensor ops, since at T <= 64 each op's fixed
-    cost is the whole cost: no packed keys and no workspace; ``torch.argmax`` (the first
-    maximum: the lowest index among exact ties); picks gathered by one ``cat`` at the end."""
-    num_tokens, num_experts = probs.shape
-    r = probs.to(sig.dtype, copy=True)
-    s = diag.expand(num_tokens, num_experts).clone()
-    if allowed is not None:
-        s.masked_fill_(~allowed, math.inf)
-        allowed_bit = allowed.expand(num_tokens, num_experts).to(torch.int64)
-    rows = torch.empty(max(k - 1, 1), num_tokens, num_experts, dtype=sig.dtype).unbind(0)
-    gain = torch.empty_like(r)
-    picked = torch.zeros(num_tokens, num_experts, dtype=torch.bool)
-    picks = []
-    for t in range(k):
-        torch.mul(r, r, out=gain)
-        gain.div_(s)
-        if t:
-            gain.masked_fill_(picked, -math.inf)
-        if allowed is None:
-            j = gain.argmax(dim=1, keepdim=True)
-        else:
-            j = _argmax_generic(gain, allowed_bit, None).unsqueeze(1)
-        picks.append(j)
-        if t == k - 1:
-            break
-        picked.scatter_(1, j, True)
-        r_j, s_j = r.gather(1, j), s.gather(1, j)
-        col = torch.index_select(sig, 0, j.view(-1), out=rows[t])
-        for i in range(t):
-            col.addcmul_(rows[i], rows[i].gather(1, j), value=-1.0)
-        inv_l = s_j.rsqrt_()
-        col.mul_(inv_l)
-        s.addcmul_(col, col, value=-1.0).clamp_min_(eps)
-        r.addcmul_(col, r_j.mul_(inv_l), value=-1.0)
-    torch.cat(picks, dim=1, out=out)
 
 
 class _Workspace:
