@@ -30,12 +30,20 @@ starts over when full.
 
 from __future__ import annotations
 
+import re
+import warnings
 import weakref
 
 import numpy as np
 import torch
 
 __all__ = ["OtepCache", "otep_small"]
+
+# A degenerate Sigma can overflow the state (to inf, then NaN) here as in the blocked loop,
+# where PyTorch says nothing. NumPy would warn; its floating-point warnings raised from this
+# module are silenced once, here, rather than by np.errstate on every call (entering and
+# leaving it costs about 10 us at a decode step, when NumPy's code is cold).
+warnings.filterwarnings("ignore", category=RuntimeWarning, module=re.escape(__name__) + r"\Z")
 
 
 class OtepCache:
@@ -182,20 +190,19 @@ def otep_small(probs: torch.Tensor, sigma: torch.Tensor, k: int, eps: float, dty
     tok = np.arange(num_tokens)
     nodes = np.zeros(num_tokens, dtype=np.int64)
     picks = np.empty((num_tokens, k), dtype=np.int64)
-    with np.errstate(all="ignore"):  # a degenerate Sigma overflows silently, as in PyTorch
-        for t in range(k):
-            np.multiply(r, r, out=gain)
-            np.divide(gain, cache.s[nodes] if t else cache.s[0], out=gain)
-            if t:
-                gain[tok[:, None], picks[:, :t]] = -np.inf
-            j = gain.argmax(axis=1)
-            picks[:, t] = j
-            if t == k - 1:
-                break
-            nodes = cache.children(nodes, j, t)
-            np.take(cache.row, nodes, axis=0, out=rows)
-            np.multiply(r[tok, j], cache.inv[nodes], out=z[:, 0])
-            r_t.addcmul_(rows_t, z_t, value=-1.0)
+    for t in range(k):
+        np.multiply(r, r, out=gain)
+        np.divide(gain, cache.s[nodes] if t else cache.s[0], out=gain)
+        if t:
+            gain[tok[:, None], picks[:, :t]] = -np.inf
+        j = gain.argmax(axis=1)
+        picks[:, t] = j
+        if t == k - 1:
+            break
+        nodes = cache.children(nodes, j, t)
+        np.take(cache.row, nodes, axis=0, out=rows)
+        np.multiply(r[tok, j], cache.inv[nodes], out=z[:, 0])
+        r_t.addcmul_(rows_t, z_t, value=-1.0)
     if not want_mask:
         return torch.from_numpy(picks)
     mask = np.zeros((num_tokens, num_experts), dtype=bool)
@@ -209,18 +216,17 @@ def _one_token(p: np.ndarray, k: int, cache: OtepCache) -> list:
     r, z, r_t, z_t = cache.r1, cache.z1, cache.r1_t, cache.z1_t  # (node arrays may grow: read them anew)
     r[:] = p
     node, picks = 0, []
-    with np.errstate(all="ignore"):
+    gain = r * r
+    gain /= cache.s[0]
+    for t in range(k):
+        for j in picks:
+            gain[j] = -np.inf
+        j = int(gain.argmax())
+        picks.append(j)
+        if t == k - 1:
+            return picks
+        node = cache.child(node, j, t)
+        z[0] = r[j] * cache.inv[node]
+        r_t.addcmul_(cache.view(node), z_t, value=-1.0)
         gain = r * r
-        gain /= cache.s[0]
-        for t in range(k):
-            for j in picks:
-                gain[j] = -np.inf
-            j = int(gain.argmax())
-            picks.append(j)
-            if t == k - 1:
-                return picks
-            node = cache.child(node, j, t)
-            z[0] = r[j] * cache.inv[node]
-            r_t.addcmul_(cache.view(node), z_t, value=-1.0)
-            gain = r * r
-            gain /= cache.s[node]
+        gain /= cache.s[node]
