@@ -6,7 +6,9 @@ For each (tokens, experts, k) it prints, measured side by side in one run
 * ``torch.topk``        - plain top-k routing (the floor any router pays),
 * ``otep_select``       - mpmoe: incremental pivoted Cholesky, O(T E k^2), the path
   ``otep_select`` takes by default (on CUDA with Triton: the fused kernel; on CPU: the
-  blocked loop, or the lean small-batch loop for T <= 64),
+  blocked loop, or for T <= 64 the small-batch loop, timed as the MoPE router runs it at
+  decode steps: one ``OtepCache`` kept across calls, each call on the next of
+  ``DECODE_BATCHES`` different batches of probabilities, and ``torch.topk`` on the same),
 * ``torch path``        - on CUDA with Triton: ``backend="torch"`` (the PyTorch loop); on CPU
   for T <= 64: the blocked loop that larger batches take (what T <= 64 took before),
 * ``demo formulation``  - the MP-MoE demo's per-round recompute of
@@ -26,15 +28,17 @@ synchronisations (time per call = burst time / burst).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
 
 import torch
 
-from mpmoe.routing import otep, otep_select, otep_triton
+from mpmoe.routing import OtepCache, otep, otep_select, otep_triton
 
 DEFAULT_SHAPES = "16384x64x8,4096x128x8,4096x8x2"
+DECODE_BATCHES = 16  # distinct probability batches a small-batch shape cycles through
 EPS = 1e-12
 
 
@@ -172,6 +176,12 @@ def main(argv=None) -> int:
             "otep": lambda: otep_select(probs, sigma, k, check_finite=False),
         }
         small = not cuda and tokens <= otep.SMALL_BATCH
+        if small:  # decode: the router's kept cache over changing tokens
+            batches = [router_probs(tokens, num_experts, seed=1 + i) for i in range(DECODE_BATCHES)]
+            turn, cache = itertools.count(), OtepCache()
+            fns["topk"] = lambda: torch.topk(batches[next(turn) % DECODE_BATCHES], k, dim=1)
+            fns["otep"] = lambda: otep_select(batches[next(turn) % DECODE_BATCHES], sigma, k,
+                                              check_finite=False, cache=cache)
         if fused:
             fns["torch"] = lambda: otep_select(probs, sigma, k, check_finite=False, backend="torch")
         elif small:
