@@ -2,10 +2,13 @@
 
 The ``tiny-cpu`` MoPE model (the preset's shape, routing and optimizer) trained 20
 iterations on the embedded corpus must give, iteration by iteration, the losses recorded
-on Python 3.11 + megatron-core 0.16.1 + torch 2.13.0 (CPU) within 1e-6. The config avoids
-the numerics megatron changed on purpose in 0.17+ (``seq_aux_loss``, per-token loss,
-tensor/context parallelism; see docs/megatron.md, "Versions"): MoPE's aux loss + z-loss on
-one process.
+on Python 3.11 + megatron-core 0.16.1 + torch 2.13.0 (CPU) within 5e-5. On one machine the
+two releases agree to 9 decimals; another CPU's matmul kernels sum in another order, which
+moves iteration 20 by about 1e-5 (8.6e-6 on an AVX-512/AMX Xeon, for 0.16.1 and 0.19.2
+alike, against a reference recorded elsewhere); a numerics change shows far above that.
+The config avoids the numerics megatron changed on purpose in 0.17+ (``seq_aux_loss``,
+per-token loss, tensor/context parallelism; see docs/megatron.md, "Versions"): MoPE's aux
+loss + z-loss on one process.
 """
 
 from __future__ import annotations
@@ -35,4 +38,4 @@ def test_tiny_cpu_mope_losses_match_the_0_16_1_reference(tmp_path, embedded_cach
     losses = [m["loss"] for m in read_metrics(run) if "loss" in m]
     assert len(losses) == 20
     print("losses:", ", ".join(f"{x:.9f}" for x in losses))
-    assert losses == pytest.approx(REFERENCE, abs=1e-6, rel=0)
+    assert losses == pytest.approx(REFERENCE, abs=5e-5, rel=0)
