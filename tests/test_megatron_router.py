@@ -318,6 +318,21 @@ def test_decode_steps_route_as_the_whole_batch():
     assert len(router._otep_cache) > 1  # the memo was used
 
 
+def test_router_reads_the_otep_backend_variable_once(monkeypatch):
+    layer = build_moe_layer(make_config(moe_router_load_balancing_type="otep"))
+    layer.eval()
+    monkeypatch.setenv("MPMOE_OTEP_BACKEND", "fast")
+    with pytest.raises(ValueError, match="MPMOE_OTEP_BACKEND"), torch.no_grad():
+        layer.router(tokens(4))
+    monkeypatch.setenv("MPMOE_OTEP_BACKEND", "torch")
+    with torch.no_grad():
+        layer.router(tokens(4))
+    monkeypatch.setenv("MPMOE_OTEP_BACKEND", "fast")  # read at the first OTEP forward, not again
+    with torch.no_grad():
+        layer.router(tokens(4))
+    assert layer.router._otep_backend == "torch"
+
+
 def test_inference_topk_flag_routes_plain_topk():
     cfg = make_config(moe_router_load_balancing_type="otep", moe_otep_inference_topk=True)
     layer = build_moe_layer(cfg)

@@ -433,7 +433,7 @@ class MoPERouter(TopKStatsRouter):
         )
         self._since_refresh = 0  # counted forwards added since Sigma was last rebuilt
         self._otep_cache = OtepCache()  # CPU decode: OTEP's Sigma-only state by pick prefix
-        self._otep_backend = default_backend()  # MPMOE_OTEP_BACKEND, read once (not per forward)
+        self._otep_backend = None  # MPMOE_OTEP_BACKEND, read at the first OTEP forward (not at each)
 
     def _stat_buffer_names(self) -> list[str]:
         names = super()._stat_buffer_names()
@@ -498,6 +498,8 @@ class MoPERouter(TopKStatsRouter):
         if masked_ids:
             allowed = torch.ones(self.num_experts, dtype=torch.bool, device=logits.device)
             allowed[list(masked_ids)] = False
+        if self._otep_backend is None:
+            self._otep_backend = default_backend()
         selection = otep_select(  # records no autograd graph
             self._otep_scores(scores_all.detach() if need_aux else scores_all),
             sigma,
