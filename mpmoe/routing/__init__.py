@@ -1,4 +1,5 @@
-"""Pure-PyTorch MoPE routing math (no megatron import; CPU and CUDA; no host sync).
+"""MoPE routing math in PyTorch (no megatron import; CPU and CUDA; no host sync on a device;
+OTEP's few-token CPU loop works on host memory through NumPy).
 
 * :func:`otep_select` / :func:`otep_select_indices` - greedy OTEP expert selection
   (:class:`OtepCache`: its decode-time memo, one per Sigma).
