@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mpmoe: unknown command {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     from mpmoe.errors import debug_enabled, run_verb
+    from mpmoe.supervise import die_with_launcher
+
+    die_with_launcher()  # under torchrun: end with the agent (no unsupervised workers)
 
     if not debug_enabled():  # megatron's notes on missing optional fused kernels, at import
         import warnings
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
         # a CUDA build of torch on a machine without CUDA notes it at import (cpp_extension)
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        # megatron's note on a CUDA-graph scope name, raised while a preset is applied
+        warnings.filterwarnings("ignore", message=r".*full scope is deprecated")
     if not {"-h", "--help"} & set(rest):
         from mpmoe.deps import VERB_NEEDS, missing
 

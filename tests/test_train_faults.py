@@ -40,10 +40,10 @@ def dataset(tmp_path_factory):
 class Trainer:
     """``mpmoe train`` in a subprocess; remembers every descendant it was seen with."""
 
-    def __init__(self, flags, tmp_path, env=None):
+    def __init__(self, flags, tmp_path, env=None, launcher=()):
         self.stderr_path = tmp_path / f"stderr-{time.monotonic_ns()}.txt"
         self._err = open(self.stderr_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mpmoe", "train", *flags],
+        self.proc = subprocess.Popen([sys.executable, *(launcher or ["-m"]), "mpmoe", "train", *flags],
                                      env={**_env(), **(env or {})},
                                      stdout=subprocess.DEVNULL, stderr=self._err)
         self.seen: dict[int, float] = {}  # pid -> create time
@@ -454,3 +454,36 @@ def test_a_present_but_broken_psutil_counts_as_missing(monkeypatch):
     assert missing(["psutil"], "mpmoe train") is None
     monkeypatch.setitem(sys.modules, "psutil", None)  # present on disk, fails to import
     assert "psutil" in missing(["psutil"], "mpmoe train")
+
+
+@pytest.mark.slow  # two ranks under torchrun on 2 CPU cores: ~40 s
+def test_workers_die_with_their_torchrun_agent(tmp_path, dataset):
+    """SIGKILL to the torchrun agent (gloo, 127.0.0.1): both workers end within seconds,
+    no checkpoint appears after the kill, and the last complete one stays loadable."""
+    from mpmoe.megatron.parallel import find_free_port
+
+    ck, run = tmp_path / "ck", tmp_path / "run"
+    flags = tiny_flags(dataset, run, save=str(ck), **{"train-iters": 2000, "no-progress": True,
+                                                      "eval-interval": 1000, "save-interval": 3})
+    agent = Trainer(flags, tmp_path, launcher=[
+        "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+        "--master-port", str(find_free_port()), "-m"])
+    try:
+        def checkpoint_and_workers():
+            agent.watch()
+            return (ck / TRACKER).is_file() and len(agent.seen) >= 2
+        _wait_until(agent, checkpoint_and_workers)
+        agent.watch()
+        os.kill(agent.proc.pid, signal.SIGKILL)
+        agent.proc.wait(timeout=30)
+        time.sleep(0.5)
+        complete = sorted(p.name for p in ck.glob("iter_*") if not p.name.endswith(".tmp"))
+        tracked = (ck / TRACKER).read_text()
+        alive = agent.survivors(wait=10.0)
+        assert not alive, [p.cmdline() for p in alive]
+        time.sleep(2)
+        assert sorted(p.name for p in ck.glob("iter_*") if not p.name.endswith(".tmp")) == complete
+        assert (ck / TRACKER).read_text() == tracked
+        assert f"iter_{int(tracked):07d}" in complete
+    finally:
+        agent.cleanup()
