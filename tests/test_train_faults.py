@@ -487,3 +487,21 @@ def test_workers_die_with_their_torchrun_agent(tmp_path, dataset):
         assert f"iter_{int(tracked):07d}" in complete
     finally:
         agent.cleanup()
+
+
+def test_default_run_directories_are_claimed_once(tmp_path, monkeypatch):
+    """Two runs started in the same second without --run-dir get two folders (mkdir claims
+    a name atomically); ranks other than 0 claim nothing."""
+    import argparse
+
+    from mpmoe.train import loop
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loop.time, "strftime", lambda fmt: "20260101-000000")
+    args = argparse.Namespace(preset="tiny-cpu")
+    first, second, third = (loop._default_run_dir(args) for _ in range(3))
+    assert [first, second, third] == ["runs/tiny-cpu-20260101-000000", "runs/tiny-cpu-20260101-000000-2",
+                                      "runs/tiny-cpu-20260101-000000-3"]
+    assert all((tmp_path / d).is_dir() for d in (first, second, third))
+    assert loop._default_run_dir(args, rank=1) == ""
+    assert len(list((tmp_path / "runs").iterdir())) == 3

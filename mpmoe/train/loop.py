@@ -136,8 +136,23 @@ def padded_vocab_size(vocab: int, divisible_by: int, tp: int = 1) -> int:
     return int(math.ceil(vocab / multiple) * multiple)
 
 
-def _default_run_dir(args) -> Path:
-    return Path("runs") / f"{Path(args.preset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+def _default_run_dir(args, rank: int = 0) -> str:
+    """``runs/<preset>-<date>-<time>``, claimed by rank 0 with one ``mkdir`` (atomic): a second
+    run started in the same second gets ``...-2`` (then ``-3``, ...) instead of sharing the
+    folder (interleaved metrics, one ``config.json`` overwritten). Other ranks get ""
+    and take rank 0's answer."""
+    if rank != 0:
+        return ""
+    base = Path("runs") / f"{Path(args.preset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10000):
+        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            candidate.mkdir()
+            return str(candidate)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{base}: no free run directory name")
 
 
 def _broadcast_str(text: str) -> str:
@@ -173,7 +188,7 @@ def train(args) -> dict:
         validate(args, world_size=info.world_size)
         dp_rank, dp_size = info.data_parallel_rank, info.data_parallel_size
         num_microbatches = args.global_batch_size // (args.micro_batch_size * dp_size)
-        run_dir = Path(_broadcast_str(str(args.run_dir or _default_run_dir(args))))
+        run_dir = Path(_broadcast_str(str(args.run_dir) if args.run_dir else _default_run_dir(args, info.rank)))
 
         # 2. data -----------------------------------------------------------------------
         spec = resolve_data(args)
