@@ -96,7 +96,8 @@ def load_model(load_dir, train_argv: list[str]):
     args.bf16 = False  # analysis runs the fp32 model
     _, model, _ = build_model(args, padded_vocab_size(spec.vocab_size, args.make_vocab_size_divisible_by))
     try:
-        load_checkpoint(root, model, None, None, load_optim=False, load_rng=False)
+        load_checkpoint(root, model, None, None, load_optim=False, load_rng=False, run_args=vars(args),
+                        opt_in="the model flags must describe its model")
     except Exception as exc:  # noqa: BLE001 - one line for a mismatched model / checkpoint
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AnalysisError(f"{root}: cannot load into the model the flags describe "

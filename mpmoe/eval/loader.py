@@ -251,7 +251,8 @@ def load_eval_model(
         args.moe_eval_dump_dir = str(routing_dump_dir)
     config, model, module = build_model(args, padded)
     try:
-        load_checkpoint(root, model, None, None, load_optim=False, load_rng=False, iteration=iteration)
+        load_checkpoint(root, model, None, None, load_optim=False, load_rng=False, iteration=iteration,
+                        run_args=vars(args), opt_in="the model flags (--model-flags) must describe its model")
     except Exception as exc:  # noqa: BLE001 - one line for a model/checkpoint mismatch
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EvalError(f"{it_dir}: cannot load into the model its flags describe "

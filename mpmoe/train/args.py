@@ -256,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder; with --load equal to --save a folder without a checkpoint "
                         "starts from scratch (auto-resume)")
     g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--allow-model-change", action="store_true",
+                   help="load a checkpoint whose model differs from this run's (another router, "
+                        "more or fewer layers): tensors both have are loaded, state only the "
+                        "checkpoint has is dropped, state only this model has keeps its "
+                        "initialisation (both named on stderr); needs --no-load-optim. Without "
+                        "it such a checkpoint is refused")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--no-save-on-signal", action="store_true",
                    help="on SIGTERM/SIGINT stop at the next step without writing a checkpoint")
@@ -394,6 +400,11 @@ def validate(args: argparse.Namespace, world_size: Optional[int] = None) -> None
         if getattr(args, name) is None:
             raise ConfigError(f"--{name.replace('_', '-')} is required (not set by preset {args.preset!r})")
     check_ranges(args)
+    if getattr(args, "allow_model_change", False) and not args.no_load_optim:
+        raise ConfigError("--allow-model-change needs --no-load-optim (the optimizer state of "
+                          "another model does not apply)")
+    if getattr(args, "allow_model_change", False) and args.load is None:
+        raise ConfigError("--allow-model-change without --load has nothing to apply to")
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.seq_length > args.max_position_embeddings and args.position_embedding_type != "rope":

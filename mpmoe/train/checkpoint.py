@@ -237,10 +237,102 @@ def _layout(saved_args: Optional[dict]) -> dict:
             "EP": ps.get_expert_model_parallel_world_size()}
 
 
+# Flags whose value decides which tensors the model has (named when a checkpoint and a
+# model differ in their tensors); everything else only changes how a run trains.
+MODEL_STATE_FLAGS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "group_query_attention", "kv_channels", "swiglu", "normalization", "position_embedding_type",
+    "max_position_embeddings", "untie_embeddings_and_output_weights", "add_bias_linear", "qk_layernorm",
+    "num_experts", "moe_layer_freq", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+    "moe_router_load_balancing_type", "moe_relu_routing", "moe_router_enable_expert_bias",
+    "moe_router_score_function", "moe_grouped_gemm", "vocab_size", "make_vocab_size_divisible_by",
+    "tokenizer_model", "data_path",
+)
+
+
+TRAIN_OPT_IN = "pass --allow-model-change --no-load-optim to load it anyway"
+
+
+def _base_key(key: str) -> str:
+    return key.split("/shard_")[0]
+
+
+def _model_keys_of_checkpoint(path) -> set:
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    return {_base_key(k) for k in load_sharded_metadata(str(path))
+            if not k.startswith(("optimizer.", "rng_state"))}
+
+
+def _model_keys_of(model) -> set:
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    sd = model.sharded_state_dict()
+    apply_factories(sd)
+    return {_base_key(v.key) for v in nested_values(sd) if hasattr(v, "key")}
+
+
+def _layers_of(keys: set) -> str:
+    """A short description of tensor names: the layers they belong to, else the first name."""
+    import re
+
+    names = sorted(keys)
+    layers = sorted({int(m.group(1)) for k in names for m in [re.match(r"decoder\.layers\.(\d+)\.", k)] if m})
+    leaves = sorted({k.rsplit(".", 1)[-1] for k in names})
+    if layers and all(re.match(r"decoder\.layers\.\d+\.", k) for k in names):
+        what = f" ({', '.join(leaves)})" if len(leaves) <= 2 else ""
+        return f"{len(names)} tensor(s){what} of layer(s) {','.join(map(str, layers))}"
+    return f"{len(names)} tensor(s) ({names[0]}{', ...' if len(names) > 1 else ''})"
+
+
+def changed_model_settings(saved_args: Optional[dict], run_args: Optional[dict]) -> list:
+    """``--flag saved -> now`` for the flags in :data:`MODEL_STATE_FLAGS` that differ."""
+    if not saved_args or not run_args:
+        return []
+    out = []
+    for name in MODEL_STATE_FLAGS:
+        if name in saved_args and name in run_args and saved_args[name] != run_args[name]:
+            old, new = (str(v).replace(" ", "") for v in (saved_args[name], run_args[name]))
+            out.append(f"--{name.replace('_', '-')} {old[:40]} -> {new[:40]}")
+    return out
+
+
+def check_model_matches(path, model, saved_args: Optional[dict] = None, run_args: Optional[dict] = None,
+                        *, allow_change: bool = False, opt_in: str = TRAIN_OPT_IN) -> tuple[set, set]:
+    """Refuse (:class:`CheckpointingException`, one line naming the differing flags) a
+    checkpoint whose tensors differ from the model's: state the model would drop (more
+    layers, MoPE's Sigma, ReMoE's coefficient, expert biases...) or lack. Returns
+    ``(dropped, missing)`` tensor names (empty unless ``allow_change``)."""
+    try:
+        saved = _model_keys_of_checkpoint(path)
+    except Exception:  # noqa: BLE001 - unreadable metadata: the load itself reports it
+        return set(), set()
+    wanted = _model_keys_of(model)
+    dropped, missing = saved - wanted, wanted - saved
+    if (dropped or missing) and not allow_change:
+        parts = []
+        if dropped:
+            parts.append(f"this model would drop {_layers_of(dropped)}")
+        if missing:
+            parts.append(f"it lacks {_layers_of(missing)}")
+        changed = changed_model_settings(saved_args, run_args)
+        why = f" ({', '.join(changed[:3])})" if changed else ""
+        raise CheckpointingException(f"{path} holds another model{why}: {'; '.join(parts)}; {opt_in}")
+    return dropped, missing
+
+
 def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = True,
-                    load_rng: bool = True, iteration: Optional[int] = None) -> Optional[dict]:
+                    load_rng: bool = True, iteration: Optional[int] = None,
+                    run_args: Optional[dict] = None, allow_model_change: bool = False,
+                    opt_in: str = TRAIN_OPT_IN) -> Optional[dict]:
     """Restore the latest checkpoint under ``root`` (or its ``iteration``); returns its
-    ``train_state`` (None: no checkpoint)."""
+    ``train_state`` (None: no checkpoint).
+
+    A checkpoint whose tensors are not exactly the model's is refused (see
+    :func:`check_model_matches`; ``run_args``, this run's flags, let the error name what
+    changed) unless ``allow_model_change``: then the tensors both have are loaded and the
+    others are named on stderr."""
     if iteration is None:
         iteration = latest_iteration(root)
         if iteration is None:
@@ -259,6 +351,13 @@ def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = Tru
             f"{path}: its optimizer state (expert-model-parallel-size {saved_layout['EP']}) does "
             f"not load with expert-model-parallel-size {layout['EP']}; pass --no-load-optim to "
             f"load the model alone (it reshards)")
+    dropped, missing = check_model_matches(path, model, common["train_state"].get("args"), run_args,
+                                           allow_change=allow_model_change, opt_in=opt_in)
+    if (dropped or missing) and _is_rank0():
+        print(f"mpmoe: loading {path} into a different model (--allow-model-change): "
+              f"{'dropped ' + _layers_of(dropped) if dropped else 'nothing dropped'}; "
+              f"{'left at initialisation ' + _layers_of(missing) if missing else 'nothing missing'}",
+              file=sys.stderr, flush=True)
     model_sd = model.sharded_state_dict()
     request = {"model": model_sd}
     if load_optim:
@@ -267,7 +366,12 @@ def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = Tru
     if restore_rng:
         request["rng"] = _rng_sharded(None)
     try:
-        state = dist_checkpointing.load(request, str(path))
+        if missing:  # state the checkpoint lacks keeps its initialisation (--allow-model-change)
+            from megatron.core.dist_checkpointing.validation import StrictHandling
+
+            state, _, _ = dist_checkpointing.load(request, str(path), strict=StrictHandling.RETURN_ALL)
+        else:
+            state = dist_checkpointing.load(request, str(path))
     except CheckpointException as exc:
         # torch's CheckpointException derives from BaseException (so `except Exception`
         # misses it) and carries every rank's traceback; keep the first failure's last line.
@@ -276,7 +380,7 @@ def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = Tru
         raise CheckpointingException(
             f"{path} does not fit this model: {_last_line(exc)}{hint}"
         ) from exc
-    model.load_state_dict(state["model"], strict=True)
+    model.load_state_dict(state["model"], strict=not missing)
     if load_optim:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["train_state"]["scheduler"])

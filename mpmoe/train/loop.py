@@ -212,7 +212,8 @@ def train(args) -> dict:
         if resume is not None:
             state = ckpt.load_checkpoint(resume[0].parent, model, optimizer, scheduler,
                                          load_optim=not args.no_load_optim,
-                                         load_rng=not args.no_load_rng, iteration=resume[1])
+                                         load_rng=not args.no_load_rng, iteration=resume[1],
+                                         run_args=vars(args), allow_model_change=args.allow_model_change)
             iteration, consumed = state["iteration"], state["consumed_samples"]
         if info.rank == 0 and args.load is not None:
             print(f"mpmoe train: resuming from {resume[0]} (iteration {iteration}"
