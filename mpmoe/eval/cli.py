@@ -210,6 +210,7 @@ def evaluate(args) -> Optional[dict]:
                 "device": str(em.device), "tasks": names, "num_fewshot": args.num_fewshot,
                 "limit": args.limit, "batch_size": args.batch_size, "max_length": lm.max_length,
                 "kv_cache": not args.no_kv_cache, "world_size": lm.world_size,
+                "routing_ablation": {k: getattr(em.args, k, None) for k in DEFAULTS},
                 "elapsed_s": round(time.perf_counter() - start, 3)}
         _write(out, results, meta, args.log_samples)
         print((out / "results.md").read_text(encoding="utf-8"))

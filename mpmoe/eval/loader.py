@@ -242,7 +242,9 @@ def load_eval_model(
     from mpmoe.train import ablation
 
     try:
-        resolved = ablation.resolve(routing_ablation, args.num_experts, args.moe_router_topk, prog="mpmoe eval")
+        resolved = ablation.resolve(routing_ablation, args.num_experts, args.moe_router_topk, prog="mpmoe eval",
+                                    moe_layers=ablation.moe_layer_numbers(args.num_layers, getattr(
+                                        args, "moe_layer_freq", 1), args.num_experts))
     except ValueError as exc:
         raise EvalError(str(exc)) from None
     for key, value in resolved.items():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 __all__ = ["FIELDS", "ENV_VARS", "DEFAULTS", "add_arguments", "validate", "resolve", "config_kwargs"]
 
@@ -92,10 +93,39 @@ def _apply_env(args, prog: str, environ) -> None:
             setattr(args, dest, value)
 
 
-def validate(args, num_experts, topk, *, prog: str = "mpmoe train", environ=None) -> None:
+def moe_layer_numbers(num_layers, moe_layer_freq, num_experts) -> Optional[list]:
+    """The 1-based numbers of the expert layers (Megatron's ``moe_layer_freq``: an int N,
+    every N-th layer from the first, or a 0/1 list); None when unknown."""
+    if num_experts is None or num_layers is None:
+        return [] if num_experts is None else None
+    freq = 1 if moe_layer_freq is None else moe_layer_freq
+    if isinstance(freq, int) and not isinstance(freq, bool) and freq >= 1:
+        return [i + 1 for i in range(num_layers) if i % freq == 0]
+    if isinstance(freq, (list, tuple)) and len(freq) == num_layers:
+        return [i + 1 for i, x in enumerate(freq) if int(x) == 1]
+    return None
+
+
+def _check_layers(flag: str, layers, moe_layers: Optional[list], environ) -> None:
+    """A mask naming a layer that does not exist or has no experts would silently do nothing."""
+    if moe_layers is None:
+        return
+    wrong = [layer for layer in layers if layer not in moe_layers]
+    if wrong:
+        dest = flag.lstrip("-").replace("-", "_")
+        var = next((v for v, d in ENV_VARS.items() if d == dest and environ.get(v, "").strip()), None)
+        source = f"{flag} (from {var})" if var else flag
+        raise ValueError(f"{source}: layer(s) {','.join(map(str, wrong))} have no experts (expert layers: "
+                         f"{','.join(map(str, moe_layers)) or 'none'}; 1-based); the mask would do nothing there")
+
+
+def validate(args, num_experts, topk, *, prog: str = "mpmoe train", environ=None,
+             moe_layers: Optional[list] = None) -> None:
     """Fold the demo's environment variables into ``args`` and check the ablation flags.
 
-    Raises ``ValueError`` with a one-line message naming the flag. Normalises
+    ``moe_layers``: the model's expert layers (1-based; :func:`moe_layer_numbers`); a mask
+    naming another layer is refused. Raises ``ValueError`` with a one-line message naming
+    the flag. Normalises
     ``args.moe_mask_experts`` to a dict and ``args.moe_dynamic_mask_layers`` to a list.
     """
     from mpmoe.megatron.config import parse_layer_list
@@ -122,12 +152,14 @@ def validate(args, num_experts, topk, *, prog: str = "mpmoe train", environ=None
         if num_experts is not None and len(ids) > num_experts - topk:
             raise ValueError(f"--moe-mask-experts: layer {layer} keeps {num_experts - len(ids)} experts, "
                              f"fewer than --moe-router-topk {topk}")
+    _check_layers("--moe-mask-experts", sorted(mask), moe_layers, environ)
     args.moe_mask_experts = {str(k): list(v) for k, v in mask.items()} or None
     layers = args.moe_dynamic_mask_layers
     try:
         layers = parse_layer_list(layers, "--moe-dynamic-mask-layers")
     except ValueError as exc:
         raise ValueError(str(exc)) from None
+    _check_layers("--moe-dynamic-mask-layers", layers or [], moe_layers, environ)
     args.moe_dynamic_mask_layers = list(layers) if layers else None
     if args.moe_dynamic_mask_seed < 0:
         raise ValueError(f"--moe-dynamic-mask-seed must be >= 0, got {args.moe_dynamic_mask_seed}")
@@ -146,12 +178,12 @@ def validate(args, num_experts, topk, *, prog: str = "mpmoe train", environ=None
         raise ValueError("--moe-dynamic-mask-layers / --moe-cooccurrence-stats-dir need --moe-dynamic-mask")
 
 
-def resolve(values, num_experts, topk, *, prog: str, environ=None) -> dict:
+def resolve(values, num_experts, topk, *, prog: str, environ=None, moe_layers: Optional[list] = None) -> dict:
     """The validated ablation options of ``values`` (dest -> value; missing: default)."""
     import argparse
 
     ns = argparse.Namespace(**{**DEFAULTS, **{k: v for k, v in (values or {}).items() if k in DEFAULTS}})
-    validate(ns, num_experts, topk, prog=prog, environ=environ)
+    validate(ns, num_experts, topk, prog=prog, environ=environ, moe_layers=moe_layers)
     return vars(ns)
 
 

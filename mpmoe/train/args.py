@@ -509,7 +509,9 @@ def _validate_mpmoe_extras(args: argparse.Namespace) -> None:
         raise ConfigError(f"--last-trainable-layers must be -1 (all) or 0..--num-layers "
                           f"{args.num_layers}, got {n}")
     try:
-        ablation.validate(args, args.num_experts, args.moe_router_topk)
+        ablation.validate(args, args.num_experts, args.moe_router_topk,
+                          moe_layers=ablation.moe_layer_numbers(args.num_layers, args.moe_layer_freq,
+                                                                args.num_experts))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -1,0 +1,52 @@
+"""Round-3 faults (issue 28): masks naming layers without experts, checkpoints of another
+model, non-finite runs, default run folders; fast, in-process where possible."""
+
+from __future__ import annotations
+
+import pytest
+
+from mpmoe.train.ablation import moe_layer_numbers
+from mpmoe.train.args import ConfigError, parse_args
+
+TINY = ["--train-iters", "1", "--num-layers", "3", "--num-experts", "4", "--moe-router-topk", "2"]
+
+
+@pytest.mark.parametrize("layers, freq, experts, expect", [
+    (4, 1, 8, [1, 2, 3, 4]), (4, 2, 8, [1, 3]), (3, [0, 1, 1], 8, [2, 3]), (3, [0, 1, 1], None, []),
+    (3, [1, 1], 8, None),
+])
+def test_moe_layer_numbers_follow_megatrons_freq(layers, freq, experts, expect):
+    assert moe_layer_numbers(layers, freq, experts) == expect
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--moe-layer-freq", "[0,1,1]", "--moe-mask-experts", "1:0"], "--moe-mask-experts: layer(s) 1 have no experts"),
+    (["--moe-layer-freq", "1", "--moe-mask-experts", "7:0"], "layer(s) 7 have no experts (expert layers: 1,2,3"),
+    (["--moe-layer-freq", "2", "--moe-dynamic-mask", "random", "--moe-dynamic-mask-layers", "2,3"],
+     "--moe-dynamic-mask-layers: layer(s) 2 have no experts (expert layers: 1,3"),
+])
+def test_masks_on_layers_without_experts_are_refused(flags, words, monkeypatch):
+    for var in ("MOE_MASK_EXPERTS", "MOE_DYNAMIC_MASK_MODE", "MOE_DYNAMIC_MASK_LAYERS"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError) as err:
+        parse_args([*TINY, *flags])
+    assert words in str(err.value)
+
+
+def test_mask_variable_naming_a_dense_layer_names_the_variable(monkeypatch):
+    monkeypatch.setenv("MOE_MASK_EXPERTS", "1:0")
+    with pytest.raises(ConfigError, match=r"--moe-mask-experts \(from MOE_MASK_EXPERTS\): layer\(s\) 1"):
+        parse_args([*TINY, "--moe-layer-freq", "[0,1,1]"])
+
+
+def test_masks_on_expert_layers_still_parse(monkeypatch):
+    monkeypatch.delenv("MOE_MASK_EXPERTS", raising=False)
+    args = parse_args([*TINY, "--moe-layer-freq", "[0,1,1]", "--moe-mask-experts", "2:0,1;3:1"])
+    assert args.moe_mask_experts == {"2": [0, 1], "3": [1]}
+
+
+def test_allow_model_change_needs_no_load_optim_and_load():
+    with pytest.raises(ConfigError, match="--no-load-optim"):
+        parse_args([*TINY, "--load", "x", "--allow-model-change"])
+    with pytest.raises(ConfigError, match="without --load"):
+        parse_args([*TINY, "--no-load-optim", "--allow-model-change"])
