@@ -310,6 +310,42 @@ def test_nan_loss_skip_keeps_the_model_finite(tmp_path, dataset, monkeypatch, ca
     assert metrics[5]["lr"] == pytest.approx(_lr_after(dataset, tmp_path, 3))
 
 
+def test_a_run_that_only_skipped_nan_steps_is_not_done_nor_nothing_to_do(tmp_path, dataset, monkeypatch, capsys):
+    from mpmoe.train.cli import main
+
+    _nan_at(monkeypatch, {1, 2})
+    rc = main(tiny_flags(dataset, tmp_path / "run", **{"train-iters": 2, "eval-interval": 100, "on-nan": "skip",
+                                                      "no-progress": True, "split": "100,0,0"}))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("mpmoe train: error: iteration 2: the run ended with train loss nan"), last
+    assert "2 of 2 updates skipped" in last
+
+
+def test_a_non_finite_expert_bias_stops_naming_its_flag(tmp_path, dataset, monkeypatch, capsys):
+    """The bias is driven to inf (as --moe-router-bias-update-rate inf did): the run stops
+    before saving, names the flag, whatever --on-nan says."""
+    from mpmoe.megatron import balancing
+    from mpmoe.train.cli import main
+
+    real = balancing.update_balancing_state
+
+    def poisoned(models):
+        real(models)
+        for r in balancing.iter_routers(models):
+            if getattr(r, "expert_bias", None) is not None:
+                r.expert_bias.fill_(float("inf"))
+
+    monkeypatch.setattr(balancing, "update_balancing_state", poisoned)
+    ck = tmp_path / "ck"
+    rc = main(tiny_flags(dataset, tmp_path / "run", save=str(ck), **{
+        "train-iters": 3, "eval-interval": 100, "no-progress": True, "on-nan": "skip",
+        "moe-router-enable-expert-bias": True, "moe-router-score-function": "sigmoid",
+        "moe-router-load-balancing-type": "none"}))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "iteration 1: the expert bias of layer" in last and "--moe-router-bias-update-rate" in last, last
+    assert not (ck / TRACKER).exists()
+
+
 def _lr_after(dataset, tmp_path, steps: int) -> float:
     from mpmoe.train.cli import main
 

@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 configuration error or NaN/inf under ``--on-nan stop`` 
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -86,10 +87,15 @@ def _main(argv: Optional[list[str]] = None) -> int:
         raise
     if os.environ.get("RANK", "0") != "0":
         return 0
-    if result["train_loss"] != result["train_loss"]:  # NaN: no iteration ran
+    if not result.get("steps", 1):
         print(f"mpmoe train: nothing to do: at iteration {result['iteration']} (--train-iters "
               f"{args.train_iters})", file=sys.stderr)
         return 0
+    losses = (result["train_loss"], result["val_loss"])
+    if not all(math.isfinite(x) for x in losses if x == x) or result["train_loss"] != result["train_loss"]:
+        return _error(f"iteration {result['iteration']}: the run ended with train loss {losses[0]}, "
+                      f"validation loss {losses[1]} ({result.get('nan_skipped', 0)} of {result['steps']} "
+                      f"updates skipped under --on-nan skip); run dir {result['run_dir']}")
     print(f"mpmoe train: done at iteration {result['iteration']}: train loss "
           f"{result['train_loss']:.4f}, validation loss {result['val_loss']:.4f}; run dir "
           f"{result['run_dir']}", file=sys.stderr)

@@ -167,7 +167,8 @@ def _broadcast_str(text: str) -> str:
 def train(args) -> dict:
     """Run training as configured by ``args`` (see :mod:`mpmoe.train.args`); returns a summary."""
     from mpmoe.megatron import destroy_distributed, init_distributed
-    from mpmoe.megatron.balancing import balancing_scalars, update_balancing_state
+    from mpmoe.megatron.balancing import (balancing_flags, balancing_scalars, nonfinite_balancing_state,
+                                          update_balancing_state)
     from mpmoe.megatron.router import set_training_progress
     from mpmoe.train import checkpoint as ckpt
     from mpmoe.train.args import validate
@@ -249,6 +250,7 @@ def train(args) -> dict:
         last_saved = iteration if args.load is not None and iteration > 0 else None
         train_loss = val_loss = float("nan")
         stop_signal, nan_skipped = 0, 0
+        first_iteration = iteration
         wrapped.train()
 
         # 6. iterations -----------------------------------------------------------------
@@ -265,8 +267,10 @@ def train(args) -> dict:
             if nonfinite:
                 what = (f"iteration {iteration + 1}: {bad or 'a loss or gradient on another rank is not finite'}")
                 if args.on_nan == "stop":
+                    others = balancing_flags(model)
                     raise NonFiniteLoss(f"{what}; stopped before the optimizer step (checkpoints "
-                                        "are unchanged); lower --lr, or pass --on-nan skip")
+                                        f"are unchanged); lower --lr{' or ' + others if others else ''}, "
+                                        "or pass --on-nan skip")
                 nan_skipped += 1
                 if info.rank == 0:
                     print(f"mpmoe train: {what}: update skipped (--on-nan skip)", file=sys.stderr, flush=True)
@@ -274,6 +278,10 @@ def train(args) -> dict:
             else:
                 ok, grad_norm, _ = optimizer.step()
                 update_balancing_state(model)  # ReMoE's L1 coefficient (the expert bias: in the step)
+                broken = nonfinite_balancing_state(model)  # the same on every rank (replicated)
+                if broken:  # a skipped step cannot undo it: stop whatever --on-nan says
+                    raise NonFiniteLoss(f"iteration {iteration + 1}: {broken}; stopped before saving "
+                                        "(checkpoints are unchanged); lower that setting")
                 scheduler.step(increment=1)
             iteration += 1
             consumed += args.global_batch_size
@@ -316,7 +324,8 @@ def train(args) -> dict:
             raise TrainingStopped(stop_signal, iteration, ckpt.iteration_dir(args.save, iteration)
                                   if args.save and last_saved == iteration else None)
         return {"iteration": iteration, "train_loss": train_loss, "val_loss": val_loss,
-                "run_dir": str(run_dir), "consumed_samples": consumed}
+                "run_dir": str(run_dir), "consumed_samples": consumed, "steps": iteration - first_iteration,
+                "nan_skipped": nan_skipped}
     finally:
         signals.__exit__()
         destroy_distributed()
