@@ -50,3 +50,22 @@ def test_allow_model_change_needs_no_load_optim_and_load():
         parse_args([*TINY, "--load", "x", "--allow-model-change"])
     with pytest.raises(ConfigError, match="without --load"):
         parse_args([*TINY, "--no-load-optim", "--allow-model-change"])
+
+
+def test_resume_with_another_tokenizer_of_the_same_size_is_refused(tmp_path, monkeypatch):
+    """The checkpoint's recorded tokenizer (or its save folder's copy) decides, manifest or not."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    from mpmoe.train import checkpoint as ckpt
+
+    it_dir = tmp_path / "ck" / "iter_0000004"
+    it_dir.mkdir(parents=True)
+    monkeypatch.setattr(ckpt, "saved_run_info", lambda p: {"data": {"tokenizer_sha256": "a" * 64}})
+    ckpt.check_tokenizer(it_dir, "a" * 64, "--tokenizer-model t")
+    ckpt.check_tokenizer(it_dir, None, "--tokenizer-model t")  # nothing known about this run's: no check
+    with pytest.raises(CheckpointingException, match=r"another tokenizer \(sha256 aaaaaaaaaaaa, recorded in .*"
+                                                    r"than --tokenizer-model t \(sha256 bbbbbbbbbbbb\)"):
+        ckpt.check_tokenizer(it_dir, "b" * 64, "--tokenizer-model t")
+    monkeypatch.setattr(ckpt, "saved_run_info", lambda p: {"data": {}})  # older checkpoint: no record
+    assert ckpt.checkpoint_tokenizer_sha256(it_dir) is None
+    ckpt.check_tokenizer(it_dir, "b" * 64, "--tokenizer-model t")

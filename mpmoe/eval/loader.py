@@ -228,6 +228,10 @@ def load_eval_model(
     if tok_info.vocab_size != vocab:  # larger: ids the model lacks; smaller: a different tokenizer
         raise EvalError(f"tokenizer {tok_path} has {tok_info.vocab_size} tokens, the model was "
                         f"trained with {vocab}{' (--tokenizer)' if tokenizer is not None else ''}")
+    recorded = data.get("tokenizer_sha256")
+    if recorded and recorded != tok_info.sha256:
+        raise EvalError(f"tokenizer {tok_path} (sha256 {tok_info.sha256[:12]}) is not the one {it_dir} was "
+                        f"trained with (sha256 {str(recorded)[:12]}){' (--tokenizer)' if tokenizer is not None else ''}")
     own = root / TOKENIZER_DIR
     if tokenizer is not None and (own / "tokenizer.json").is_file():
         try:

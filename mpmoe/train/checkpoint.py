@@ -406,6 +406,40 @@ def save_tokenizer(root, tokenizer_dir) -> Optional[Path]:
     return dst
 
 
+def checkpoint_tokenizer_sha256(iteration_path) -> Optional[tuple[str, str]]:
+    """``(sha256, where)`` of the tokenizer a checkpoint was trained with: recorded in the
+    checkpoint itself (``train_state.data.tokenizer_sha256``), else the copy in its save
+    folder's ``tokenizer/``; None when neither says."""
+    it_dir = Path(iteration_path)
+    try:
+        recorded = (saved_run_info(it_dir).get("data") or {}).get("tokenizer_sha256")
+    except CheckpointingException:
+        recorded = None
+    if recorded:
+        return str(recorded), f"recorded in {it_dir}"
+    own = it_dir.parent / TOKENIZER_DIR
+    if (own / "tokenizer.json").is_file():
+        from mpmoe.data import load_tokenizer
+
+        try:
+            return load_tokenizer(own).sha256, str(own)
+        except Exception:  # noqa: BLE001 - an unreadable copy says nothing
+            return None
+    return None
+
+
+def check_tokenizer(iteration_path, sha256: Optional[str], what: str) -> None:
+    """Refuse to resume a checkpoint with another tokenizer (even of the same size: the
+    embeddings would be read with the wrong ids, and a new --save would get the wrong copy)."""
+    if not sha256:
+        return
+    known = checkpoint_tokenizer_sha256(iteration_path)
+    if known is not None and known[0] != sha256:
+        raise CheckpointingException(
+            f"{iteration_path} was trained with another tokenizer (sha256 {known[0][:12]}, {known[1]}) "
+            f"than {what} (sha256 {sha256[:12]})")
+
+
 def resolve_checkpoint(path, step: Optional[int] = None) -> tuple[Path, Path, int]:
     """``(root, iteration directory, iteration)`` of a checkpoint given as a save folder
     (its latest iteration, or ``step``) or as one ``iter_XXXXXXX`` folder."""

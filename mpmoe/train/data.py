@@ -33,6 +33,7 @@ class DataSpec:
     eod_id: int
     tokenizer_dir: Optional[str]
     source: str                      # "embedded" or "data-path"
+    tokenizer_sha256: Optional[str] = None  # identity of the tokenizer (recorded in checkpoints)
 
 
 #: ``--data-path`` files without a manifest are scanned for their largest token id up to this
@@ -93,8 +94,11 @@ def resolve_data(args) -> DataSpec:
             vocab, eod = args.vocab_size, 0
         check_data_path(blend[0], vocab, info)
         return DataSpec(blend=blend, blend_per_split=None, split=args.split, vocab_size=vocab,
-                        eod_id=eod, tokenizer_dir=args.tokenizer_model, source="data-path")
+                        eod_id=eod, tokenizer_dir=args.tokenizer_model, source="data-path",
+                        tokenizer_sha256=info.sha256 if info is not None else None)
     from mpmoe.data import prepare_embedded
+
+    from mpmoe.data import load_tokenizer
 
     prepared = prepare_embedded(args.embedded_cache_dir, progress=False)
     splits = [([prepared.train], None)]
@@ -102,7 +106,8 @@ def resolve_data(args) -> DataSpec:
     splits.append(([prepared.test], None) if prepared.test else None)
     return DataSpec(blend=None, blend_per_split=splits, split=None,
                     vocab_size=prepared.vocab_size, eod_id=prepared.eod_id,
-                    tokenizer_dir=prepared.tokenizer_dir, source="embedded")
+                    tokenizer_dir=prepared.tokenizer_dir, source="embedded",
+                    tokenizer_sha256=load_tokenizer(prepared.tokenizer_dir).sha256)
 
 
 @dataclasses.dataclass

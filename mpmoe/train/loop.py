@@ -211,6 +211,8 @@ def train(args) -> dict:
         iteration, consumed = 0, 0
         resume = ckpt.resolve_load(args.load, args.save) if args.load is not None else None
         if resume is not None:
+            ckpt.check_tokenizer(resume[0], spec.tokenizer_sha256, "--tokenizer-model" if args.data_path
+                                 else "the embedded corpus's tokenizer")
             state = ckpt.load_checkpoint(resume[0].parent, model, optimizer, scheduler,
                                          load_optim=not args.no_load_optim,
                                          load_rng=not args.no_load_rng, iteration=resume[1],
@@ -241,7 +243,8 @@ def train(args) -> dict:
         # alone: the run's flags (in every checkpoint) and its tokenizer (next to them).
         run_info = {"args": {k: v for k, v in vars(args).items() if _jsonable(v)},
                     "data": {"source": spec.source, "vocab_size": spec.vocab_size,
-                             "padded_vocab": vocab, "eod_id": spec.eod_id}}
+                             "padded_vocab": vocab, "eod_id": spec.eod_id,
+                             "tokenizer_sha256": spec.tokenizer_sha256}}
         if args.save and logger.rank0 and spec.tokenizer_dir:
             ckpt.save_tokenizer(args.save, spec.tokenizer_dir)
         load_monitor = ExpertLoadMonitor(model)
