@@ -69,3 +69,24 @@ def test_resume_with_another_tokenizer_of_the_same_size_is_refused(tmp_path, mon
     monkeypatch.setattr(ckpt, "saved_run_info", lambda p: {"data": {}})  # older checkpoint: no record
     assert ckpt.checkpoint_tokenizer_sha256(it_dir) is None
     ckpt.check_tokenizer(it_dir, "b" * 64, "--tokenizer-model t")
+
+
+@pytest.mark.parametrize("body, words", [
+    ("[]", "a JSON list, not an object"), ("{}", "no 'outputs'"), ('{"outputs": {"train": {}}}', "without a 'prefix'"),
+    ('{"outputs": {"train": {"prefix": "d"}}, "tokenizer": {"vocab_size": "300"}}', "'vocab_size' is not"),
+    ("{", "JSONDecodeError"),
+])
+def test_damaged_manifests_are_reported_not_trusted(tmp_path, body, words):
+    from mpmoe.data.errors import DataError
+    from mpmoe.data.validate import find_manifest, resolve_prefixes
+
+    m = tmp_path / "d.manifest.json"
+    m.write_text(body)
+    with pytest.raises(DataError, match="is not an mpmoe data manifest") as err:
+        resolve_prefixes(m)
+    assert words in str(err.value)
+    if '"d"' in body:  # it names the prefix: beside the data it is an error, not skipped
+        with pytest.raises(DataError):
+            find_manifest(str(tmp_path / "d"))
+    else:
+        assert find_manifest(str(tmp_path / "d")) is None

@@ -47,14 +47,14 @@ def check_data_path(prefixes: list[str], vocab_size: int, tokenizer=None) -> Non
     its manifest records one; else a one-line :class:`~mpmoe.data.errors.DataError`."""
     from mpmoe.data.errors import DataError
     from mpmoe.data.indexed import IndexedReader
-    from mpmoe.data.validate import find_manifest
+    from mpmoe.data.validate import find_manifest, read_manifest
 
     for prefix in prefixes:
         reader = IndexedReader(prefix)  # truncated / garbage files: DataError naming the file
         manifest_path = find_manifest(prefix)
         recorded = {}
         if manifest_path is not None:
-            recorded = json.loads(manifest_path.read_text(encoding="utf-8")).get("tokenizer") or {}
+            recorded = read_manifest(manifest_path).get("tokenizer") or {}
         if tokenizer is not None and recorded.get("sha256") not in (None, tokenizer.sha256):
             raise DataError(f"--data-path {prefix} was tokenized with {recorded.get('name')} (sha256 "
                             f"{recorded['sha256'][:12]}, per {manifest_path.name}), not --tokenizer-model "
