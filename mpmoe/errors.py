@@ -14,10 +14,12 @@ This module imports nothing from mpmoe, so every layer may use it.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import Callable, Optional
 
-__all__ = ["MAX_CHARS", "UserError", "debug_enabled", "one_line", "innermost_error", "run_verb", "user_message"]
+__all__ = ["MAX_CHARS", "Terminated", "UserError", "debug_enabled", "one_line", "innermost_error", "run_verb", "user_message"]
 
 #: Longest error line printed (longer messages are cut with "...").
 MAX_CHARS = 300
@@ -79,12 +81,44 @@ def user_message(exc: BaseException) -> Optional[str]:
     return None
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
+
+
+def _stop_handler(received: list):
+    def handle(signum, frame):
+        received.append(signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Terminated()
+    return handle
+
+
 def run_verb(prog: str, main: Callable[[list], Optional[int]], argv: list) -> int:
-    """``main(argv)`` with every user error printed as one line (exit 2)."""
+    """``main(argv)`` with every user error printed as one line (exit 2).
+
+    Ctrl-C (SIGINT) and SIGTERM end the verb with one line, ``<prog>: stopped by SIGINT``,
+    exit 130 / 143, no traceback (a verb may handle them itself, as ``mpmoe train`` does);
+    a signal that a library swallowed still sets the exit status."""
+    received: list = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL):
+                previous[sig] = signal.signal(sig, _stop_handler(received))
     try:
-        return int(main(argv) or 0)
+        code = int(main(argv) or 0)
+        return 128 + int(received[0]) if received and code == 0 else code
+    except (KeyboardInterrupt, Terminated) as exc:
+        if debug_enabled():
+            raise
+        signum = int(received[0]) if received else (signal.SIGINT if isinstance(exc, KeyboardInterrupt)
+                                                    else signal.SIGTERM)
+        sys.stderr.write(f"{prog}: stopped by {signal.Signals(signum).name}\n")
+        sys.stderr.flush()
+        return 128 + signum
     except BaseException as exc:  # noqa: BLE001 - torch's CheckpointException is a BaseException
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)) or debug_enabled():
+        if isinstance(exc, SystemExit) or debug_enabled():
             raise
         message = user_message(exc)
         if message is None:
@@ -93,3 +127,6 @@ def run_verb(prog: str, main: Callable[[list], Optional[int]], argv: list) -> in
         sys.stderr.write(f"{prog}: error: {one_line(message, MAX_CHARS - len(prog) - 9)}\n")
         sys.stderr.flush()
         return 2
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

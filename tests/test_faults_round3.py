@@ -90,3 +90,32 @@ def test_damaged_manifests_are_reported_not_trusted(tmp_path, body, words):
             find_manifest(str(tmp_path / "d"))
     else:
         assert find_manifest(str(tmp_path / "d")) is None
+
+
+def test_run_verb_ends_signals_in_one_line(capsys, monkeypatch):
+    import os
+    import signal
+    import time
+
+    from mpmoe.errors import run_verb
+
+    monkeypatch.delenv("MPMOE_DEBUG", raising=False)
+
+    def terminated(argv):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        return 0
+
+    assert run_verb("mpmoe x", terminated, []) == 143
+    assert capsys.readouterr().err == "mpmoe x: stopped by SIGTERM\n"
+
+    def swallowed(argv):  # a library that catches Ctrl-C and carries on: still 130
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass
+        return 0
+
+    assert run_verb("mpmoe x", swallowed, []) == 130
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
