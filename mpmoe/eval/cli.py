@@ -127,6 +127,17 @@ def _default_output(load: str, step: Optional[int], routing: str) -> Path:
     return Path("eval_results") / root.resolve().name / f"iter_{it:07d}-{routing}"
 
 
+def _check_output(folder: Path, what: str) -> None:
+    """Before any work: ``folder`` is (or can become) a writable folder."""
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise EvalError(f"{what} {folder}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise EvalError(f"{what} {folder}: {probe} is not writable")
+
+
 def _write(out: Path, results: dict, meta: dict, log_samples: bool) -> Path:
     from lm_eval.utils import make_table
 
@@ -179,6 +190,9 @@ def evaluate(args) -> Optional[dict]:
     check_datasets(names, manager)  # before the model loads: a hub problem fails in seconds
 
     out = Path(args.output_path) if args.output_path else _default_output(args.load, args.ckpt_step, args.routing)
+    _check_output(out, "--output-path" if args.output_path else "the results folder")
+    if args.routing_dump_dir:
+        _check_output(Path(args.routing_dump_dir), "--routing-dump-dir")
     from mpmoe.eval.lm import MpmoeLM
     from mpmoe.train.ablation import DEFAULTS
 

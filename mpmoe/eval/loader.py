@@ -218,6 +218,13 @@ def load_eval_model(
         raise EvalError(f"{it_dir} was trained with ReMoE (ReLU) routing, which has no top-k rule; "
                         "use --routing auto")
 
+    if trained == "mope" and routing != "topk":
+        from mpmoe.train.args import ConfigError, check_otep_backend
+
+        try:
+            check_otep_backend(args)
+        except ConfigError as exc:
+            raise EvalError(str(exc)) from None
     tok_path = _find_tokenizer(tokenizer, root, it_dir, args)
     try:
         tok_info = load_tokenizer(tok_path)

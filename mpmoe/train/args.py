@@ -84,6 +84,20 @@ FRACTION = Range(float, 0, 1)                 # [0, 1]
 PROBABILITY = Range(float, 0, 1, hi_open=True)  # [0, 1)
 
 
+def _split(text):
+    """``--split``: 1 to 3 comma-separated non-negative weights, not all zero (Megatron's)."""
+    text = str(text).strip()
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or any(not math.isfinite(w) or w < 0 for w in weights):
+        raise argparse.ArgumentTypeError(f"expected up to 3 comma-separated weights like 969,30,1, got {text!r}")
+    if sum(weights) <= 0:
+        raise argparse.ArgumentTypeError(f"the weights {text!r} are all zero: no split would get data")
+    return text
+
+
 def _layer_freq(text):
     """``--moe-layer-freq``: an int N, or a 0/1 list (``[0,1,1]`` or Megatron's ``([0]*1+[1]*8)``)."""
     if isinstance(text, (int, list)):
@@ -239,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-path", nargs="*", default=None,
                    help="Megatron data prefixes, optionally weighted: [W1] PREFIX1 [W2] PREFIX2 ... "
                    "(default: the embedded corpus)")
-    g.add_argument("--split", default="969,30,1", help="train,valid,test split of --data-path")
+    g.add_argument("--split", type=_split, default="969,30,1",
+                   help="train,valid,test split of --data-path (the embedded corpus has its own files)")
     g.add_argument("--tokenizer-model", default=None,
                    help="HF tokenizer directory (vocab size and EOD id) for --data-path")
     g.add_argument("--data-cache-path", default=None, help="GPTDataset index cache")
@@ -302,6 +317,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, check: bool = True) -> a
     args = parser.parse_args(argv)
     if isinstance(args.moe_layer_freq, str):
         args.moe_layer_freq = _layer_freq(args.moe_layer_freq)
+    if check and not args.data_path and any(a == "--split" or a.startswith("--split=") for a in argv):
+        raise ConfigError("--split applies to --data-path; the embedded corpus comes as fixed "
+                          "train/valid/test files (leave --split out, or pass --data-path)")
     if check:
         validate(args)
     return args
@@ -390,6 +408,18 @@ def _data_prefixes(data_path: list[str]) -> list[str]:
     return list(data_path)
 
 
+def check_otep_backend(args: argparse.Namespace) -> None:
+    """A MoPE model with a bad ``MPMOE_OTEP_BACKEND`` fails at start, not at its first routing."""
+    if args.num_experts is None or getattr(args, "moe_router_load_balancing_type", None) != "otep":
+        return
+    from mpmoe.routing.otep import default_backend
+
+    try:
+        default_backend()
+    except ValueError as exc:
+        raise ConfigError(f"environment variable {str(exc).split(': ', 1)[-1]}") from None
+
+
 def validate(args: argparse.Namespace, world_size: Optional[int] = None) -> None:
     """One-line :class:`ConfigError` for configurations that cannot run."""
     if world_size is None:
@@ -400,6 +430,7 @@ def validate(args: argparse.Namespace, world_size: Optional[int] = None) -> None
         if getattr(args, name) is None:
             raise ConfigError(f"--{name.replace('_', '-')} is required (not set by preset {args.preset!r})")
     check_ranges(args)
+    check_otep_backend(args)
     if getattr(args, "allow_model_change", False) and not args.no_load_optim:
         raise ConfigError("--allow-model-change needs --no-load-optim (the optimizer state of "
                           "another model does not apply)")
