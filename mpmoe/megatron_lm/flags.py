@@ -95,14 +95,22 @@ def preset_flags(
     return out
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (no usage block): scripts/megatron_lm/pretrain.sh shows it
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mpmoe.megatron_lm.flags",
-                                description="Print a preset's Megatron-LM flags, one per line.")
+    from mpmoe.train.args import POSITIVE
+
+    p = _OneLineParser(prog="python -m mpmoe.megatron_lm.flags",
+                       description="Print a preset's Megatron-LM flags, one per line.")
     p.add_argument("preset", help="configs/*.toml name (tiny-cpu, flame-moe-38m, ...) or a .toml path")
     p.add_argument("--router", choices=sorted(ROUTER_TYPES), default=None,
                    help="mope (otep) or moe (aux_loss top-k); default: the preset's")
-    p.add_argument("--train-iters", type=int, default=None)
-    p.add_argument("--world-size", type=int, default=None,
+    p.add_argument("--train-iters", type=POSITIVE, default=None)
+    p.add_argument("--world-size", type=POSITIVE, default=None,
                    help="number of processes: adds --expert-model-parallel-size")
     p.add_argument("--mock-data", action="store_true",
                    help="add --mock-data with a NullTokenizer of the preset's vocabulary")

@@ -34,6 +34,9 @@ def _raise_terminated(signum, frame):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from mpmoe.supervise import die_with_launcher
+
+    die_with_launcher()  # under torchrun (scripts/train.sh runs this module): end with the agent
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _main(argv)
