@@ -213,7 +213,7 @@ def load_eval_model(
     trained = _trained_routing(args)
     if routing == "mope" and trained != "mope":
         raise EvalError(f"{it_dir} was trained with {trained} routing: it has no Sigma to route "
-                        "with; use --routing topk (or auto)")
+                        f"with; use --routing {'auto' if trained == 'remoe' else 'topk (or auto)'}")
     if routing == "topk" and trained == "remoe":
         raise EvalError(f"{it_dir} was trained with ReMoE (ReLU) routing, which has no top-k rule; "
                         "use --routing auto")
@@ -258,6 +258,9 @@ def load_eval_model(
                                         args, "moe_layer_freq", 1), args.num_experts))
     except ValueError as exc:
         raise EvalError(str(exc)) from None
+    if trained == "remoe" and resolved.get("moe_dynamic_mask"):
+        raise EvalError(f"--moe-dynamic-mask drops one of the k experts a top-k router picked; {it_dir} "
+                        "routes with ReMoE (ReLU gates, no k): leave the dynamic mask out")
     for key, value in resolved.items():
         setattr(args, key, value)
     if routing_dump_dir is not None:
