@@ -99,6 +99,10 @@ def load_model(load_dir, train_argv: list[str]):
         load_checkpoint(root, model, None, None, load_optim=False, load_rng=False, run_args=vars(args),
                         opt_in="the model flags must describe its model")
     except Exception as exc:  # noqa: BLE001 - one line for a mismatched model / checkpoint
+        from mpmoe.train.checkpoint import ModelMismatch
+
+        if isinstance(exc, ModelMismatch):
+            raise AnalysisError(str(exc)) from None
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AnalysisError(f"{root}: cannot load into the model the flags describe "
                             f"({type(exc).__name__}: {msg[:300]})") from None

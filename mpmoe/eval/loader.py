@@ -270,6 +270,10 @@ def load_eval_model(
         load_checkpoint(root, model, None, None, load_optim=False, load_rng=False, iteration=iteration,
                         run_args=vars(args), opt_in="the model flags (--model-flags) must describe its model")
     except Exception as exc:  # noqa: BLE001 - one line for a model/checkpoint mismatch
+        from mpmoe.train.checkpoint import ModelMismatch
+
+        if isinstance(exc, ModelMismatch):
+            raise EvalError(str(exc)) from None
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EvalError(f"{it_dir}: cannot load into the model its flags describe "
                         f"({type(exc).__name__}: {msg[:300]})") from None

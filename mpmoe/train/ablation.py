@@ -70,7 +70,9 @@ def add_arguments(parser) -> None:
                         "(docs/reference.md)")
 
 
-def _apply_env(args, prog: str, environ) -> None:
+def _apply_env(args, prog: str, environ) -> list:
+    """Fold the variables into ``args``; returns the notes to print once the values are valid."""
+    notes = []
     defaults = DEFAULTS
     for var, dest in ENV_VARS.items():
         raw = environ.get(var, "").strip()
@@ -89,8 +91,9 @@ def _apply_env(args, prog: str, environ) -> None:
             raise ValueError(f"--{dest.replace('_', '-')} {current!r} and environment variable "
                              f"{var}={raw!r} disagree; unset one")
         if current != value:
-            print(f"{prog}: note: {var}={raw!r} sets --{dest.replace('_', '-')}", file=sys.stderr)
+            notes.append(f"{prog}: note: {var}={raw!r} sets --{dest.replace('_', '-')}")
             setattr(args, dest, value)
+    return notes
 
 
 def moe_layer_numbers(num_layers, moe_layer_freq, num_experts) -> Optional[list]:
@@ -135,7 +138,7 @@ def validate(args, num_experts, topk, *, prog: str = "mpmoe train", environ=None
     if prog == "mpmoe train" and environ.get("EACT_SAVE", "").strip():
         raise ValueError("environment variable EACT_SAVE (the demo's routing dump) is read by "
                          "`mpmoe eval --routing-dump-dir`, not by training; unset it")
-    _apply_env(args, prog, environ)
+    notes = _apply_env(args, prog, environ)
     active = args.moe_mask_experts or args.moe_dynamic_mask
     if active and num_experts is None:
         raise ValueError("--moe-mask-experts / --moe-dynamic-mask need an MoE model (--num-experts)")
@@ -176,6 +179,8 @@ def validate(args, num_experts, topk, *, prog: str = "mpmoe train", environ=None
                 raise ValueError(f"--moe-cooccurrence-stats-dir: no layer*_seg*_{{moe,mope}}.npz in {stats}")
     elif args.moe_dynamic_mask_layers or args.moe_cooccurrence_stats_dir:
         raise ValueError("--moe-dynamic-mask-layers / --moe-cooccurrence-stats-dir need --moe-dynamic-mask")
+    for note in notes:  # only for values that hold (an error is then the one line)
+        print(note, file=sys.stderr)
 
 
 def resolve(values, num_experts, topk, *, prog: str, environ=None, moe_layers: Optional[list] = None) -> dict:

@@ -253,6 +253,10 @@ MODEL_STATE_FLAGS = (
 TRAIN_OPT_IN = "pass --allow-model-change --no-load-optim to load it anyway"
 
 
+class ModelMismatch(CheckpointingException):
+    """A checkpoint whose tensors are not the model's (its message names the changed flags)."""
+
+
 def _base_key(key: str) -> str:
     return key.split("/shard_")[0]
 
@@ -318,7 +322,7 @@ def check_model_matches(path, model, saved_args: Optional[dict] = None, run_args
             parts.append(f"it lacks {_layers_of(missing)}")
         changed = changed_model_settings(saved_args, run_args)
         why = f" ({', '.join(changed[:3])})" if changed else ""
-        raise CheckpointingException(f"{path} holds another model{why}: {'; '.join(parts)}; {opt_in}")
+        raise ModelMismatch(f"{path} holds another model{why}: {'; '.join(parts)}; {opt_in}")
     return dropped, missing
 
 
