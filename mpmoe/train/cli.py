@@ -71,6 +71,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
             return _error(problem)
     warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
     warnings.filterwarnings("ignore", message=".*Apex.*")
+    warnings.filterwarnings("ignore", message=r".*full scope is deprecated")  # megatron's CUDA-graph default
     from mpmoe.train.faults import NonFiniteLoss, TrainingStopped
     from mpmoe.train.loop import train
 
