@@ -127,9 +127,11 @@ def inspect_dataset(path: str | os.PathLike, *, tokenizer: str | None = None, sa
         if r.num_tokens:
             top = int(r._bin.max()) if r.num_tokens <= 50_000_000 else None
             entry["max_token_id"] = top
-            if decoder is not None and top is not None and top >= decoder.get_vocab_size(with_added_tokens=True):
+            vocab = (decoder.get_vocab_size(with_added_tokens=True) if decoder is not None
+                     else (manifest or {}).get("tokenizer", {}).get("vocab_size"))
+            if vocab is not None and top is not None and top >= vocab:
                 raise DataError(f"{prefix}: token id {top} is outside the tokenizer's vocabulary "
-                                f"({decoder.get_vocab_size(with_added_tokens=True)}): wrong tokenizer or corrupt data")
+                                f"({vocab}): wrong tokenizer or corrupt data")
         if r.num_documents:
             picks = rng.choice(r.num_documents, size=min(samples, r.num_documents), replace=False)
             for i in sorted(int(x) for x in picks):
