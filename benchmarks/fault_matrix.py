@@ -669,6 +669,14 @@ def cases(fx: Fixture) -> list[Case]:
         add(f"{R3}data inspect manifest {label}", err("manifest"), lambda d, body=body: (
             d / "x.manifest.json").write_text(body) and sh([*MPMOE, "data", "inspect", str(d / "x.manifest.json")], d))
 
+    def corrupt_ids(d):
+        p = copy_data(fx, d)
+        with open(p + ".bin", "r+b") as f:
+            f.seek(10)
+            f.write(b"\xff\xfe" * 4)  # token ids ~65000 in a 300-token vocabulary
+        return sh([*MPMOE, "data", "inspect", p, "--tokenizer-model", str(fx.tok)], d)
+    add(f"{R3}data inspect corrupt token ids", err("outside"), corrupt_ids)
+
     # -- signals outside train: one line, 130/143, no traceback, no orphans ----------------
     def timed_signal(argv_of, sig, after_s):
         def run(d):
