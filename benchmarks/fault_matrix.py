@@ -563,15 +563,17 @@ def cases(fx: Fixture) -> list[Case]:
     def resume_changed(*flags):
         return lambda d: sh([*MPMOE, "train", *fx.train_flags(), "--train-iters", "6", "--load", str(fx.ckpt),
                              "--run-dir", str(d / "run"), *flags], d)
-    for label, flags, needle in [
-            ("fewer layers", ("--num-layers", "1"), "--num-layers 2 -> 1"),
-            ("more layers", ("--num-layers", "3"), "--num-layers 2 -> 3"),
-            ("MoPE -> top-k", ("--moe-router-load-balancing-type", "aux_loss"), "--moe-router-load-balancing-type"),
-            ("MoPE -> ReMoE", remoe, "--moe-relu-routing"),
-            ("MoPE -> top-k + expert bias", bias, "--moe-router-enable-expert-bias"),
+    for label, flags, needles in [  # the fixture's layers are alike: megatron stacks them (one shape)
+            ("fewer layers", ("--num-layers", "1"), ("--num-layers 2 -> 1", "shapes")),
+            ("more layers", ("--num-layers", "3"), ("--num-layers 2 -> 3", "shapes")),
+            ("more layers, not alike", ("--num-layers", "3", "--moe-layer-freq", "[1,1,0]"), ("--num-layers 2 -> 3",)),
+            ("MoPE -> top-k", ("--moe-router-load-balancing-type", "aux_loss"),
+             ("--moe-router-load-balancing-type", "--allow-model-change")),
+            ("MoPE -> ReMoE", remoe, ("--moe-relu-routing", "--allow-model-change")),
+            ("MoPE -> top-k + expert bias", bias, ("--moe-router-enable-expert-bias", "--allow-model-change")),
             ("MoPE -> MoPE + expert bias", ("--moe-router-enable-expert-bias", "--moe-aux-loss-coeff", "0"),
-             "--moe-router-enable-expert-bias")]:
-        add(f"{R3}train resume {label}", err(needle, "--allow-model-change"), resume_changed(*flags))
+             ("--moe-router-enable-expert-bias", "--allow-model-change"))]:
+        add(f"{R3}train resume {label}", err(*needles), resume_changed(*flags))
     add(f"{R3}train resume MoPE -> top-k, explicit", ("exit 0, resumes, names what is dropped",
                                                      exit_ok("resum", "--allow-model-change")),
         resume_changed("--moe-router-load-balancing-type", "aux_loss", "--no-load-optim", "--allow-model-change"))

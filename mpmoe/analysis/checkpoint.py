@@ -97,7 +97,7 @@ def load_model(load_dir, train_argv: list[str]):
     _, model, _ = build_model(args, padded_vocab_size(spec.vocab_size, args.make_vocab_size_divisible_by))
     try:
         load_checkpoint(root, model, None, None, load_optim=False, load_rng=False, run_args=vars(args),
-                        opt_in="the model flags must describe its model")
+                        opt_in="the model flags must describe it")
     except Exception as exc:  # noqa: BLE001 - one line for a mismatched model / checkpoint
         from mpmoe.train.checkpoint import ModelMismatch
 

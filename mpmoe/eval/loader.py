@@ -268,7 +268,7 @@ def load_eval_model(
     config, model, module = build_model(args, padded)
     try:
         load_checkpoint(root, model, None, None, load_optim=False, load_rng=False, iteration=iteration,
-                        run_args=vars(args), opt_in="the model flags (--model-flags) must describe its model")
+                        run_args=vars(args), opt_in="--model-flags must describe it")
     except Exception as exc:  # noqa: BLE001 - one line for a model/checkpoint mismatch
         from mpmoe.train.checkpoint import ModelMismatch
 

@@ -250,7 +250,7 @@ MODEL_STATE_FLAGS = (
 )
 
 
-TRAIN_OPT_IN = "pass --allow-model-change --no-load-optim to load it anyway"
+TRAIN_OPT_IN = "--allow-model-change --no-load-optim loads it anyway"
 
 
 class ModelMismatch(CheckpointingException):
@@ -261,20 +261,26 @@ def _base_key(key: str) -> str:
     return key.split("/shard_")[0]
 
 
-def _model_keys_of_checkpoint(path) -> set:
+def _shape(obj):
+    shape = getattr(obj, "global_shape", None)
+    return tuple(int(x) for x in shape) if shape is not None else None
+
+
+def _model_keys_of_checkpoint(path) -> dict:
+    """``{tensor name: global shape (None for objects)}`` of a checkpoint's model state."""
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-    return {_base_key(k) for k in load_sharded_metadata(str(path))
+    return {_base_key(k): _shape(v) for k, v in load_sharded_metadata(str(path)).items()
             if not k.startswith(("optimizer.", "rng_state"))}
 
 
-def _model_keys_of(model) -> set:
+def _model_keys_of(model) -> dict:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import apply_factories
 
     sd = model.sharded_state_dict()
     apply_factories(sd)
-    return {_base_key(v.key) for v in nested_values(sd) if hasattr(v, "key")}
+    return {_base_key(v.key): _shape(v) for v in nested_values(sd) if hasattr(v, "key")}
 
 
 def _layers_of(keys: set) -> str:
@@ -287,7 +293,7 @@ def _layers_of(keys: set) -> str:
     if layers and all(re.match(r"decoder\.layers\.\d+\.", k) for k in names):
         what = f" ({', '.join(leaves)})" if len(leaves) <= 2 else ""
         return f"{len(names)} tensor(s){what} of layer(s) {','.join(map(str, layers))}"
-    return f"{len(names)} tensor(s) ({names[0]}{', ...' if len(names) > 1 else ''})"
+    return f"{len(names)} tensor(s) ({', '.join(leaves[:3])}{', ...' if len(leaves) > 3 else ''})"
 
 
 def changed_model_settings(saved_args: Optional[dict], run_args: Optional[dict]) -> list:
@@ -313,16 +319,23 @@ def check_model_matches(path, model, saved_args: Optional[dict] = None, run_args
     except Exception:  # noqa: BLE001 - unreadable metadata: the load itself reports it
         return set(), set()
     wanted = _model_keys_of(model)
-    dropped, missing = saved - wanted, wanted - saved
-    if (dropped or missing) and not allow_change:
+    dropped, missing = set(saved) - set(wanted), set(wanted) - set(saved)
+    reshaped = sorted(k for k in set(saved) & set(wanted)
+                      if saved[k] is not None and wanted[k] is not None and saved[k] != wanted[k])
+    if reshaped or ((dropped or missing) and not allow_change):
         parts = []
+        if reshaped:
+            k = reshaped[0]
+            parts.append(f"{len(reshaped)} tensor(s) have other shapes ({k}: {list(saved[k])} in the "
+                         f"checkpoint, {list(wanted[k])} here)")
         if dropped:
             parts.append(f"this model would drop {_layers_of(dropped)}")
         if missing:
             parts.append(f"it lacks {_layers_of(missing)}")
         changed = changed_model_settings(saved_args, run_args)
         why = f" ({', '.join(changed[:3])})" if changed else ""
-        raise ModelMismatch(f"{path} holds another model{why}: {'; '.join(parts)}; {opt_in}")
+        hint = f" ({opt_in})" if not reshaped else ""
+        raise ModelMismatch(f"{path} holds another model{why}{hint}: {'; '.join(parts)}")
     return dropped, missing
 
 
