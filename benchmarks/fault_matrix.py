@@ -712,7 +712,7 @@ def cases(fx: Fixture) -> list[Case]:
         def judge(r):
             lines = [ln for ln in r.err.strip().splitlines() if ln.strip() and not _WARNING.search(ln)]
             ok = (r.rc == rc and "Traceback" not in r.err and "0 orphan" in r.note and "signal sent" in r.note
-                  and lines and "stopped by" in lines[-1])
+                  and lines and re.search(r"stopped by|interrupted", lines[-1]) is not None)
             return ok, f"rc={r.rc}; {r.note}; {lines[-1][:80] if lines else ''}"
         return f"exit {rc}, one line, no traceback, no orphans", judge
 

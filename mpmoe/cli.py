@@ -29,7 +29,37 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``mpmoe <verb>``; a signal while the verb's modules import (seconds) also ends in one line."""
+    import signal
+
+    from mpmoe.errors import Terminated, debug_enabled
+
+    def terminated(signum, frame):
+        raise Terminated()
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    previous = signal.signal(signal.SIGTERM, terminated) if _main_thread() else None
+    try:
+        return _main(argv)
+    except (KeyboardInterrupt, Terminated) as exc:
+        if debug_enabled():
+            raise
+        name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
+        verb = argv[0] if argv and argv[0] in VERBS else ""
+        print(f"mpmoe{' ' + verb if verb else ''}: stopped by {name}", file=sys.stderr)
+        return 130 if name == "SIGINT" else 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

@@ -104,7 +104,8 @@ def run_verb(prog: str, main: Callable[[list], Optional[int]], argv: list) -> in
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL):
+            if signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL) or (
+                    getattr(signal.getsignal(sig), "__qualname__", "").endswith("terminated")):
                 previous[sig] = signal.signal(sig, _stop_handler(received))
     try:
         code = int(main(argv) or 0)
