@@ -626,7 +626,7 @@ def cases(fx: Fixture) -> list[Case]:
     add(f"{R3}eval --output-path is a file (before the work)", err("--output-path", max_s=60),
         lambda d: (d / "f").write_text("x") and sh([*MPMOE, "eval", "--load", str(fx.ckpt), *task,
                                                     "--output-path", str(d / "f"), "--no-progress"], d))
-    add(f"{R3}eval bad MPMOE_OTEP_BACKEND at start", err("MPMOE_OTEP_BACKEND", max_s=60),
+    add(f"{R3}eval bad MPMOE_OTEP_BACKEND at start", err("MPMOE_OTEP_BACKEND", max_s=150),
         E(*task, env={"MPMOE_OTEP_BACKEND": "bogus"}))
 
     def lone_iter_other_tokenizer(d):
@@ -661,8 +661,10 @@ def cases(fx: Fixture) -> list[Case]:
     add(f"{R3}eval ReMoE checkpoint --routing mope", err("--routing auto"), remoe_eval("--routing", "mope"))
     add(f"{R3}eval ReMoE checkpoint with a dynamic mask", err("--moe-dynamic-mask"),
         remoe_eval("--moe-dynamic-mask", "random"))
-    add(f"{R3}eval --model-flags with fewer layers", err("--num-layers"),
+    add(f"{R3}eval --model-flags that build no model", err("moe_layer_freq"),
         E(*task, "--model-flags", "--num-layers 1"))
+    add(f"{R3}eval --model-flags with fewer layers", err("--num-layers"),
+        E(*task, "--model-flags", " ".join([*MODEL[:MODEL.index("--global-batch-size")], "--num-layers", "1"])))
     add(f"{R3}analyze checkpoint with fewer layers", err("--num-layers"),
         A("checkpoint", "--load", fx.ckpt, "--out", "o", "--no-progress", *fx.train_flags(), "--num-layers", "1"))
 

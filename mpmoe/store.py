@@ -308,7 +308,10 @@ def load_model(
     build_args = copy.copy(args)
     for key, value in _BUILD_ONLY.items():
         setattr(build_args, key, value)
-    _, model, module = build_model(build_args, padded)
+    try:
+        _, model, module = build_model(build_args, padded)
+    except ValueError as exc:  # megatron's / mpmoe's config checks: the flags describe no model
+        raise StoreError(f"model flags: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") from None
     try:
         load_checkpoint(root, model, None, None, load_optim=False, load_rng=False, iteration=iteration,
                         run_args=vars(build_args), opt_in="the model flags must describe it")

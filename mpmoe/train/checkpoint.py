@@ -250,7 +250,6 @@ MODEL_STATE_FLAGS = (
     "num_experts", "moe_layer_freq", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
     "moe_router_load_balancing_type", "moe_relu_routing", "moe_router_enable_expert_bias",
     "moe_router_score_function", "moe_grouped_gemm", "vocab_size", "make_vocab_size_divisible_by",
-    "tokenizer_model", "data_path",
 )
 
 
