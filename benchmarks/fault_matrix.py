@@ -758,6 +758,12 @@ def cases(fx: Fixture) -> list[Case]:
         except OSError:
             return False
 
+    def cmdline(pid: int) -> str:
+        try:
+            return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            return ""
+
     def torchrun_kill(target: str):
         def run(d):
             argv = [PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
@@ -772,8 +778,7 @@ def cases(fx: Fixture) -> list[Case]:
             tracker = d / "ck" / "latest_checkpointed_iteration.txt"
             while time.perf_counter() - start < 300 and p.poll() is None and not tracker.is_file():
                 time.sleep(0.1)
-            workers = [c for c in descendants(p.pid) if "mpmoe" in (Path("/proc") / str(c) / "cmdline").read_text(
-                errors="replace")] if p.poll() is None else []
+            workers = [c for c in descendants(p.pid) if "mpmoe" in cmdline(c)] if p.poll() is None else []
             if target == "agent":
                 os.kill(p.pid, signal.SIGKILL)
             elif workers:
