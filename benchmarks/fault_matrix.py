@@ -821,7 +821,7 @@ def cases(fx: Fixture) -> list[Case]:
     train_sh = str(ROOT / "scripts/train.sh")
     for var, value in (("NPROC_PER_NODE", "0"), ("NPROC_PER_NODE", "abc"), ("NPROC_PER_NODE", "-1"),
                        ("NNODES", "0"), ("NNODES", "x"), ("NODE_RANK", "5"), ("MASTER_PORT", "99999"),
-                       ("MASTER_PORT", "")):
+                       ("MASTER_PORT", "0")):
         add(f"{R3}script train.sh {var}={value!r}", err(var),
             lambda d, var=var, value=value: sh(["bash", train_sh, "tiny-cpu"], d, env={var: value}))
     paper = str(ROOT / "scripts/reproduce/paper_tiny.sh")

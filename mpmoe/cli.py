@@ -30,33 +30,21 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``mpmoe <verb>``; a signal while the verb's modules import (seconds) also ends in one line."""
-    import signal
-
-    from mpmoe.errors import Terminated, debug_enabled
-
-    def terminated(signum, frame):
-        raise Terminated()
+    from mpmoe.errors import Terminated, debug_enabled, install_stop_handlers, stop_signals_received
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    previous = signal.signal(signal.SIGTERM, terminated) if _main_thread() else None
+    verb = argv[0] if argv and argv[0] in VERBS else ""
+    install_stop_handlers(f"mpmoe {verb}" if verb else "mpmoe")  # at once: the imports take seconds
     try:
-        return _main(argv)
+        code = _main(argv)
+        received = stop_signals_received()  # one a library swallowed while the verb imported
+        return 128 + received[0] if received and code == 0 else code
     except (KeyboardInterrupt, Terminated) as exc:
         if debug_enabled():
             raise
         name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
-        verb = argv[0] if argv and argv[0] in VERBS else ""
         print(f"mpmoe{' ' + verb if verb else ''}: stopped by {name}", file=sys.stderr)
         return 130 if name == "SIGINT" else 143
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _main(argv: list[str]) -> int:

@@ -119,3 +119,28 @@ def test_run_verb_ends_signals_in_one_line(capsys, monkeypatch):
 
     assert run_verb("mpmoe x", swallowed, []) == 130
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+    assert run_verb("mpmoe x", lambda argv: 0, []) == 0  # an earlier verb's signal does not count
+
+
+def test_a_verb_that_ignores_its_stop_signal_is_ended(tmp_path):
+    """A verb that swallows Ctrl-C and goes on is ended STOP_GRACE_S later, with the one line."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import os, signal, time\n"
+            "import mpmoe.errors as e\n"
+            "e.STOP_GRACE_S = 1.0\n"
+            "def main(argv):\n"
+            "    try:\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "        time.sleep(5)\n"
+            "    except KeyboardInterrupt:\n"
+            "        pass\n"
+            "    time.sleep(60)\n"
+            "    return 0\n"
+            "raise SystemExit(e.run_verb('mpmoe x', main, []))\n")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130 and proc.stderr == "mpmoe x: stopped by SIGINT\n", proc.stderr
+    assert time.perf_counter() - start < 30
