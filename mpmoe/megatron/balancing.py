@@ -29,6 +29,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, apply_
 
 from mpmoe.megatron.router import TopKStatsRouter, iter_routers
 from mpmoe.routing.balancing import (
+    EXPERT_BIAS_MODES,
     biased_softmax_topk,
     relu_gates,
     relu_l1_coeff_update,
@@ -48,6 +49,9 @@ __all__ = [
 
 def validate_balancing_config(cfg) -> None:
     """One-line ``ValueError`` for ReMoE / expert-bias combinations mpmoe does not run."""
+    mode = getattr(cfg, "moe_router_expert_bias_mode", "prob")
+    if mode not in EXPERT_BIAS_MODES:
+        raise ValueError(f"moe_router_expert_bias_mode must be one of {', '.join(EXPERT_BIAS_MODES)}, got {mode!r}")
     if cfg.moe_router_enable_expert_bias:
         rate = cfg.moe_router_bias_update_rate
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate >= 0:
@@ -84,8 +88,9 @@ def softmax_bias_routing(router: TopKStatsRouter, logits: torch.Tensor, padding_
     if padding_mask is not None:
         padding_mask = padding_mask.reshape(-1)
     logits = router.apply_z_loss(logits, padding_mask=padding_mask)
+    bias, space = router.selection_bias()
     probs, routing_map = biased_softmax_topk(
-        logits, router.expert_bias, router.topk,
+        logits, bias, router.topk, space=space,
         pre_softmax=cfg.moe_router_pre_softmax, scaling_factor=cfg.moe_router_topk_scaling_factor,
     )
     if cfg.moe_expert_capacity_factor is not None:
@@ -196,5 +201,7 @@ def balancing_scalars(models) -> dict:
             out[f"remoe/sparsity/layer_{layer}"] = float(r.last_sparsity)
             out[f"remoe/experts_per_token/layer_{layer}"] = float(r.last_experts_per_token)
         elif getattr(r, "expert_bias", None) is not None:
-            out[f"moe/expert_bias_absmax/layer_{layer}"] = float(r.expert_bias.abs().max())
+            # the bias as the selection adds it (x 4/E in mode "prob-scaled")
+            bias, _ = r.selection_bias()
+            out[f"moe/expert_bias_absmax/layer_{layer}"] = float(bias.abs().max())
     return out

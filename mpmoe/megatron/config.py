@@ -138,6 +138,11 @@ class MoPEConfig(TransformerConfig):
     moe_relu_l1_reg_coeff_multiplier: float = 1.2
     """ReMoE: lambda is multiplied / divided by this after every optimizer step."""
 
+    moe_router_expert_bias_mode: str = "prob"
+    """Expert bias with softmax scores: where the selection adds it. "prob": softmax + b;
+    "logit": logits + b (MoPE: p = softmax(logits + b)); "prob-scaled": softmax + b * 4/E
+    (the update rate scaled by E). See docs/routing.md."""
+
     def __post_init__(self):
         self._validate_mope_fields()
         is_mope = self.moe_router_load_balancing_type == MOPE_ROUTING_TYPE

@@ -322,6 +322,16 @@ class TopKStatsRouter(TopKRouter):
         """Expert bias on a softmax router: mpmoe counts its tokens (megatron: sigmoid only)."""
         return bool(self.enable_expert_bias) and self.config.moe_router_score_function == "softmax"
 
+    def selection_bias(self):
+        """``(bias, space)``: the expert bias as a softmax selection adds it (the buffer times
+        :func:`mpmoe.routing.balancing.expert_bias_scale`) and where ("prob" or "logit")."""
+        from mpmoe.routing.balancing import expert_bias_scale
+
+        mode = getattr(self.config, "moe_router_expert_bias_mode", "prob")
+        scale = expert_bias_scale(mode, self.num_experts)
+        bias = self.expert_bias if scale == 1.0 else self.expert_bias * scale
+        return bias, ("logit" if mode == "logit" else "prob")
+
     def _topk_routing(self, logits: torch.Tensor, padding_mask):
         """Megatron's top-k, or with softmax scores and expert bias mpmoe's biased selection."""
         if self._counts_expert_bias:
@@ -501,7 +511,7 @@ class MoPERouter(TopKStatsRouter):
         if self._otep_backend is None:
             self._otep_backend = default_backend()
         selection = otep_select(  # records no autograd graph
-            self._otep_scores(scores_all.detach() if need_aux else scores_all),
+            self._otep_scores(scores_all.detach() if need_aux else scores_all, logits),
             sigma,
             self.topk,
             allowed=allowed,
@@ -545,15 +555,21 @@ class MoPERouter(TopKStatsRouter):
             )
         return probs, routing_map
 
-    def _otep_scores(self, probs: torch.Tensor) -> torch.Tensor:
-        """OTEP's p: the softmax probabilities, plus the expert bias when enabled.
+    def _otep_scores(self, probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """OTEP's p: the softmax probabilities, or with the expert bias ``max(p + b, 0)``
+        (bias modes "prob", "prob-scaled") or ``softmax(logits + b)`` (mode "logit").
 
-        The bias steers the selection only (gate weights and aux loss stay unbiased); it is
-        clamped at 0 because OTEP's objective is quadratic in p (docs/routing.md).
+        The bias steers the selection only (gate weights and aux loss stay unbiased); on
+        probabilities it is clamped at 0 because OTEP's objective is quadratic in p
+        (docs/routing.md).
         """
         if not self.enable_expert_bias:
             return probs
-        return (probs + self.expert_bias.to(probs.dtype)).clamp_min(0.0)
+        bias, space = self.selection_bias()
+        if space == "logit":
+            with torch.no_grad():
+                return torch.softmax(logits.detach() + bias.to(logits.dtype), dim=-1, dtype=torch.float32)
+        return (probs + bias.to(probs.dtype)).clamp_min(0.0)
 
     @torch.no_grad()
     def _count(self, routing_map: torch.Tensor) -> None:
