@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mpmoe.routing.masks import DYNAMIC_MASK_MODES, parse_expert_mask
+from mpmoe.routing.masks import DYNAMIC_MASK_MODES, STATIC_MASK_SEMANTICS, parse_expert_mask
 
 __all__ = ["DYNAMIC_MASK_SOURCES", "ENV_FIELDS", "MOPE_ROUTING_TYPE", "MoPEConfig", "parse_layer_list"]
 
@@ -100,6 +100,10 @@ class MoPEConfig(TransformerConfig):
     moe_mask_experts: Optional[Union[str, Mapping]] = None
     """Static expert knock-out: JSON text, a JSON file path or a dict layer -> expert ids
     (normalised to ``dict[int, tuple[int, ...]]``)."""
+
+    moe_mask_experts_semantics: str = "mpmoe"
+    """Static knock-out under MoPE: "mpmoe" (never picked) or "reference" (the authors':
+    pickable by OTEP through Sigma, gate weight 0); see mpmoe.routing.masks."""
 
     moe_dynamic_mask_mode: Optional[str] = None
     """Dynamic k -> k-1 mask: None (off), "cooccurrence" or "random"."""
@@ -209,6 +213,9 @@ class MoPEConfig(TransformerConfig):
                         f"moe_mask_experts: layer {layer}: expert ids {bad} >= num_moe_experts={self.num_moe_experts}"
                     )
         self.moe_mask_experts = mask or None
+        if self.moe_mask_experts_semantics not in STATIC_MASK_SEMANTICS:
+            raise ValueError(f"moe_mask_experts_semantics must be one of {STATIC_MASK_SEMANTICS}, "
+                             f"got {self.moe_mask_experts_semantics!r}")
         mode = self.moe_dynamic_mask_mode
         if mode is not None and mode != "":
             if mode not in DYNAMIC_MASK_MODES:

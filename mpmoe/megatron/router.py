@@ -255,6 +255,11 @@ class TopKStatsRouter(TopKRouter):
         return tuple(mask.get(self.layer_number, ())) if self.layer_number is not None else ()
 
     @property
+    def static_mask_reference(self) -> bool:
+        """Knock-out with the authors' semantics (masked experts pickable by OTEP, weight 0)."""
+        return getattr(self.config, "moe_mask_experts_semantics", "mpmoe") == "reference"
+
+    @property
     def dynamic_mask_mode(self) -> Optional[str]:
         """The dynamic mask mode active for this layer, or None."""
         mode = getattr(self.config, "moe_dynamic_mask_mode", None)
@@ -288,7 +293,7 @@ class TopKStatsRouter(TopKRouter):
         flat = logits.reshape(-1, self.num_experts)
         masked_ids = self.static_mask_ids
         if masked_ids:
-            flat = apply_static_mask(flat, masked_ids)
+            flat = apply_static_mask(flat, masked_ids, finite=self.static_mask_reference)
         counted = is_counted_forward(self)
         replay = None
         if counted and self.recomputed:
@@ -505,7 +510,10 @@ class MoPERouter(TopKStatsRouter):
         scores_all = torch.softmax(logits if need_aux else logits.detach(), dim=-1, dtype=torch.float32)
         masked_ids = self.static_mask_ids
         allowed = None
-        if masked_ids:
+        # reference semantics: p_j = 0 for a knocked-out expert (finite lowest logit), but OTEP
+        # may still pick it through Sigma; masked_logits below keeps its finite logit, so the
+        # top-k over them returns exactly OTEP's selection and its gate weight is 0
+        if masked_ids and not self.static_mask_reference:
             allowed = torch.ones(self.num_experts, dtype=torch.bool, device=logits.device)
             allowed[list(masked_ids)] = False
         if self._otep_backend is None:

@@ -125,7 +125,10 @@ def biased_softmax_topk(logits: torch.Tensor, bias: torch.Tensor, topk: int, *,
         if space == "logit":
             chosen = torch.topk(logits + bias.to(logits.dtype), k=topk, dim=-1).indices
         else:
-            chosen = torch.topk(scores + bias.to(scores.dtype), k=topk, dim=-1).indices
+            # an expert whose logit is -inf (knocked out) has p = 0 but may carry a positive
+            # bias: it stays unselectable
+            selection = (scores + bias.to(scores.dtype)).masked_fill(torch.isneginf(logits), float("-inf"))
+            chosen = torch.topk(selection, k=topk, dim=-1).indices
         routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, chosen, True)
     if pre_softmax:
         probs = scores * routing_map
