@@ -269,3 +269,12 @@ def test_mope_logit_bias_runs_otep_on_the_biased_softmax():
         _, routing_map = router(x)
         p = torch.softmax(router.gating(x).reshape(-1, 8) + router.expert_bias, dim=-1)
     assert torch.equal(routing_map, otep_select(p, sigma, 3))
+
+
+def test_a_run_saved_before_the_bias_mode_existed_keeps_probability_bias():
+    from mpmoe.train.args import args_from_saved
+
+    saved = {"preset": "tiny-cpu", "moe_router_enable_expert_bias": True}
+    assert args_from_saved(saved).moe_router_expert_bias_mode == "prob"
+    saved["moe_router_expert_bias_mode"] = "logit"
+    assert args_from_saved(saved).moe_router_expert_bias_mode == "logit"

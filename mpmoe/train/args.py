@@ -613,6 +613,8 @@ def args_from_saved(saved: Optional[dict], flags: Optional[Sequence[str]] = None
                           "stored them); give the `mpmoe train` flags that built it")
     args = parse_args(["--preset", str(saved.get("preset", "tiny-cpu")), "--train-iters", "1"], check=False)
     known = vars(args)
+    # options a run saved before they existed ran with (their defaults may have changed since)
+    args.moe_router_expert_bias_mode = "prob"
     for key, value in saved.items():
         if key in known:
             setattr(args, key, value)
