@@ -516,6 +516,7 @@ def cases(fx: Fixture) -> list[Case]:
     add("script eval_benchmark.sh missing checkpoint", err(),
         lambda d: sh(["bash", str(ROOT / "scripts/eval_benchmark.sh"), "/nonexistent/ck", str(d / "o")], d))
 
+<<<<<<< HEAD
     # == round 3 (issue 28): the features added since, configuration changes, supervision ==
     R3 = "r3 "  # -k r3 runs this family
 
@@ -855,6 +856,20 @@ def cases(fx: Fixture) -> list[Case]:
                                 "/nonexistent/ck"),
                                ("bench_train --steps 0", bench("bench_train.py", "--steps", "0"), "--steps")):
         add(f"{R3}{label}", ("exit 2, no traceback", exit_ok(needle, rc=2)), run)
+=======
+    # -- issue 24: knock-out semantics, expert-bias modes, paper shape ---------------------
+    add("train --moe-mask-experts-semantics without a mask", err("--moe-mask-experts"),
+        mpmoe("train", "--train-iters", "1", "--moe-mask-experts-semantics", "reference"))
+    add("train --moe-mask-experts-semantics bogus", err("--moe-mask-experts-semantics"),
+        mpmoe("train", "--train-iters", "1", "--moe-mask-experts-semantics", "bogus"))
+    add("train --moe-router-expert-bias-mode bogus", err("--moe-router-expert-bias-mode"),
+        mpmoe("train", "--train-iters", "1", "--moe-router-expert-bias-mode", "bogus"))
+    add("eval --moe-mask-experts-semantics without a mask", err("--moe-mask-experts"),
+        mpmoe("eval", "--load", fx.ckpt, "--tasks", "mpmoe_local", "--moe-mask-experts-semantics", "reference"))
+    add("script paper_tiny.sh --quick --shape paper", ("exit 2", exit_ok(rc=2)),
+        lambda d: sh(["bash", str(ROOT / "scripts/reproduce/paper_tiny.sh"), str(d / "o"), "--quick", "--shape",
+                      "paper"], d))
+>>>>>>> main
     return C
 
 
