@@ -86,7 +86,9 @@ PROBABILITY = Range(float, 0, 1, hi_open=True)  # [0, 1)
 
 def _split(text):
     """``--split``: 1 to 3 comma-separated non-negative weights, not all zero (Megatron's)."""
-    text = str(text).strip()
+    if not isinstance(text, str):  # a preset's split = 969 (TOML int)
+        raise argparse.ArgumentTypeError(f"must be a string like \"969,30,1\", got {type(text).__name__} {text!r}")
+    text = text.strip()
     try:
         weights = [float(w) for w in text.split(",")]
     except ValueError:
