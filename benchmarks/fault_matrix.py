@@ -689,8 +689,10 @@ def cases(fx: Fixture) -> list[Case]:
             start = time.perf_counter()
             log = d / "out.log"
             with open(log, "w") as fh:
+                # as from a terminal: a matrix started in the background (`&`) passes SIGINT ignored
                 p = subprocess.Popen([*map(str, argv)], cwd=d, env=ENV, stdout=fh, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
             time.sleep(after_s)
             sent = p.poll() is None
             if sent:
