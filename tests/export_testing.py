@@ -1,0 +1,122 @@
+"""Helpers for the Hugging Face export/import tests (no tests here)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+VOCAB = 8192  # the embedded tokenizer's
+# A small tiny-cpu: 3 layers, GQA (4 heads, 2 groups), context 32.
+BASE = ["--preset", "tiny-cpu", "--hidden-size", "64", "--ffn-hidden-size", "128", "--moe-ffn-hidden-size", "32",
+        "--moe-shared-expert-intermediate-size", "48", "--num-layers", "3", "--num-attention-heads", "4",
+        "--num-query-groups", "2", "--seq-length", "32", "--max-position-embeddings", "32",
+        "--moe-layer-freq", "[0,1,1]", "--moe-router-load-balancing-type", "aux_loss"]
+
+
+def set_hf_home(path) -> None:
+    """Offline, with transformers' caches (remote code included) under ``path``."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_HOME"] = str(path)
+    os.environ["HF_MODULES_CACHE"] = str(Path(path) / "modules")
+    if "transformers.dynamic_module_utils" in sys.modules:
+        sys.modules["transformers.dynamic_module_utils"].HF_MODULES_CACHE = str(Path(path) / "modules")
+
+
+def build_args(flags=(), dense=False):
+    from mpmoe.train.args import args_from_saved
+
+    args = args_from_saved(None, [*BASE, *flags])
+    if dense:
+        args.num_experts = None
+    args.tokenizer_model = None
+    return args
+
+
+def build(flags=(), *, dense=False, seed=0, sigma_seed=None):
+    """``(args, model)``: a megatron model with random weights (norms included)."""
+    from mpmoe.megatron import init_distributed
+    from mpmoe.train.loop import build_model, padded_vocab_size
+
+    init_distributed()
+    args = build_args(flags, dense)
+    torch.manual_seed(seed)
+    _, model, _ = build_model(args, padded_vocab_size(VOCAB, 128))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.2 if "layernorm" in name else 0.5 * float(p.std()) if p.numel() > 1 else 0.1
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    if sigma_seed is not None:
+        plant_sigma(model, sigma_seed)
+    model.eval()
+    return args, model
+
+
+def plant_sigma(model, seed: int) -> None:
+    """A trained-looking Sigma in every MoPE router: counts of correlated routing maps."""
+    from mpmoe.megatron.router import MoPERouter, iter_routers
+
+    gen = torch.Generator().manual_seed(seed)
+    for router in iter_routers(model):
+        if not isinstance(router, MoPERouter):
+            continue
+        e, k = router.num_experts, router.topk
+        logits = torch.randn(4096, e, generator=gen) + torch.randn(e, generator=gen) * 1.5
+        logits[:, 1::2] += logits[:, 0::2] * 0.8  # pairs that co-occur
+        picks = logits.topk(k, dim=1).indices
+        m = torch.zeros(4096, e, dtype=torch.bool).scatter_(1, picks, True)
+        router.cooccurrence_stats.update(m)
+        router.cooccurrence_stats.refresh(None)
+
+
+@torch.no_grad()
+def megatron_logits(model, tokens, vocab=VOCAB):
+    b, s = tokens.shape
+    pos = torch.arange(s).unsqueeze(0).expand(b, s)
+    return model(tokens, pos, None)[..., :vocab].float()
+
+
+@torch.no_grad()
+def hf_logits(folder, tokens, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kwargs).eval()
+    return model(input_ids=tokens).logits.float()
+
+
+def real_text_ids(tokenizer_dir, n=2, length=32):
+    """Token ids of the first documents of the offline task data (real text)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    data = Path(importlib.import_module("mpmoe.eval").__file__).parent / "tasks" / "data"
+    rows = []
+    for f in sorted(data.glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            text = " ".join(str(v) for v in json.loads(line).values() if isinstance(v, str))
+            ids = tok.encode(text).ids
+            if len(ids) >= length:
+                rows.append(ids[:length])
+            if len(rows) == n:
+                return torch.tensor(rows)
+    raise AssertionError("no task text long enough")
+
+
+def import_template(tmp_path):
+    """The remote-code template as a package (relative imports), imported from a copy."""
+    from mpmoe.export.hf import HF_CODE_DIR
+
+    pkg = Path(tmp_path) / "mpmoe_hf_template"
+    shutil.copytree(HF_CODE_DIR, pkg, dirs_exist_ok=True)
+    (pkg / "__init__.py").write_text("")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        return importlib.import_module("mpmoe_hf_template.modeling_mpmoe")
+    finally:
+        sys.path.remove(str(tmp_path))
