@@ -31,7 +31,9 @@ def set_hf_home(path) -> None:
 def build_args(flags=(), dense=False):
     from mpmoe.train.args import args_from_saved
 
-    args = args_from_saved(None, [*BASE, *flags])
+    args = args_from_saved(None, [*BASE, *(f for f in flags if f != "--no-shared-expert")])
+    if "--no-shared-expert" in flags:
+        args.moe_shared_expert_intermediate_size = None
     if dense:
         args.num_experts = None
     args.tokenizer_model = None
@@ -50,7 +52,8 @@ def build(flags=(), *, dense=False, seed=0, sigma_seed=None):
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            scale = 0.2 if "layernorm" in name else 0.5 * float(p.std()) if p.numel() > 1 else 0.1
+            scale = (0.2 if "layernorm" in name else 0.3 if "output_layer" in name or "word_embeddings" in name
+                     else 0.5 * float(p.std()) if p.numel() > 1 else 0.1)
             p.add_(torch.randn(p.shape, generator=gen) * scale)
     if sigma_seed is not None:
         plant_sigma(model, sigma_seed)
@@ -82,11 +85,15 @@ def megatron_logits(model, tokens, vocab=VOCAB):
     return model(tokens, pos, None)[..., :vocab].float()
 
 
-@torch.no_grad()
-def hf_logits(folder, tokens, **kwargs):
+def hf_model(folder, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kwargs).eval()
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kwargs).eval()
+
+
+@torch.no_grad()
+def hf_logits(folder_or_model, tokens, **kwargs):
+    model = folder_or_model if isinstance(folder_or_model, torch.nn.Module) else hf_model(folder_or_model, **kwargs)
     return model(input_ids=tokens).logits.float()
 
 

@@ -192,7 +192,7 @@ def hf_state_dict(model, *, vocab_size: int, routing: str) -> dict[str, torch.Te
             else:  # Qwen2-MoE always gates: sigmoid(0) = 1/2, and x 2 is exact in floating point
                 gate_w, down = torch.zeros(1, cfg.hidden_size), down * 2
         else:  # no shared expert: one of width 1 that outputs exactly 0
-            gate = up = torch.zeros(1, cfg.hidden_size)
+            gate, up = torch.zeros(1, cfg.hidden_size), torch.zeros(1, cfg.hidden_size)
             down, gate_w = torch.zeros(cfg.hidden_size, 1), torch.zeros(1, cfg.hidden_size)
         out.update({h + "mlp.shared_expert.gate_proj.weight": gate, h + "mlp.shared_expert.up_proj.weight": up,
                     h + "mlp.shared_expert.down_proj.weight": down, h + "mlp.shared_expert_gate.weight": gate_w})
