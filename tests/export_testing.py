@@ -127,3 +127,45 @@ def import_template(tmp_path):
         return importlib.import_module("mpmoe_hf_template.modeling_mpmoe")
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def tiny_hf_folder(kind: str, out, tokenizer_dir, *, seed: int = 0, **overrides):
+    """A tiny random ``kind`` model (llama, qwen2, qwen2_moe, mixtral) saved with
+    ``save_pretrained`` beside the embedded tokenizer; nothing is downloaded."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if kind == "llama":
+        cfg = tf.LlamaConfig(**common)
+    elif kind == "qwen2":
+        cfg = tf.Qwen2Config(**{**common, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
+    elif kind == "qwen2_moe":
+        cfg = tf.Qwen2MoeConfig(**common, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                shared_expert_intermediate_size=48, mlp_only_layers=[0], decoder_sparse_step=1,
+                                norm_topk_prob=False, qkv_bias=True)
+    elif kind == "mixtral":
+        cfg = tf.MixtralConfig(**{**common, "intermediate_size": 32, "rope_parameters":
+                                  {"rope_type": "default", "rope_theta": 1e6}}, num_local_experts=4,
+                               num_experts_per_tok=2)
+    else:
+        raise ValueError(kind)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+            elif "bias" in name or "shared_expert_gate" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif "embed_tokens" in name or "lm_head" in name:
+                p.mul_(10.0)
+    model.save_pretrained(str(out))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(Path(tokenizer_dir) / name, Path(out) / name)
+    return model.eval()
