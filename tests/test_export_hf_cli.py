@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from export_testing import VOCAB, build, set_hf_home  # noqa: E402
+from export_testing import build, set_hf_home  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,12 +33,11 @@ def hf_home(tmp_path_factory):
 def save_checkpoint(root: Path, flags, embedded_cache, *, sigma_seed=None, seed=0, dense=False):
     """A model-only checkpoint of a randomly initialised model (no training needed)."""
     from mpmoe.data import prepare_embedded
-    from mpmoe.export.saving import save_model
+    from mpmoe.store import save_model
 
     tok = prepare_embedded(embedded_cache, progress=False).tokenizer_dir
     args, model = build(flags, seed=seed, sigma_seed=sigma_seed, dense=dense)
-    save_model(root, model, args=args, tokenizer_dir=tok,
-               data={"source": "test", "vocab_size": VOCAB, "padded_vocab": VOCAB, "eod_id": 0})
+    save_model(root, model, args=args, tokenizer_dir=tok)
     return root
 
 

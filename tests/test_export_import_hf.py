@@ -76,6 +76,7 @@ def test_import_records_flags_and_tokenizer(kind, imported, tok_dir):
     _, hf_dir, ckpt = imported[kind]
     info = saved_run_info(ckpt / "iter_0000000")
     args, data = info["args"], info["data"]
+    assert info["model_only"] and info["hf_import"]["model_type"] == kind
     assert args["num_layers"] == 3 and args["hidden_size"] == 64 and args["num_query_groups"] == 2
     assert args["add_qkv_bias"] == (kind in ("qwen2", "qwen2_moe"))
     assert args["rotary_base"] == (1e6 if kind in ("qwen2", "mixtral") else 1e4)
@@ -85,7 +86,7 @@ def test_import_records_flags_and_tokenizer(kind, imported, tok_dir):
     if kind == "mixtral":
         assert args["moe_layer_freq"] == [1, 1, 1] and args["moe_router_pre_softmax"] is False
         assert args["moe_shared_expert_intermediate_size"] is None
-    assert data["hf_model_type"] == kind and data["vocab_size"] == VOCAB
+    assert data["vocab_size"] == VOCAB and data["eod_id"] == 0
     assert (ckpt / "tokenizer" / "tokenizer.json").read_bytes() == (Path(tok_dir) / "tokenizer.json").read_bytes()
     assert (ckpt / "mpmoe_import.toml").is_file()
 

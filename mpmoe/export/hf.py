@@ -310,20 +310,26 @@ def _check_out(out) -> Path:
 def export_hf(load, out, *, routing: str = "auto", dtype: str = "fp32", tokenizer=None,
               model_flags=None) -> Path:
     """Export the checkpoint ``load`` to the folder ``out``; returns ``out``."""
-    from mpmoe.export.loading import load_for_export
+    from mpmoe import __version__, store
+    from mpmoe.megatron import init_distributed
+    from mpmoe.train.checkpoint import saved_run_info
 
     out = _check_out(out)
     if dtype not in ("fp32", "bf16"):
         raise ExportError(f"--dtype must be fp32 or bf16, got {dtype!r}")
-    loaded = load_for_export(load, routing=routing, tokenizer=tokenizer, model_flags=model_flags)
+    init_distributed()
+    loaded = store.load_model(load, routing=routing, dtype="fp32", tokenizer=tokenizer, model_flags=model_flags)
+    if loaded.tokenizer is None:
+        raise ExportError(f"{loaded.root}: the model has no tokenizer; pass --tokenizer DIR")
+    # an imported model keeps the vocabulary of its source (which may exceed its tokenizer's)
+    imported = saved_run_info(loaded.checkpoint).get("hf_import") or {}
+    vocab = int(imported.get("hf_vocab_size") or loaded.vocab_size)
     model = loaded.model
     how = "dense" if loaded.trained_routing == "dense" else loaded.routing
     kind = hf_kind(model, how)
-    tensors = hf_state_dict(model, vocab_size=loaded.hf_vocab_size, routing=how)
-    config = hf_config(model, kind=kind, vocab_size=loaded.hf_vocab_size, eod_id=loaded.eod_id,
-                       max_length=loaded.max_length, dtype=dtype)
-    from mpmoe import __version__
-
+    tensors = hf_state_dict(model, vocab_size=vocab, routing=how)
+    config = hf_config(model, kind=kind, vocab_size=vocab, eod_id=loaded.eod_id, max_length=loaded.max_length,
+                       dtype=dtype)
     provenance = {"source": str(Path(loaded.checkpoint).resolve()), "iteration": loaded.iteration,
                   "routing": how, "trained_routing": loaded.trained_routing, "model_type": kind,
                   "dtype": dtype, "mpmoe_version": __version__}

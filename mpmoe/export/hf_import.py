@@ -261,12 +261,12 @@ def _toml(preset: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def import_hf(model_dir, save, *, eod_token: Optional[str] = None) -> Path:
+def import_hf(model_dir, save) -> Path:
     """Import the folder ``model_dir`` into a new checkpoint ``save``; returns ``save``."""
     from mpmoe.data import load_tokenizer
     from mpmoe.data.errors import DataError
     from mpmoe.export.hf import _check_out
-    from mpmoe.export.saving import save_model
+    from mpmoe.store import save_model
     from mpmoe.megatron import init_distributed
     from mpmoe.train.args import args_from_saved
     from mpmoe.train.loop import build_model, padded_vocab_size
@@ -281,11 +281,13 @@ def import_hf(model_dir, save, *, eod_token: Optional[str] = None) -> Path:
     if not (model_dir / "tokenizer.json").is_file():
         raise ExportError(f"{model_dir}: no tokenizer.json (import needs a fast tokenizer)")
     try:
-        tok = load_tokenizer(model_dir, eod_token=eod_token)
+        tok = load_tokenizer(model_dir)
     except DataError as exc:
         raise ExportError(f"tokenizer: {exc}") from None
     eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
-    eod_id = int(eos) if eos is not None and eod_token is None else tok.eod_id
+    if eos is not None and int(eos) != tok.eod_id:
+        _refuse("eos_token_id", eos, f"the tokenizer's end-of-document token {tok.eod_token!r} is id {tok.eod_id}")
+    eod_id = tok.eod_id
     if tok.vocab_size > cfg.vocab_size:
         _refuse("vocab_size", cfg.vocab_size, f"smaller than the tokenizer's {tok.vocab_size} tokens")
 
@@ -306,10 +308,10 @@ def import_hf(model_dir, save, *, eod_token: Optional[str] = None) -> Path:
             raise ExportError(f"cannot import: megatron-core cannot build the model: {exc}") from None
         state = megatron_state_dict(model, tensors, cfg)
         model.load_state_dict(state, strict=False)
-        data = {"source": f"hf:{model_dir.resolve()}", "vocab_size": tok.vocab_size, "padded_vocab": padded,
-                "eod_id": eod_id, "hf_vocab_size": int(cfg.vocab_size), "hf_model_type": cfg.model_type}
-        return save_model(save, model, args=args, tokenizer_dir=model_dir, data=data,
-                          extra_files={PRESET_NAME: preset_file.read_text()})
+        info = {"source": str(model_dir.resolve()), "model_type": cfg.model_type, "hf_vocab_size": int(cfg.vocab_size),
+                "eod_id": eod_id}
+        return save_model(save, model, args=args, tokenizer_dir=model_dir, extra_state={"hf_import": info},
+                          extra_files={PRESET_NAME: preset_file.read_text(), "hf_import.json": info})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,13 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "train --load read. See docs/export.md.")
     h.add_argument("--model", required=True, help="the Hugging Face model folder")
     h.add_argument("--save", required=True, help="checkpoint folder to create (must not exist or be empty)")
-    h.add_argument("--eod-token", default=None, help="end-of-document token (default: the config's eos)")
     return p
 
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
-    out = import_hf(args.model, args.save, eod_token=args.eod_token)
+    out = import_hf(args.model, args.save)
     print(f"mpmoe import hf: wrote {out} (iteration 0; train it with "
           f"--preset {out / PRESET_NAME} --load {out} --no-load-optim)")
     return 0
