@@ -136,8 +136,8 @@ def hf_kind(model, routing: str) -> str:
 
 # ----------------------------------------------------------------------------- tensors
 def hf_state_dict(model, *, vocab_size: int, routing: str) -> dict[str, torch.Tensor]:
-    """The Hugging Face tensors of ``model`` (fp32 copies; keys of the kind :func:`hf_kind`
-    names). ``vocab_size``: the tokenizer's vocabulary (megatron's padding rows are cut).
+    """The Hugging Face tensors of ``model`` (fp32; views of the model's own tensors where
+    no conversion is needed, so treat them as read-only; keys of the kind :func:`hf_kind` names). ``vocab_size``: the tokenizer's vocabulary (megatron's padding rows are cut).
     Every tensor of the megatron state is consumed or an :class:`ExportError` says which
     is not."""
     kind = hf_kind(model, routing)
@@ -145,9 +145,9 @@ def hf_state_dict(model, *, vocab_size: int, routing: str) -> dict[str, torch.Te
     src = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     used: set[str] = set()
 
-    def take(key: str) -> torch.Tensor:
+    def take(key: str) -> torch.Tensor:  # the model's own tensor when it is fp32 on the CPU (no copy)
         used.add(key)
-        return src[key].detach().to(device="cpu", dtype=torch.float32).clone()
+        return src[key].detach().to(device="cpu", dtype=torch.float32)
 
     heads, groups = cfg.num_attention_heads, cfg.num_query_groups or cfg.num_attention_heads
     d = cfg.kv_channels

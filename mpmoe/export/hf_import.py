@@ -34,7 +34,7 @@ import torch
 
 from mpmoe.export.hf import ExportError, qkv_merge
 
-__all__ = ["SUPPORTED", "hf_flags", "import_hf", "main", "megatron_state_dict", "read_hf_tensors"]
+__all__ = ["SUPPORTED", "hf_flags", "import_hf", "main", "fill_model", "read_hf_tensors"]
 
 #: model_type -> the transformers class import reads.
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -118,9 +118,13 @@ def hf_flags(cfg, tensors: dict) -> tuple[dict, list[str]]:
                   moe_router_dtype="fp32", moe_token_dispatcher_type="alltoall")
     if kind == "qwen2_moe":
         layers = [i for i, p in enumerate(pattern) if p]
-        shared = [tensors[f"model.layers.{i}.mlp.shared_expert.{w}_proj.weight"] for i in layers
-                  for w in ("gate", "up", "down")]
-        gates = [tensors[f"model.layers.{i}.mlp.shared_expert_gate.weight"] for i in layers]
+        names = [f"model.layers.{i}.mlp.shared_expert.{w}_proj.weight" for i in layers for w in ("gate", "up", "down")]
+        names += [f"model.layers.{i}.mlp.shared_expert_gate.weight" for i in layers]
+        absent = [n for n in names if n not in tensors]
+        if absent:
+            raise ExportError(f"cannot import: the weights lack {absent[0]}")
+        shared = [tensors[n] for n in names if "shared_expert_gate" not in n]
+        gates = [tensors[n] for n in names if "shared_expert_gate" in n]
         if layers and any(bool(t.any()) for t in shared):
             preset["moe_shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
             preset["moe_shared_expert_gate"] = any(bool(g.any()) for g in gates)
@@ -165,80 +169,82 @@ def read_hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return norm
 
 
-def megatron_state_dict(model, tensors: dict, cfg) -> dict[str, torch.Tensor]:
-    """The megatron ``model``'s state (every parameter and buffer) from the HF ``tensors``;
-    an :class:`ExportError` names a tensor that is missing or left over."""
+def fill_model(model, tensors: dict, cfg) -> None:
+    """Copy the HF ``tensors`` into every parameter and buffer of the megatron ``model``
+    (consuming ``tensors``: each is dropped once copied, so the peak memory is about the
+    model plus the folder's weights); an :class:`ExportError` names a tensor that is
+    missing, left over or of the wrong shape."""
     mc = model.config
     target = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    used: set[str] = set()
+    done: set[str] = set()
 
     def take(key: str) -> torch.Tensor:
         if key not in tensors:
             raise ExportError(f"cannot import: the weights lack {key}")
-        used.add(key)
-        return tensors[key].to(torch.float32)
+        return tensors.pop(key)
+
+    def put(key: str, value: torch.Tensor, rows: Optional[int] = None) -> None:
+        dst = target[key]
+        if rows is not None:  # the vocabulary: megatron pads it; the padding rows are 0
+            if value.shape[0] > dst.shape[0] or tuple(value.shape[1:]) != tuple(dst.shape[1:]):
+                raise ExportError(f"cannot import: {key} has shape {tuple(value.shape)}, the model {tuple(dst.shape)}")
+            with torch.no_grad():
+                dst.zero_()
+                dst[: value.shape[0]].copy_(value)
+        else:
+            if tuple(value.shape) != tuple(dst.shape):
+                raise ExportError(f"cannot import: {key} has shape {tuple(value.shape)}, the model {tuple(dst.shape)}")
+            with torch.no_grad():
+                dst.copy_(value)
+        done.add(key)
 
     heads, groups, d = mc.num_attention_heads, mc.num_query_groups or mc.num_attention_heads, mc.kv_channels
-    out: dict[str, torch.Tensor] = {}
-    emb = take("model.embed_tokens.weight")
-    padded = torch.zeros_like(target["embedding.word_embeddings.weight"], dtype=torch.float32)
-    padded[: emb.shape[0]] = emb
-    out["embedding.word_embeddings.weight"] = padded
+    put("embedding.word_embeddings.weight", take("model.embed_tokens.weight"), rows=0)
     if "output_layer.weight" in target:
-        head = take("lm_head.weight")
-        padded = torch.zeros_like(padded)
-        padded[: head.shape[0]] = head
-        out["output_layer.weight"] = padded
-    elif "lm_head.weight" in tensors:  # tied: the saved head is the embedding
-        used.add("lm_head.weight")
-    out["decoder.final_layernorm.weight"] = take("model.norm.weight")
+        put("output_layer.weight", take("lm_head.weight"), rows=0)
+    else:  # tied: a saved head is the embedding
+        tensors.pop("lm_head.weight", None)
+    put("decoder.final_layernorm.weight", take("model.norm.weight"))
     for i, layer in enumerate(model.decoder.layers):
         m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        out[m + "input_layernorm.weight"] = take(h + "input_layernorm.weight")
-        out[m + "pre_mlp_layernorm.weight"] = take(h + "post_attention_layernorm.weight")
+        put(m + "input_layernorm.weight", take(h + "input_layernorm.weight"))
+        put(m + "pre_mlp_layernorm.weight", take(h + "post_attention_layernorm.weight"))
         a = h + "self_attn."
-        out[m + "self_attention.linear_qkv.weight"] = qkv_merge(
-            take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight"), heads, groups, d)
+        put(m + "self_attention.linear_qkv.weight", qkv_merge(
+            take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight"), heads, groups, d))
         if mc.add_qkv_bias:
-            out[m + "self_attention.linear_qkv.bias"] = qkv_merge(
-                take(a + "q_proj.bias"), take(a + "k_proj.bias"), take(a + "v_proj.bias"), heads, groups, d)
-        out[m + "self_attention.linear_proj.weight"] = take(a + "o_proj.weight")
+            put(m + "self_attention.linear_qkv.bias", qkv_merge(
+                take(a + "q_proj.bias"), take(a + "k_proj.bias"), take(a + "v_proj.bias"), heads, groups, d))
+        put(m + "self_attention.linear_proj.weight", take(a + "o_proj.weight"))
         if not hasattr(layer.mlp, "router"):
-            out[m + "mlp.linear_fc1.weight"] = torch.cat([take(h + "mlp.gate_proj.weight"),
-                                                           take(h + "mlp.up_proj.weight")])
-            out[m + "mlp.linear_fc2.weight"] = take(h + "mlp.down_proj.weight")
+            put(m + "mlp.linear_fc1.weight", torch.cat([take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")]))
+            put(m + "mlp.linear_fc2.weight", take(h + "mlp.down_proj.weight"))
             continue
-        out[m + "mlp.router.weight"] = take(h + "mlp.gate.weight")
+        put(m + "mlp.router.weight", take(h + "mlp.gate.weight"))
         for e in range(mc.num_moe_experts):
             x, y = f"{h}mlp.experts.{e}.", f"{m}mlp.experts.local_experts.{e}."
-            out[y + "linear_fc1.weight"] = torch.cat([take(x + "gate_proj.weight"), take(x + "up_proj.weight")])
-            out[y + "linear_fc2.weight"] = take(x + "down_proj.weight")
+            put(y + "linear_fc1.weight", torch.cat([take(x + "gate_proj.weight"), take(x + "up_proj.weight")]))
+            put(y + "linear_fc2.weight", take(x + "down_proj.weight"))
         s, y = h + "mlp.shared_expert.", m + "mlp.shared_experts."
         if cfg.model_type == "qwen2_moe":
             fc1 = torch.cat([take(s + "gate_proj.weight"), take(s + "up_proj.weight")])
             down, gate = take(s + "down_proj.weight"), take(h + "mlp.shared_expert_gate.weight")
             if mc.moe_shared_expert_intermediate_size:
-                out[y + "linear_fc1.weight"] = fc1
+                put(y + "linear_fc1.weight", fc1)
                 if mc.moe_shared_expert_gate:
-                    out[y + "linear_fc2.weight"], out[y + "gate_weight"] = down, gate
+                    put(y + "linear_fc2.weight", down)
+                    put(y + "gate_weight", gate)
                 else:  # gate 0: sigmoid(0) = 1/2 folded into the down projection (exact)
-                    out[y + "linear_fc2.weight"] = down / 2
-    for key in target:
-        if key not in out and key.startswith(tuple(f"decoder.layers.{i}.mlp.router.cooccurrence_stats."
-                                                   for i in range(mc.num_layers))):
-            out[key] = target[key]  # a fresh MoPE router (not an imported one): identity Sigma
-    missing = sorted(set(target) - set(out))
+                    put(y + "linear_fc2.weight", down / 2)
+    # a MoPE router of a model imported as MoPE keeps its fresh Sigma (the identity)
+    done.update(k for k in target if ".mlp.router.cooccurrence_stats." in k)
+    missing = sorted(set(target) - done)
     if missing:
         raise ExportError(f"cannot import: no Hugging Face tensor maps to {missing[0]}")
-    left = sorted(set(tensors) - used)
-    if left:
+    if tensors:
+        left = sorted(tensors)
         raise ExportError(f"cannot import: the weights hold {left[0]}, which megatron's model has no place "
                           f"for{f' (and {len(left) - 1} more)' if len(left) > 1 else ''}")
-    for key, value in out.items():
-        if tuple(value.shape) != tuple(target[key].shape):
-            raise ExportError(f"cannot import: {key} has shape {tuple(value.shape)}, the model "
-                              f"{tuple(target[key].shape)}")
-    return out
 
 
 # ----------------------------------------------------------------------------- driver
@@ -303,11 +309,10 @@ def import_hf(model_dir, save) -> Path:
         init_distributed()
         padded = padded_vocab_size(cfg.vocab_size, args.make_vocab_size_divisible_by)
         try:
-            _, model, _ = build_model(args, padded)
+            _, model, _ = build_model(args, padded, initialize=False)  # every tensor is set below
         except ValueError as exc:
             raise ExportError(f"cannot import: megatron-core cannot build the model: {exc}") from None
-        state = megatron_state_dict(model, tensors, cfg)
-        model.load_state_dict(state, strict=False)
+        fill_model(model, tensors, cfg)
         info = {"source": str(model_dir.resolve()), "model_type": cfg.model_type, "hf_vocab_size": int(cfg.vocab_size),
                 "eod_id": eod_id}
         return save_model(save, model, args=args, tokenizer_dir=model_dir, extra_state={"hf_import": info},
