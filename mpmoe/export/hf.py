@@ -339,8 +339,13 @@ def export_hf(load, out, *, routing: str = "auto", dtype: str = "fp32", tokenize
 
 
 # ----------------------------------------------------------------------------- CLI
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: the one-line format, exit 2
+        raise ExportError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mpmoe export", description="Export a checkpoint to another format.")
+    p = _Parser(prog="mpmoe export", description="Export a checkpoint to another format.")
     sub = p.add_subparsers(dest="format", required=True)
     h = sub.add_parser("hf", prog="mpmoe export hf",
                        help="a Hugging Face transformers folder (Qwen2-MoE / Llama / MoPE remote code)",

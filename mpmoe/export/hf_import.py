@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from mpmoe.export.hf import ExportError, qkv_merge
+from mpmoe.export.hf import ExportError, _Parser, qkv_merge
 
 __all__ = ["SUPPORTED", "hf_flags", "import_hf", "main", "fill_model", "read_hf_tensors"]
 
@@ -320,7 +320,7 @@ def import_hf(model_dir, save) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mpmoe import", description="Import a model from another format.")
+    p = _Parser(prog="mpmoe import", description="Import a model from another format.")
     sub = p.add_subparsers(dest="format", required=True)
     h = sub.add_parser("hf", prog="mpmoe import hf",
                        help="a local Hugging Face folder (Llama, Qwen2, Qwen2-MoE, Mixtral)",
