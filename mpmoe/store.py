@@ -309,7 +309,7 @@ def load_model(
     for key, value in _BUILD_ONLY.items():
         setattr(build_args, key, value)
     try:
-        _, model, module = build_model(build_args, padded)
+        _, model, module = build_model(build_args, padded, initialize=False)  # every tensor is loaded below
     except ValueError as exc:  # megatron's / mpmoe's config checks: the flags describe no model
         raise StoreError(f"model flags: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") from None
     try:

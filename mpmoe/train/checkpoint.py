@@ -322,7 +322,10 @@ def check_model_matches(path, model, saved_args: Optional[dict] = None, run_args
     except Exception:  # noqa: BLE001 - unreadable metadata: the load itself reports it
         return set(), set()
     wanted = _model_keys_of(model)
-    dropped, missing = set(saved) - set(wanted), set(wanted) - set(saved)
+    # routing statistics (MoPE's Sigma counts) a checkpoint lacks start fresh (top-k or imported
+    # checkpoints trained on as MoPE; load_checkpoint names it): not a refusal
+    dropped = set(saved) - set(wanted)
+    missing = {k for k in set(wanted) - set(saved) if ".cooccurrence_stats." not in k}
     reshaped = sorted(k for k in set(saved) & set(wanted)
                       if saved[k] is not None and wanted[k] is not None and saved[k] != wanted[k])
     if reshaped or ((dropped or missing) and not allow_change):
@@ -384,6 +387,12 @@ def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = Tru
               f"{'left at initialisation ' + _layers_of(missing) if missing else 'nothing missing'}",
               file=sys.stderr, flush=True)
     model_sd = model.sharded_state_dict()
+    fresh = _fresh_sigma_keys(path, model_sd)
+    for key in fresh:  # a top-k checkpoint loaded into a MoPE model: Sigma starts from the identity
+        del model_sd[key]
+    if fresh and _is_rank0():
+        print(f"mpmoe: {path} holds no routing statistics (a top-k or imported checkpoint): "
+              "they start fresh (MoPE's Sigma from the identity)", file=sys.stderr, flush=True)
     request = {"model": model_sd}
     if load_optim:
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
@@ -405,6 +414,9 @@ def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = Tru
         raise CheckpointingException(
             f"{path} does not fit this model: {_last_line(exc)}{hint}"
         ) from exc
+    if fresh:
+        own = model.state_dict()
+        state["model"].update({k: own[k] for k in fresh})
     model.load_state_dict(state["model"], strict=not missing)
     if load_optim:
         optimizer.load_state_dict(state["optimizer"])
@@ -413,6 +425,17 @@ def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = Tru
         _set_rng_state(state["rng"])
     _set_router_counters(model, state["train_state"].get("router_counters", {}))
     return state["train_state"]
+
+
+def _fresh_sigma_keys(path, model_sd) -> list:
+    """MoPE routers' Sigma state (``cooccurrence_stats``) that the checkpoint lacks: it was
+    trained with top-k routing (or imported) and is now trained or fine-tuned as MoPE. Only
+    Sigma may be missing; anything else still fails the load."""
+    wanted = [k for k in model_sd if ".cooccurrence_stats." in k]
+    if not wanted:
+        return []
+    saved = set(dist_checkpointing.load_tensors_metadata(str(path)))
+    return [k for k in wanted if getattr(model_sd[k], "key", k) not in saved]
 
 
 # --------------------------------------------------------------------------- for eval / analysis
