@@ -808,7 +808,7 @@ def cases(fx: Fixture) -> list[Case]:
         def run(d):
             argv = [PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                     "--master-port", str(closed_port()), "-m", "mpmoe", "train", *fx.train_flags(),
-                    "--train-iters", "400", "--save", str(d / "ck"), "--save-interval", "2",
+                    "--global-batch-size", "8", "--train-iters", "400", "--save", str(d / "ck"), "--save-interval", "2",
                     "--run-dir", str(d / "run")]
             start = time.perf_counter()
             log = d / "out.log"
@@ -819,10 +819,13 @@ def cases(fx: Fixture) -> list[Case]:
             while time.perf_counter() - start < 300 and p.poll() is None and not tracker.is_file():
                 time.sleep(0.1)
             workers = [c for c in descendants(p.pid) if "mpmoe" in cmdline(c)] if p.poll() is None else []
-            if target == "agent":
-                os.kill(p.pid, signal.SIGKILL)
-            elif workers:
-                os.kill(workers[-1], signal.SIGKILL)
+            try:
+                if target == "agent" and workers:
+                    os.kill(p.pid, signal.SIGKILL)
+                elif workers:
+                    os.kill(workers[-1], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             try:
                 rc = p.wait(timeout=120)
             except subprocess.TimeoutExpired:
