@@ -23,6 +23,7 @@ INSTALL = {
     "sklearn": "the analysis extra: pip install 'mpmoe[analysis]'",
     "ot": "the analysis extra: pip install 'mpmoe[analysis]'",
     "wandb": "wandb (pip install wandb)",
+    "scipy": "the experts extra: pip install 'mpmoe[experts]'",
 }
 
 # What each verb always needs beyond torch / megatron-core / numpy / tqdm.
@@ -31,6 +32,7 @@ VERB_NEEDS = {
     "data": ("tokenizers",),
     "eval": ("lm_eval", "tokenizers"),
     "analyze": ("matplotlib", "sklearn", "ot"),
+    "experts": ("scipy", "tokenizers"),
 }
 
 

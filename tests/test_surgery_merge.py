@@ -138,14 +138,17 @@ def test_dominant_grouping_invariants(e, data):
     labels, dom = M.dominant_grouping(freq, sim, k)
     assert sorted(set(labels.tolist())) == list(range(k)) and len(dom) == k
     top = torch.argsort(freq, descending=True, stable=True)[:k].tolist()
-    assert dom == top
+    assert sorted(dom) == sorted(top)
     for gi, d in enumerate(dom):
         assert int(labels[d]) == gi
+    firsts = [int((labels == g).nonzero()[0]) for g in range(k)]
+    assert firsts == sorted(firsts)  # groups numbered by their lowest member
     for i in range(e):
         if i not in dom:
             best = max(float(sim[i, d]) for d in dom)
             assert float(sim[i, dom[int(labels[i])]]) == best
     assert M.group_dominants(labels, freq) == dom
+    assert torch.equal(M.dominant_grouping(freq, sim, e)[0], torch.arange(e))  # E' = E: identity
     r = M.random_grouping(e, k, torch.Generator().manual_seed(seed))
     assert sorted(set(r.tolist())) == list(range(k))
 

@@ -32,7 +32,7 @@ import torch
 __all__ = [
     "ALIGN_MODES", "WEIGHTINGS", "weight_matching_permutation", "permute_expert",
     "usage_frequencies", "logit_similarity", "global_group_counts", "dominant_grouping",
-    "random_grouping", "labels_from_groups", "group_dominants", "merge_layer",
+    "random_grouping", "labels_from_groups", "canonical_labels", "group_dominants", "merge_layer",
     "membership_matrix", "push_forward_counters",
 ]
 
@@ -135,9 +135,10 @@ def dominant_grouping(freq: torch.Tensor, similarity: torch.Tensor,
                       num_groups: int) -> Tuple[torch.Tensor, List[int]]:
     """Labels ``[E]`` and the dominant expert of each group.
 
-    The ``num_groups`` most used experts are the dominants, group ``g`` led by the g-th
-    most used (ties: the lower expert id first); every other expert joins the dominant it
-    is most similar to (ties: the more used dominant)."""
+    The ``num_groups`` most used experts are the dominants (ties: the lower expert id
+    first); every other expert joins the dominant it is most similar to (ties: the more
+    used dominant). Groups are numbered by their lowest member (:func:`canonical_labels`;
+    the reference numbers them by their dominant's rank, which only renames them)."""
     e = freq.numel()
     if not 1 <= num_groups <= e:
         raise ValueError(f"num_groups must be in [1, {e}], got {num_groups}")
@@ -149,7 +150,19 @@ def dominant_grouping(freq: torch.Tensor, similarity: torch.Tensor,
         labels[d] = g
     for i in order[num_groups:]:
         labels[i] = int(torch.argmax(similarity[i, dom]))  # argmax returns the first maximum
-    return labels, dominants
+    return canonical_labels(labels, dominants)
+
+
+def canonical_labels(labels: torch.Tensor, dominants: Sequence[int]) -> Tuple[torch.Tensor, List[int]]:
+    """The same partition with groups numbered by their lowest member (so that E' = E keeps
+    every expert in its slot); ``dominants`` renumbered alike."""
+    firsts = sorted(range(int(labels.max()) + 1), key=lambda g: int((labels == g).nonzero()[0]))
+    new_of = {old: new for new, old in enumerate(firsts)}
+    out = torch.tensor([new_of[int(x)] for x in labels], dtype=torch.long)
+    doms = [0] * len(firsts)
+    for old, d in enumerate(dominants):
+        doms[new_of[old]] = d
+    return out, doms
 
 
 def random_grouping(num_experts: int, num_groups: int, generator: Optional[torch.Generator] = None
@@ -259,3 +272,45 @@ def push_forward_counters(num_tokens: torch.Tensor, usage: torch.Tensor, cooccur
     """
     a = membership.to(usage.dtype)
     return num_tokens.clone(), a @ usage, a @ cooccurrence @ a.t()
+
+
+def format_expert_groups(groups: dict) -> str:
+    """``{layer: labels}`` -> ``"2:0,1,0,-1;3:..."`` (the ``moe_expert_groups`` setting).
+
+    Layer numbers are megatron's (1-based); ``labels[e]`` is expert ``e``'s group, ``-1``
+    for an expert that is dropped (never routed to)."""
+    return ";".join(f"{int(layer)}:{','.join(str(int(x)) for x in labels)}"
+                    for layer, labels in sorted(groups.items()))
+
+
+def parse_expert_groups(text) -> dict:
+    """The inverse of :func:`format_expert_groups` (``None``/``""`` -> ``{}``); one-line
+    ``ValueError`` on malformed text, on maps of different lengths, or on a map with a label
+    below -1 or no kept expert."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return {}
+    if isinstance(text, dict):
+        items = text.items()
+    else:
+        items = []
+        for part in str(text).split(";"):
+            layer, sep, labels = part.partition(":")
+            if not sep:
+                raise ValueError(f"moe_expert_groups: expected LAYER:LABELS;..., got {part!r}")
+            try:
+                items.append((int(layer), [int(x) for x in labels.split(",")]))
+            except ValueError:
+                raise ValueError(f"moe_expert_groups: not integers in {part!r}") from None
+    out, width = {}, None
+    for layer, labels in items:
+        labels = [int(x) for x in labels]
+        if int(layer) < 1:
+            raise ValueError(f"moe_expert_groups: layer numbers are 1-based, got {layer}")
+        if width is not None and len(labels) != width:
+            raise ValueError("moe_expert_groups: every layer must map the same number of experts")
+        width = len(labels)
+        if not labels or min(labels) < -1 or max(labels) < 0:
+            raise ValueError(f"moe_expert_groups: layer {layer}: labels are group ids >= 0 "
+                             "(-1 = dropped) with at least one kept expert")
+        out[int(layer)] = labels
+    return out
