@@ -217,8 +217,12 @@ def test_compress_full_rank_reproduces_and_low_rank_is_smaller(sources, tmp_path
     assert rec["parameters"]["after"]["experts"] == per_expert * 4 * len(layers)
     saved = sum(p.stat().st_size for p in (small / "iter_0000000").rglob("*") if p.is_file())
     unsaved = sum(p.stat().st_size for p in (merged / "iter_0000000").rglob("*") if p.is_file())
+    # the checkpoint shrank by the experts' fp32 bytes, less the kept rows' int64 indices and
+    # torch_dist's per-tensor overhead (4 tensors per compressed expert instead of 2)
     expert_bytes = 4 * (rec["parameters"]["before"]["experts"] - per_expert * 4 * len(layers))
-    assert unsaved - saved >= 0.9 * expert_bytes  # the checkpoint really shrank by the experts' bytes
+    rows_bytes = 8 * (32 + 16) * 4 * len(layers)
+    extra_tensors = 2 * 4 * len(layers)
+    assert expert_bytes - rows_bytes - 4096 * extra_tensors <= unsaved - saved <= expert_bytes
 
 
 def test_readers_accept_the_outputs(sources, tmp_path, embedded_cache):
