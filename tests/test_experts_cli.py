@@ -250,7 +250,7 @@ def test_readers_accept_the_outputs(sources, tmp_path, embedded_cache):
     run = [*MODEL_FLAGS, "--global-batch-size", "4", "--micro-batch-size", "4", "--eval-iters", "1",
            "--eval-interval", "100", "--no-tensorboard", "--no-progress", "--load", str(small), "--no-load-optim",
            "--embedded-cache-dir", embedded_cache, "--run-dir", str(tmp_path / "run"), "--train-iters", "2",
-           "--save", str(tmp_path / "cont")]
+           "--save", str(tmp_path / "cont"), *json.loads((small / "surgery.json").read_text())["train_flags"]]
     assert train(run) == 0
     _, m = _logits(tmp_path / "cont")
     assert m.args.moe_expert_compression and m.args.num_experts == 4
@@ -306,3 +306,42 @@ def test_bad_inputs_one_line_nothing_written(sources, tmp_path, capsys):
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o700)
+
+
+def test_sigma_push_forward_equals_recount_from_eval_dump(sources, tmp_path):
+    """MoPE: the counters of the grouped experts pushed forward (N, A u, A C A^T) equal a recount
+    of the grouped routing of an eval routing dump; the collapsed model's router selects over
+    the E experts exactly as the source's (first MoE layer: same input)."""
+    import numpy as np
+
+    from mpmoe.megatron import destroy_distributed, init_distributed
+    from mpmoe.routing.cooccurrence import covariance_from_counts
+
+    out = tmp_path / "coll"
+    assert _run("merge", "--load", sources["mope"], "--save", out, "--num-experts", 3, "--layout", "collapsed",
+                *CAL) == 0
+    labels = {int(n): torch.tensor(v["labels"]) for n, v in json.loads((out / "surgery.json").read_text())["layers"].items()}
+    dumps = {}
+    for name, path in (("src", sources["mope"]), ("coll", out)):
+        init_distributed(seed=1)
+        try:
+            m = store.load_model(path, dtype="fp32", routing_dump_dir=str(tmp_path / name))
+            m.forward(_tokens(m.vocab_size, n=4, s=64))
+        finally:
+            destroy_distributed()
+        dumps[name] = {}
+        for n in labels:
+            (f,) = sorted((tmp_path / name).glob(f"layer{n}_rank0_fwd*.npz"))
+            dumps[name][n] = np.load(f)["experts"]
+    first = min(labels)
+    assert np.array_equal(dumps["src"][first], dumps["coll"][first])
+    for n, lab in labels.items():
+        experts = torch.as_tensor(dumps["src"][n])
+        routing = torch.zeros(experts.shape[0], lab.numel(), dtype=torch.float64)
+        routing.scatter_(1, experts.clamp_min(0), (experts >= 0).double())
+        counts = (torch.tensor(float(routing.shape[0]), dtype=torch.float64), routing.sum(0), routing.t() @ routing)
+        a = M.membership_matrix(lab)
+        pushed = M.push_forward_counters(*counts, a)
+        grouped = routing @ a.t()
+        assert torch.equal(pushed[1], grouped.sum(0)) and torch.equal(pushed[2], grouped.t() @ grouped)
+        assert torch.allclose(covariance_from_counts(*pushed), a @ covariance_from_counts(*counts) @ a.t(), atol=1e-12)

@@ -11,7 +11,7 @@ import torch
 
 from mpmoe.errors import UserError
 
-__all__ = ["ExpertsError", "check_save", "moe_layers", "expert_stack", "set_expert", "routing_statistics",
+__all__ = ["surgery_flags", "ExpertsError", "check_save", "moe_layers", "expert_stack", "set_expert", "routing_statistics",
            "count_parameters", "folder_bytes", "load_source"]
 
 
@@ -121,3 +121,14 @@ def count_parameters(model) -> Dict[str, int]:
 
 def folder_bytes(path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def surgery_flags(args) -> list:
+    """The ``mpmoe train`` flags that describe the experts of ``args`` beyond the source run's
+    (what ``mpmoe train --load OUT --no-load-optim`` needs besides the run's own flags)."""
+    out = ["--num-experts", str(args.num_experts)]
+    for name in ("moe_expert_groups", "moe_expert_compression"):
+        value = getattr(args, name, None)
+        if value:
+            out += ["--" + name.replace("_", "-"), str(value)]
+    return out

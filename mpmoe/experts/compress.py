@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from mpmoe.experts.common import (ExpertsError, check_save, count_parameters, folder_bytes, load_source,
+from mpmoe.experts.common import (ExpertsError, surgery_flags, check_save, count_parameters, folder_bytes, load_source,
                                   moe_layers)
 from mpmoe.surgery import compress as C
 
@@ -153,6 +153,7 @@ def run(args) -> int:
                         linear.rows.copy_(rows)
         before, after = count_parameters(loaded.model), count_parameters(model)
         surgery = {
+            "train_flags": surgery_flags(new_args),
             "verb": "compress", "source": str(loaded.checkpoint), "rank": args.rank, "sparse_keep": keep,
             "schedule": {"steps": args.steps, "initial_warmup": args.initial_warmup,
                          "final_warmup": args.final_warmup, "beta1": args.beta1,
@@ -166,4 +167,8 @@ def run(args) -> int:
     print(f"mpmoe experts compress: rank {args.rank}, residual rows kept {keep:g}: expert parameters "
           f"{before['experts']} -> {after['experts']} ({after['experts'] / max(1, before['experts']):.1%}); "
           f"checkpoint {folder_bytes(out)} bytes; {time.perf_counter() - start:.1f} s -> {out}")
+    import shlex
+
+    print("recovery fine-tuning: mpmoe train --load " + shlex.quote(str(out)) + " --no-load-optim <the run's "
+          "flags> " + " ".join(shlex.quote(f) for f in surgery["train_flags"]))
     return 0

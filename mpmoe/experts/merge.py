@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from mpmoe.experts.common import (ExpertsError, check_save, count_parameters, expert_stack, load_source,
+from mpmoe.experts.common import (ExpertsError, surgery_flags, check_save, count_parameters, expert_stack, load_source,
                                   moe_layers, routing_statistics, set_expert)
 from mpmoe.surgery import merge as M
 
@@ -259,6 +259,7 @@ def run(args) -> int:
                     else:  # a layer with fewer groups (global grouping): an expert never routed to
                         set_expert(mlp, g, torch.zeros_like(m1[0]), torch.zeros_like(m2[0]))
         surgery = {
+            "train_flags": surgery_flags(new_args),
             "verb": "merge", "source": str(loaded.checkpoint), "layout": args.layout, "method": args.method,
             "grouping": "file" if args.groups else args.grouping, "global_groups": bool(args.global_groups),
             "align": "none" if drop else args.align, "weighting": args.weighting,
@@ -276,4 +277,8 @@ def run(args) -> int:
           f"{gpl[0] if len(gpl) == 1 else gpl} experts per layer in {len(layers)} layers; expert "
           f"parameters {surgery['parameters']['before']['experts']} -> {surgery['parameters']['after']['experts']}; "
           f"{time.perf_counter() - start:.1f} s -> {out}")
+    import shlex
+
+    print("recovery fine-tuning: mpmoe train --load " + shlex.quote(str(out)) + " --no-load-optim <the run's "
+          "flags> " + " ".join(shlex.quote(f) for f in surgery["train_flags"]))
     return 0

@@ -101,6 +101,25 @@ class _GroupedRouter:
         hits.index_add_(1, labels, routing_map.to(torch.int32))
         return folded, hits > 0
 
+    @torch.no_grad()
+    def group_sigma(self) -> Optional[torch.Tensor]:
+        """Sigma of the E' stored experts (MoPE; None for top-k): the router's counters pushed
+        forward to the groups (N, A u, A C A^T; dropped experts in no group) and rebuilt. What
+        analysis compares with the stored experts; routing itself uses the E x E Sigma."""
+        sigma = self.current_sigma()
+        stats = getattr(self, "cooccurrence_stats", None)
+        if sigma is None or stats is None:
+            return sigma
+        from mpmoe.routing.cooccurrence import covariance_from_counts
+        from mpmoe.surgery.merge import push_forward_counters
+
+        labels = self._layer_labels(stats.usage.device)
+        a = torch.zeros(self.num_groups, labels.numel(), dtype=stats.usage.dtype, device=labels.device)
+        kept = labels >= 0
+        a[labels[kept], kept.nonzero().flatten()] = 1
+        counts = push_forward_counters(stats.num_tokens, stats.usage, stats.cooccurrence, a)
+        return covariance_from_counts(*counts, stats.eps, stats.shrinkage).to(torch.float32)
+
     def _identity_groups(self) -> bool:
         labels = self._groups.get(self.layer_number)
         return labels is not None and all(g in (e, -1) for e, g in enumerate(labels))
