@@ -179,3 +179,20 @@ def test_sigma_push_forward_equals_recount():
     shrunk = covariance_from_counts(n2, u2, c2, shrinkage=0.1)
     transformed = a @ covariance_from_counts(n, u, c, shrinkage=0.1) @ a.t()
     assert (shrunk - transformed).abs().max() > 1e-3
+
+
+def test_expert_groups_setting_round_trip_and_refusals():
+    groups = {3: [0, 1, 0, -1], 2: [1, 0, 2, 2]}
+    text = M.format_expert_groups(groups)
+    assert text == "2:1,0,2,2;3:0,1,0,-1" and M.parse_expert_groups(text) == groups
+    assert M.parse_expert_groups(None) == {} and M.parse_expert_groups("") == {}
+    for bad, msg in (("2:0,1;3:0", "same number"), ("2:-2,0", "labels"), ("x", "LAYER:LABELS"),
+                     ("2:a,b", "not integers"), ("0:0,1", "1-based"), ("2:-1,-1", "kept")):
+        with pytest.raises(ValueError, match=msg):
+            M.parse_expert_groups(bad)
+    from mpmoe.surgery.compress import parse_compression
+
+    assert parse_compression("32:0.1") == (32, 0.1) and parse_compression(None) is None
+    for bad in ("32", "0:0.1", "4:1.5", "a:b"):
+        with pytest.raises(ValueError, match="moe_expert_compression"):
+            parse_compression(bad)

@@ -241,7 +241,7 @@ class MoPEConfig(TransformerConfig):
             setattr(self, name, float(v))
 
     def _validate_surgery_fields(self) -> None:
-        from mpmoe.megatron.surgery import parse_compression
+        from mpmoe.surgery.compress import parse_compression
         from mpmoe.surgery.merge import parse_expert_groups
 
         groups = parse_expert_groups(self.moe_expert_groups)

@@ -27,30 +27,11 @@ from typing import Optional
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-from mpmoe.surgery.compress import kept_row_count
+from mpmoe.surgery.compress import kept_row_count, parse_compression
 from mpmoe.surgery.merge import parse_expert_groups
 
 __all__ = ["grouped_router_class", "FactorisedExpertLinear", "parse_compression", "apply_surgery_spec",
            "router_width"]
-
-
-def parse_compression(value) -> Optional[tuple]:
-    """``"RANK:KEEP"`` -> ``(rank, keep)``; None/"" -> None; one-line ValueError otherwise."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        rank, keep = value
-    else:
-        rank, sep, keep = str(value).partition(":")
-        if not sep:
-            raise ValueError(f"moe_expert_compression: expected RANK:KEEP, got {value!r}")
-    try:
-        rank, keep = int(rank), float(keep)
-    except ValueError:
-        raise ValueError(f"moe_expert_compression: expected RANK:KEEP, got {value!r}") from None
-    if rank < 1 or not 0.0 <= keep <= 1.0:
-        raise ValueError(f"moe_expert_compression: rank >= 1 and keep in [0, 1], got {value!r}")
-    return rank, keep
 
 
 def router_width(config) -> int:

@@ -25,7 +25,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["low_rank_init", "cubic_keep_ratio", "kept_row_count", "PlatonRowPruner",
+__all__ = ["parse_compression", "low_rank_init", "cubic_keep_ratio", "kept_row_count", "PlatonRowPruner",
            "LowRankSparseLinear", "factorised_param_count"]
 
 
@@ -142,3 +142,22 @@ class LowRankSparseLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"out={self.out_features}, in={self.in_features}, rank={self.left.shape[1]}, "
                 f"kept_rows={self.sparse.shape[0]}")
+
+
+def parse_compression(value) -> Optional[tuple]:
+    """``"RANK:KEEP"`` -> ``(rank, keep)``; None/"" -> None; one-line ValueError otherwise."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        rank, keep = value
+    else:
+        rank, sep, keep = str(value).partition(":")
+        if not sep:
+            raise ValueError(f"moe_expert_compression: expected RANK:KEEP, got {value!r}")
+    try:
+        rank, keep = int(rank), float(keep)
+    except ValueError:
+        raise ValueError(f"moe_expert_compression: expected RANK:KEEP, got {value!r}") from None
+    if rank < 1 or not 0.0 <= keep <= 1.0:
+        raise ValueError(f"moe_expert_compression: rank >= 1 and keep in [0, 1], got {value!r}")
+    return rank, keep
