@@ -25,6 +25,8 @@ def check_save(save) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExpertsError(f"--save {out} exists and is not an empty folder; choose a new one")
     parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise ExpertsError(f"--save {out}: {parent} is not a folder")
     if not parent.is_dir():
         raise ExpertsError(f"--save {out}: the folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):

@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     if a.eval_limit is not None:
         cfg["eval_limit"] = a.eval_limit
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "merged").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     rows = []  # (routing, seed, size, method, measure)
     for routing in ROUTINGS:
