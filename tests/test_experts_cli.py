@@ -184,9 +184,13 @@ def test_drop_routes_nothing_to_the_dropped(sources, tmp_path):
 def test_global_groups(sources, tmp_path):
     out = tmp_path / "g"
     assert _run("merge", "--load", sources["mope"], "--save", out, "--num-experts", 3, "--global-groups",
-                "--layout", "collapsed", *CAL) == 0
+                "--layout", "collapsed", "--frequencies", "saved", *CAL) == 0
     rec = json.loads((out / "surgery.json").read_text())
     freqs = [torch.tensor(rec["layers"][n]["frequencies"]) for n in ("2", "3")]
+    _, src = _logits(sources["mope"])
+    for (n, mlp), f in zip(moe_layers(src.model), freqs):  # the checkpoint's own MoPE counters
+        usage = mlp.router.cooccurrence_stats.usage.double()
+        assert usage.sum() > 0 and torch.allclose(f.double(), usage / usage.sum())
     expect = M.global_group_counts(freqs, 3)
     assert [rec["groups_per_layer"][n] for n in ("2", "3")] == expect
     _, m = _logits(out)
