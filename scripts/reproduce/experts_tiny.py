@@ -136,7 +136,13 @@ def main(argv=None) -> int:
     for routing in ROUTINGS:
         for seed in cfg["seeds"]:
             src = train(out, routing, seed, cfg, a.train_flags.split())
-            rows.append((routing, seed, cfg["experts"], "original", measure(src, cfg, out)))
+            # the original, as a model-only checkpoint (E' = E: the identity, bit for bit) so that
+            # its bytes compare with the merged ones (a training checkpoint holds optimizer state)
+            orig = out / "merged" / f"{routing}-s{seed}-{cfg['experts']}-original"
+            if not (orig / "surgery.json").is_file():
+                _cli("experts", "merge", "--load", src, "--save", orig, "--num-experts", cfg["experts"],
+                     "--layout", "collapsed", "--calibration-tokens", cfg["calib"], "--seed", seed)
+            rows.append((routing, seed, cfg["experts"], "original", measure(orig, cfg, out)))
             for size in cfg["sizes"]:
                 for method, flags in METHODS.items():
                     dest = out / "merged" / f"{routing}-s{seed}-{size}-{method}"
