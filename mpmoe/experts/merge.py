@@ -207,7 +207,9 @@ def run(args) -> int:
     init_distributed(seed=1)
     try:
         loaded = load_source(args.load, verb="merge", model_flags=args.model_flags, allow_grouped=False)
+        times = {"load": time.perf_counter() - start}
         p = plan(args, loaded)
+        times["statistics_and_grouping"] = time.perf_counter() - start - sum(times.values())
         layers = moe_layers(loaded.model)
         num_experts = int(loaded.args.num_experts)
         groups_per_layer = {n: int(p["labels"][n].max()) + 1 for n, _ in layers}
@@ -268,6 +270,7 @@ def run(args) -> int:
             "calibration": p["calibration"], "layers": record,
             "parameters": {"before": count_parameters(loaded.model), "after": count_parameters(model)},
         }
+        times["align_and_merge"] = time.perf_counter() - start - sum(times.values())
         store.save_model(out, model, args=new_args, tokenizer_dir=loaded.tokenizer_dir,
                          extra_files={"surgery.json": surgery})
     finally:
@@ -276,7 +279,8 @@ def run(args) -> int:
     print(f"mpmoe experts merge: {args.method} ({args.layout}) {num_experts} -> "
           f"{gpl[0] if len(gpl) == 1 else gpl} experts per layer in {len(layers)} layers; expert "
           f"parameters {surgery['parameters']['before']['experts']} -> {surgery['parameters']['after']['experts']}; "
-          f"{time.perf_counter() - start:.1f} s -> {out}")
+          f"{time.perf_counter() - start:.1f} s ("
+          + ", ".join(f"{k} {v:.1f}" for k, v in times.items()) + f", save {time.perf_counter() - start - sum(times.values()):.1f}) -> {out}")
     import shlex
 
     print("recovery fine-tuning: mpmoe train --load " + shlex.quote(str(out)) + " --no-load-optim <the run's "
