@@ -24,6 +24,8 @@ INSTALL = {
     "ot": "the analysis extra: pip install 'mpmoe[analysis]'",
     "wandb": "wandb (pip install wandb)",
     "scipy": "the experts extra: pip install 'mpmoe[experts]'",
+    "transformers": "the export extra: pip install 'mpmoe[export]'",
+    "safetensors": "the export extra: pip install 'mpmoe[export]'",
 }
 
 # What each verb always needs beyond torch / megatron-core / numpy / tqdm.
@@ -33,6 +35,8 @@ VERB_NEEDS = {
     "eval": ("lm_eval", "tokenizers"),
     "analyze": ("matplotlib", "sklearn", "ot"),
     "experts": ("scipy", "tokenizers"),
+    "export": ("transformers", "safetensors", "tokenizers"),
+    "import": ("transformers", "safetensors", "tokenizers"),
 }
 
 
