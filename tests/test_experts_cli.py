@@ -252,6 +252,9 @@ def test_readers_accept_the_outputs(sources, tmp_path, embedded_cache):
             destroy_distributed()
         assert analyze(["checkpoint", "--load", str(out), "--out", str(out) + "-report", "--num-tokens", "32",
                         "--ot-samples", "0", "--no-progress"]) == 0
+    for out in (merged, small):  # no transformers class for folded or factorised experts: one line
+        assert mpmoe_main(["export", "hf", "--load", str(out), "--out", str(out) + "-hf"]) == 2
+        assert not Path(str(out) + "-hf").exists()
     run = [*MODEL_FLAGS, "--global-batch-size", "4", "--micro-batch-size", "4", "--eval-iters", "1",
            "--eval-interval", "100", "--no-tensorboard", "--no-progress", "--load", str(small), "--no-load-optim",
            "--embedded-cache-dir", embedded_cache, "--run-dir", str(tmp_path / "run"), "--train-iters", "2",
