@@ -14,7 +14,7 @@ import argparse
 import importlib
 from typing import Optional
 
-from mpmoe.errors import UserError
+from mpmoe.errors import UserError, debug_enabled
 
 PROG = "mpmoe experts"
 
@@ -49,4 +49,10 @@ def main(argv: Optional[list] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if not debug_enabled():  # megatron's and torch's deprecation notes would bury the one-line result
+        import warnings
+
+        warnings.filterwarnings("ignore", module=r"megatron\..*")
+        warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint\..*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
     return importlib.import_module(SUBCOMMANDS[args.command][0]).run(args)
