@@ -119,6 +119,11 @@ def hf_kind(model, routing: str) -> str:
         refuse("ReMoE (ReLU) routing has no transformers class yet")
     if getattr(cfg, "moe_router_enable_expert_bias", False):
         refuse("the expert bias (aux-loss-free balancing) has no transformers class yet")
+    if getattr(cfg, "moe_expert_groups", None):
+        refuse("merged experts folded from a wider router or dropped experts (mpmoe experts merge "
+               "--layout collapsed / --method drop) have no transformers class; the bind layout exports")
+    if getattr(cfg, "moe_expert_compression", None):
+        refuse("compressed experts (low rank + sparse, mpmoe experts compress) have no transformers class")
     if getattr(cfg, "moe_mask_experts", None) or getattr(cfg, "moe_dynamic_mask_mode", None):
         refuse("expert masks are an evaluation ablation, not part of the model")
     if cfg.moe_router_num_groups or getattr(cfg, "moe_router_group_topk", None):

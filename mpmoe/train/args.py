@@ -215,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-sigma-decay-rate", type=float, default=0.0,
                    help="MoPE: multiply the co-occurrence counts by (1 - rate) before each "
                         "training forward's update (0 = cumulative counts)")
+    g.add_argument("--moe-expert-groups", default=None, metavar="LAYER:LABELS;...",
+                   help="merged experts (written by `mpmoe experts merge`): per MoE layer, the group "
+                        "of each router expert (-1: dropped); the router selects over them, then "
+                        "folds into --num-experts experts (docs/experts.md)")
+    g.add_argument("--moe-expert-compression", default=None, metavar="RANK:KEEP",
+                   help="compressed experts (written by `mpmoe experts compress`): every expert "
+                        "weight is low rank RANK + KEEP of its residual rows (docs/experts.md)")
     g.add_argument("--last-trainable-layers", type=int, default=None,
                    help="train only the last N transformer layers (+ final norm and output "
                         "layer); -1 or unset: everything (the demo's flag)")
@@ -625,6 +632,8 @@ def model_config_kwargs(args: argparse.Namespace) -> dict:
             moe_router_pre_softmax=getattr(args, "moe_router_pre_softmax", False),
             moe_sigma_shrinkage=getattr(args, "moe_sigma_shrinkage", 0.0),
             moe_sigma_decay_rate=getattr(args, "moe_sigma_decay_rate", 0.0),
+            moe_expert_groups=getattr(args, "moe_expert_groups", None),
+            moe_expert_compression=getattr(args, "moe_expert_compression", None),
         )
         kw.update(_balancing_kwargs(args))
         from mpmoe.train.ablation import config_kwargs
