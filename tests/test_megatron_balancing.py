@@ -11,7 +11,7 @@ from test_megatron_router_support import make_config, single_process_group
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec  # noqa: E402
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler  # noqa: E402
 
-from mpmoe.megatron.balancing import ReMoERouter, update_balancing_state  # noqa: E402
+from mpmoe.megatron.remoe import ReMoERouter, update_balancing_state  # noqa: E402
 from mpmoe.megatron.compat import build_mlp, moe_submodules  # noqa: E402
 from mpmoe.megatron.router import TopKStatsRouter  # noqa: E402
 from mpmoe.megatron.stats import RoutingStatsTracker, read_stats_file  # noqa: E402

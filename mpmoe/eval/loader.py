@@ -43,6 +43,7 @@ from typing import Optional, Sequence
 import torch
 
 from mpmoe.eval.errors import EvalError
+from mpmoe.megatron import routers
 
 __all__ = ["EvalModel", "load_eval_model", "ROUTING_MODES", "DTYPES"]
 
@@ -136,11 +137,7 @@ def _find_tokenizer(tokenizer, root: Path, it_dir: Path, args) -> Path:
 
 
 def _trained_routing(args) -> str:
-    if args.num_experts is None:
-        return "dense"
-    if getattr(args, "moe_relu_routing", False):
-        return "remoe"
-    return "mope" if args.moe_router_load_balancing_type == "otep" else "topk"
+    return routers.kind_of(args, dense="dense")
 
 
 def load_eval_model(
@@ -239,14 +236,24 @@ def load_eval_model(
                             f"with ({own}); leave --tokenizer out to use that one")
     padded = int(data.get("padded_vocab") or padded_vocab_size(vocab, args.make_vocab_size_divisible_by))
 
-    from mpmoe.train import ablation
+    import os
 
+    from mpmoe.megatron import settings
+
+    values = {s.name: s.default for s in settings.SETTINGS if s.eval}  # the run's own are not carried over
+    given = settings.from_record(routing_ablation or {})
+    values.update({k: v for k, v in given.items() if k in values})
+    explicit = {k for k, v in given.items() if k in values and v != settings.by_name(k).default}
     try:
-        resolved = ablation.resolve(routing_ablation, args.num_experts, args.moe_router_topk, prog="mpmoe eval")
+        settings.apply_env(values, explicit, "mpmoe eval", os.environ)
+        kind = routers.kind_of(args) if args.num_experts is not None else None
+        resolved = settings.check(values, kind, explicit=explicit, flags=True, num_experts=args.num_experts,
+                                  topk=args.moe_router_topk)
+        settings.check_files(resolved)
     except ValueError as exc:
         raise EvalError(str(exc)) from None
     for key, value in resolved.items():
-        setattr(args, key, value)
+        setattr(args, key, settings.recorded(value))
     if routing_dump_dir is not None:
         args.moe_eval_dump_dir = str(routing_dump_dir)
     config, model, module = build_model(args, padded)
