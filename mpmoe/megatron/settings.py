@@ -469,6 +469,21 @@ def apply_env(values: dict, explicit: Iterable[str], prog: str, environ: Mapping
     return notes
 
 
+def evaluation_values(given: Optional[Mapping], kind: Optional[str], *, num_experts=None, topk=None,
+                      prog: str = "mpmoe eval", environ: Optional[Mapping] = None) -> dict:
+    """The ``eval=True`` settings for evaluating a checkpoint (the training run's own are not
+    carried over): ``given`` (dest -> value; defaults for the rest) with the demo's
+    environment variables, checked for router ``kind``. Recorded form (JSON-friendly)."""
+    values = {s.name: s.default for s in SETTINGS if s.eval}
+    given = from_record(given or {})
+    values.update({k: v for k, v in given.items() if k in values})
+    explicit = {k for k in values if k in given and given[k] != _BY_NAME[k].default}
+    apply_env(values, explicit, prog, os.environ if environ is None else environ)
+    checked = check(values, kind, explicit=explicit, flags=True, num_experts=num_experts, topk=topk)
+    check_files(checked)
+    return {k: recorded(v) for k, v in checked.items()}
+
+
 def config_kwargs(values: Mapping, kind: Optional[str]) -> dict:
     """``MoPEConfig`` keyword arguments of the routing settings in ``values`` (a namespace's
     ``vars`` or a checkpoint's record; missing ones keep their defaults). Settings that do not
