@@ -25,6 +25,8 @@ import functools
 import inspect
 from typing import Any, Optional
 
+from mpmoe.megatron import routers
+
 __all__ = [
     "allow_variable_experts_per_token",
     "build_mlp",
@@ -124,8 +126,6 @@ def allow_variable_experts_per_token() -> None:
     def preprocess(self, routing_map):
         out = upstream(self, routing_map)
         cfg = self.config
-        from mpmoe.megatron import routers
-
         variable = routers.KINDS[routers.kind_of(cfg)].variable_k or getattr(cfg, "moe_dynamic_mask_mode", None)
         if variable and not self.drop_and_pad and cfg.moe_expert_capacity_factor is None \
                 and not getattr(cfg, "moe_router_padding_for_quantization", False):
