@@ -29,7 +29,7 @@ from mpmoe.megatron import routers
 from mpmoe.megatron.router import TopKStatsRouter, iter_routers
 from mpmoe.routing.balancing import relu_gates, relu_l1_coeff_update, relu_l1_loss, relu_sparsity, target_sparsity
 
-__all__ = ["ReMoERouter", "balancing_scalars", "update_balancing_state"]
+__all__ = ["ReMoERouter", "balancing_scalars", "discard_balancing_state", "update_balancing_state"]
 
 
 # --------------------------------------------------------------------------- ReMoE
@@ -52,10 +52,16 @@ class ReMoERouter(TopKStatsRouter):
         # Last update's rank-summed values, for logging: sparsity, experts per token.
         self.register_buffer("last_sparsity", torch.full((), float("nan"), **f64), persistent=False)
         self.register_buffer("last_experts_per_token", torch.full((), float("nan"), **f64), persistent=False)
+        # The penalty lambda * L1 this step (sum over the micro-batches that attached it, and
+        # their number) and the last step's mean, logged as remoe/l1_loss/layer_L.
+        self.register_buffer("step_l1", torch.zeros((), **f64), persistent=False)
+        self.register_buffer("step_l1_batches", torch.zeros((), **f64), persistent=False)
+        self.register_buffer("last_l1", torch.full((), float("nan"), **f64), persistent=False)
 
     def _stat_buffer_names(self) -> list[str]:
         return super()._stat_buffer_names() + ["relu_l1_coeff", "step_routed", "step_tokens",
-                                               "last_sparsity", "last_experts_per_token"]
+                                               "last_sparsity", "last_experts_per_token",
+                                               "step_l1", "step_l1_batches", "last_l1"]
 
     @property
     def target_sparsity(self) -> float:
@@ -71,7 +77,13 @@ class ReMoERouter(TopKStatsRouter):
             counted_gates = gates if valid is None else gates * valid
             tokens = flat.shape[0] if valid is None else valid.sum()
             l1 = relu_l1_loss(counted_gates, routed.sum(dim=0), self.topk, num_tokens=tokens)
-            gates = MoEAuxLossAutoScaler.apply(gates, l1 * self.relu_l1_coeff.to(l1.dtype))
+            penalty = l1 * self.relu_l1_coeff.to(l1.dtype)
+            gates = MoEAuxLossAutoScaler.apply(gates, penalty)
+            # once per micro-batch: in its forward, or under full recomputation (whose first
+            # forward runs without grad) in the recomputation
+            with torch.no_grad():
+                self.step_l1.add_(penalty.detach())
+                self.step_l1_batches.add_(1)
         if counted:
             with torch.no_grad():
                 self.step_routed.add_(routed.sum())
@@ -108,12 +120,25 @@ def update_balancing_state(models) -> None:
         r.last_experts_per_token.copy_(counts[i, 0] / counts[i, 1].clamp_min(1))
         r.relu_l1_coeff.copy_(relu_l1_coeff_update(r.relu_l1_coeff, mean, r.target_sparsity,
                                                    cfg.moe_relu_l1_reg_coeff_multiplier))
+        r.last_l1.copy_(r.step_l1 / r.step_l1_batches.clamp_min(1))
         r.step_routed.zero_()
         r.step_tokens.zero_()
+        r.step_l1.zero_()
+        r.step_l1_batches.zero_()
+
+
+@torch.no_grad()
+def discard_balancing_state(models) -> None:
+    """A skipped step (``--on-nan skip``): drop its ReMoE counts so that they do not roll
+    into the next step's sparsity (and the coefficient does not move)."""
+    for r in iter_routers(models):
+        if isinstance(r, ReMoERouter):
+            for t in (r.step_routed, r.step_tokens, r.step_l1, r.step_l1_batches):
+                t.zero_()
 
 
 def balancing_scalars(models) -> dict:
-    """Per-layer logging values: ``remoe/{l1_coeff,sparsity,experts_per_token}/layer_L`` and
+    """Per-layer logging values: ``remoe/{l1_coeff,sparsity,experts_per_token,l1_loss}/layer_L`` and
     ``moe/expert_bias_absmax/layer_L`` (host copies; call on logging iterations only)."""
     out = {}
     for r in iter_routers(models):
@@ -122,6 +147,9 @@ def balancing_scalars(models) -> dict:
             out[f"remoe/l1_coeff/layer_{layer}"] = float(r.relu_l1_coeff)
             out[f"remoe/sparsity/layer_{layer}"] = float(r.last_sparsity)
             out[f"remoe/experts_per_token/layer_{layer}"] = float(r.last_experts_per_token)
+            out[f"remoe/l1_loss/layer_{layer}"] = float(r.last_l1)
         elif getattr(r, "expert_bias", None) is not None:
-            out[f"moe/expert_bias_absmax/layer_{layer}"] = float(r.expert_bias.abs().max())
+            # the bias as the selection adds it (x 4/E in mode "prob-scaled")
+            bias, _ = r.selection_bias()
+            out[f"moe/expert_bias_absmax/layer_{layer}"] = float(bias.abs().max())
     return out

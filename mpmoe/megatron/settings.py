@@ -249,6 +249,11 @@ SETTINGS: tuple = (
     Setting("moe_router_enable_expert_bias", Flag(), False,
             "aux-loss-free balancing: per-expert bias on the scores for selection only",
             routers=_NOT_REMOE, megatron=True, group="balancing"),
+    Setting("moe_router_expert_bias_mode", Choice("prob", "logit", "prob-scaled"), "prob",
+            "expert bias with softmax scores: added to the probabilities (prob), to the logits "
+            "(logit; MoPE: p = softmax(logits + b)), or to the probabilities times 4/E (prob-scaled: "
+            "the rate scaled by E); docs/routing.md", routers=_NOT_REMOE,
+            needs=(("moe_router_enable_expert_bias", True),), group="balancing"),
     Setting("moe_router_bias_update_rate", Range(float, 0), 1e-3,
             "expert bias step per iteration (sign of the load offset times this)",
             routers=_NOT_REMOE, needs=(("moe_router_enable_expert_bias", True),), megatron=True,
@@ -271,6 +276,11 @@ SETTINGS: tuple = (
     Setting("moe_mask_experts", ExpertMask(), None,
             'knock experts out: "LAYER:ID,ID;LAYER:ID" (e.g. "2:3,17;5:0"), JSON {"2": [3, 17]} or a '
             "JSON file; layers 1-based, expert ids global", eval=True, env="MOE_MASK_EXPERTS",
+            group="ablations"),
+    Setting("moe_mask_experts_semantics", Choice("mpmoe", "reference"), "mpmoe",
+            "MoPE and knocked-out experts: mpmoe = never picked; reference = the authors' code: OTEP "
+            "may still pick them through Sigma, with gate weight 0, so the token runs on fewer than "
+            "k experts (docs/reference.md)", eval=True, needs=(("moe_mask_experts", "*"),),
             group="ablations"),
     Setting("moe_dynamic_mask_mode", Choice("cooccurrence", "random", none=True), None,
             "drop one routed expert per token (k -> k-1): the most co-occurring one, or a random one",
@@ -422,14 +432,21 @@ def check_files(values: Mapping, *, flags: bool = True) -> None:
 #: names older runs recorded -> the setting's name now
 LEGACY = {"moe_dynamic_mask": "moe_dynamic_mask_mode"}
 
+#: what a run recorded before the setting existed ran with (where the default may change)
+BEFORE_RECORDED = {"moe_router_expert_bias_mode": "prob"}
 
-def from_record(values: Mapping) -> dict:
-    """``values`` with the names older runs recorded renamed (a checkpoint's ``args``)."""
+
+def from_record(values: Mapping, *, old_run: bool = False) -> dict:
+    """``values`` with the names older runs recorded renamed (a checkpoint's ``args``);
+    ``old_run``: settings it lacks get :data:`BEFORE_RECORDED`'s value."""
     out = dict(values)
     for old, new in LEGACY.items():
         if old in out:
             value = out.pop(old)
             out.setdefault(new, value)
+    if old_run:
+        for name, value in BEFORE_RECORDED.items():
+            out.setdefault(name, value)
     return out
 
 

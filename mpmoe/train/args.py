@@ -483,7 +483,7 @@ def args_from_saved(saved: Optional[dict], flags: Optional[Sequence[str]] = None
                           "stored them); give the `mpmoe train` flags that built it")
     args = parse_args(["--preset", str(saved.get("preset", "tiny-cpu")), "--train-iters", "1"], check=False)
     known = vars(args)
-    for key, value in settings.from_record(saved).items():
+    for key, value in settings.from_record(saved, old_run=True).items():
         if key in known:
             setattr(args, key, value)
     routers.select(known, routers.kind_of(known))
