@@ -1,9 +1,11 @@
 """``mpmoe train`` options: Megatron-LM flag names, presets, validation with one-line errors.
 
 Precedence: argparse defaults < preset (``--preset``, a ``configs/*.toml`` name or a
-``.toml`` path) < flags given on the command line. :func:`parse_args` returns an
-``argparse.Namespace`` after :func:`validate`; errors raise :class:`ConfigError`, which the
-CLI prints as ``mpmoe train: error: ...`` with exit code 2.
+``.toml`` path) < flags given on the command line. The routing flags are generated from
+the router registry and the settings table (:mod:`mpmoe.megatron.routers`,
+:mod:`mpmoe.megatron.settings`; the router rule is :func:`resolve_routing`).
+:func:`parse_args` returns an ``argparse.Namespace`` after :func:`validate`; errors raise
+:class:`ConfigError`, which the CLI prints as ``mpmoe train: error: ...`` (exit 2).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from mpmoe.errors import UserError
 from mpmoe.megatron import routers, settings
 from mpmoe.megatron.routers import ConfigError
 from mpmoe.megatron.settings import Range
