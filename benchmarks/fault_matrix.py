@@ -568,6 +568,24 @@ def cases(fx: Fixture) -> list[Case]:
     add("train --moe-relu-routing on a MoPE preset", ("exit 0, trains ReMoE", exit_ok()), R("--moe-relu-routing"))
     add("flags --router bogus", err("--router"), lambda d: sh([PY, "-m", "mpmoe.megatron_lm.flags", "tiny-cpu",
                                                             "--router", "bogus"], d))
+
+    # -- experts (issue 26): bad inputs leave nothing behind -------------------------------
+    X = lambda *a, **kw: mpmoe("experts", *a, **kw)  # noqa: E731
+    add("experts no subcommand", ("exit 2", exit_ok(rc=2)), X())
+    add("experts merge --num-experts 0", err("--num-experts"),
+        X("merge", "--load", fx.ckpt, "--save", "o", "--num-experts", "0"))
+    add("experts merge --num-experts > E", err("--num-experts", "5"),
+        X("merge", "--load", fx.ckpt, "--save", "o", "--num-experts", "5", "--calibration-tokens", "64"))
+    add("experts merge --load missing", err("/nonexistent/ck"),
+        X("merge", "--load", "/nonexistent/ck", "--save", "o", "--num-experts", "2"))
+    add("experts merge --groups names a missing expert", err("expert 7"), lambda d: (d / "g.json").write_text(
+        '{"1": [[0, 7], [1, 2, 3]], "2": [[0, 1, 2, 3]]}') and sh(
+        [*MPMOE, "experts", "merge", "--load", str(fx.ckpt), "--save", "o", "--groups", str(d / "g.json")], d))
+    add("experts merge --save not empty", err("--save"), lambda d: (d / "o").mkdir() or (d / "o" / "x").write_text(
+        "x") and sh([*MPMOE, "experts", "merge", "--load", str(fx.ckpt), "--save", "o", "--num-experts", "2"], d))
+    add("experts compress --rank 0", err("--rank"), X("compress", "--load", fx.ckpt, "--save", "o", "--rank", "0"))
+    add("experts compress --sparse-keep 2", err("--sparse-keep"),
+        X("compress", "--load", fx.ckpt, "--save", "o", "--sparse-keep", "2"))
     return C
 
 

@@ -115,10 +115,17 @@ def hf_kind(model, routing: str) -> str:
         refuse(f"moe_router_topk_scaling_factor {cfg.moe_router_topk_scaling_factor}")
     if cfg.moe_router_score_function != "softmax":
         refuse(f"moe_router_score_function {cfg.moe_router_score_function} (only softmax)")
-    if getattr(cfg, "moe_relu_routing", False):
-        refuse("ReMoE (ReLU) routing has no transformers class yet")
+    from mpmoe.megatron import routers
+
+    if routers.kind_of(cfg) not in ("topk", "mope"):
+        refuse(f"{routers.label(cfg)} routing has no transformers class yet")
     if getattr(cfg, "moe_router_enable_expert_bias", False):
         refuse("the expert bias (aux-loss-free balancing) has no transformers class yet")
+    if getattr(cfg, "moe_expert_groups", None):
+        refuse("merged experts folded from a wider router or dropped experts (mpmoe experts merge "
+               "--layout collapsed / --method drop) have no transformers class; the bind layout exports")
+    if getattr(cfg, "moe_expert_compression", None):
+        refuse("compressed experts (low rank + sparse, mpmoe experts compress) have no transformers class")
     if getattr(cfg, "moe_mask_experts", None) or getattr(cfg, "moe_dynamic_mask_mode", None):
         refuse("expert masks are an evaluation ablation, not part of the model")
     if cfg.moe_router_num_groups or getattr(cfg, "moe_router_group_topk", None):

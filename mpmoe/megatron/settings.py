@@ -165,6 +165,20 @@ class LayerList:
             raise ConfigError(str(exc).split(": ", 1)[-1]) from None
 
 
+class Spec:
+    """A text spec checked by ``parser`` (kept as text), or None."""
+
+    def __init__(self, parser: str):
+        self.parser = parser  # "module:function", imported on use
+
+    def normalize(self, value):
+        if value is None or value == "":
+            return None
+        module, _, name = self.parser.partition(":")
+        getattr(__import__(module, fromlist=[name]), name)(value)
+        return value
+
+
 class ExpertMask:
     """Static knock-out: ``"LAYER:ID,ID;LAYER:ID"``, JSON text or file, or a dict."""
 
@@ -300,6 +314,14 @@ SETTINGS: tuple = (
             "mpmoe: all windows summed, kept weights keep their total; reference: the latest window "
             "of top-k ('moe') files, kept weights renormalised to 1 (docs/reference.md)", eval=True,
             group="ablations"),
+    # expert surgery (mpmoe experts; docs/experts.md)
+    Setting("moe_expert_groups", Spec("mpmoe.surgery.merge:parse_expert_groups"), None,
+            "merged experts (written by `mpmoe experts merge`): per MoE layer, the group of each "
+            "router expert (-1: dropped); the router selects over them, then folds into --num-experts "
+            "experts (docs/experts.md)", group="experts"),
+    Setting("moe_expert_compression", Spec("mpmoe.surgery.compress:parse_compression"), None,
+            "compressed experts (written by `mpmoe experts compress`): every expert weight is low rank "
+            "RANK + KEEP of its residual rows (docs/experts.md)", group="experts"),
     # a run option beside the routing (not a config field)
     Setting("last_trainable_layers", Range(int, -1, none=True), None,
             "train only the last N transformer layers (+ final norm and output layer); -1 or unset: "
@@ -403,6 +425,14 @@ def _check_across(v: Mapping, spell: Callable, num_experts, topk) -> None:
         if num_experts is not None and topk is not None and len(ids) > num_experts - topk:
             raise ConfigError(f"{spell(_BY_NAME['moe_mask_experts'])}: layer {layer} keeps "
                              f"{num_experts - len(ids)} experts, fewer than the top-k {topk}")
+    groups = v.get("moe_expert_groups")
+    if groups and num_experts is not None:
+        from mpmoe.surgery.merge import parse_expert_groups
+
+        for layer, labels in parse_expert_groups(groups).items():
+            if len(labels) < num_experts or max(labels) >= num_experts:
+                raise ConfigError(f"{spell(_BY_NAME['moe_expert_groups'])}: layer {layer} maps {len(labels)} "
+                                  f"experts into groups up to {max(labels)}, the model has {num_experts} experts")
     mode = v.get("moe_dynamic_mask_mode")
     if mode is not None:
         if topk is not None and topk < 2:
