@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mpmoe.train.ablation import moe_layer_numbers
+from mpmoe.megatron.settings import moe_layer_numbers
 from mpmoe.train.args import ConfigError, parse_args
 
 TINY = ["--train-iters", "1", "--num-layers", "3", "--num-experts", "4", "--moe-router-topk", "2"]
