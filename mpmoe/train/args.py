@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 import os
 import sys
 from typing import Optional, Sequence
