@@ -324,7 +324,7 @@ def test_a_run_that_only_skipped_nan_steps_is_not_done_nor_nothing_to_do(tmp_pat
 def test_a_non_finite_expert_bias_stops_naming_its_flag(tmp_path, dataset, monkeypatch, capsys):
     """The bias is driven to inf (as --moe-router-bias-update-rate inf did): the run stops
     before saving, names the flag, whatever --on-nan says."""
-    from mpmoe.megatron import balancing
+    from mpmoe.megatron import remoe as balancing
     from mpmoe.train.cli import main
 
     real = balancing.update_balancing_state

@@ -86,7 +86,7 @@ def _main(argv: list) -> int:
         return 0
     losses = (result["train_loss"], result["val_loss"])
     if not all(math.isfinite(x) for x in losses if x == x) or result["train_loss"] != result["train_loss"]:
-        return _error(f"iteration {result['iteration']}: the run ended with train loss {losses[0]}, "
+        raise UserError(f"iteration {result['iteration']}: the run ended with train loss {losses[0]}, "
                       f"validation loss {losses[1]} ({result.get('nan_skipped', 0)} of {result['steps']} "
                       f"updates skipped under --on-nan skip); run dir {result['run_dir']}")
     print(f"mpmoe train: done at iteration {result['iteration']}: train loss "
