@@ -7,12 +7,15 @@ Flags are MoPEConfig's field names with dashes (Megatron-LM's convention), so th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Optional
 
-from mpmoe.megatron.config import MOPE_ROUTING_TYPE
+__all__ = ["SPEC", "add_mpmoe_args", "args_provider", "check_args", "fail", "run_checks", "uses_mpmoe"]
 
-__all__ = ["SPEC", "add_mpmoe_args", "args_provider", "check_args", "uses_mpmoe"]
+#: ``--moe-router-load-balancing-type`` of MoPE (``mpmoe.megatron.config.MOPE_ROUTING_TYPE``;
+#: not imported from there: this module must not import megatron-core at import time).
+MOPE_ROUTING_TYPE = "otep"
 
 #: ``--spec`` value of mpmoe's layer spec (module, function).
 SPEC = ["mpmoe.megatron_lm.spec", "gpt_block_spec"]
@@ -72,15 +75,58 @@ def uses_mpmoe(args) -> bool:
     """
     if getattr(args, "num_experts", None) is None:
         return False
-    return getattr(args, "moe_router_load_balancing_type", None) == MOPE_ROUTING_TYPE or any(
-        getattr(args, name, None) is not None
-        for name in ("moe_stats_dir", "moe_mask_experts", "moe_dynamic_mask_mode", "moe_eval_dump_dir")
-    )
+    return (getattr(args, "moe_router_load_balancing_type", None) == MOPE_ROUTING_TYPE
+            or bool(getattr(args, "moe_relu_routing", False))
+            or any(getattr(args, name, None) is not None
+                   for name in ("moe_stats_dir", "moe_mask_experts", "moe_dynamic_mask_mode",
+                                "moe_eval_dump_dir")))
+
+
+def fail(message: str, prog: Optional[str] = None) -> None:
+    """One line ``<script>: error: ...`` on stderr, exit 2 (no traceback)."""
+    if prog is None:
+        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "megatron-lm"
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _fail(message: str) -> None:
-    print(f"pretrain_gpt.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    fail(message, "pretrain_gpt.py")
+
+#: ``--cuda-graph-modules`` values whose capture contains the router's forward.
+_ROUTER_GRAPH_MODULES = {"moe", "moe_router", "moe_preprocess"}
+
+
+def run_checks(args) -> list[str]:
+    """What mpmoe's routers need from Megatron-LM's other settings, for a run that uses them.
+
+    Returns the log lines of the settings it changed; raises ``ValueError`` (one line) for
+    a setting that cannot work:
+
+    * CUDA graphs that capture the router (``--cuda-graph-impl`` other than ``none`` with no
+      ``--cuda-graph-modules`` (whole layers), a router/MoE module, or ``full_iteration``):
+      MoPE's routing branches on Python state (warm-up, Sigma refresh) and all-reduces its
+      counts inside the forward, which a replayed graph would skip;
+    * megatron's rerun state machine (``--rerun-mode validate_results``, the default) re-runs
+      an iteration whose loss looks wrong, and every counted forward would count the
+      routing statistics (Sigma, ReMoE's sparsity, the statistics windows) twice: it is
+      turned off (``disabled`` still stops on NaN/inf losses), with a log line.
+    """
+    notes = []
+    impl = getattr(args, "cuda_graph_impl", "none") or "none"
+    if impl != "none":
+        modules = {getattr(m, "name", str(m)) for m in (getattr(args, "cuda_graph_modules", None) or [])}
+        if impl == "full_iteration" or not modules or modules & _ROUTER_GRAPH_MODULES:
+            what = "whole layers" if not modules else " ".join(sorted(modules))
+            raise ValueError(
+                f"--cuda-graph-impl {impl} ({what if impl != 'full_iteration' else 'the whole iteration'}) "
+                "captures the router, but mpmoe's routers branch on Python state and all-reduce "
+                "inside the forward: use --cuda-graph-modules attn (or mlp), or --cuda-graph-impl none")
+    if getattr(args, "rerun_mode", "disabled") not in (None, "disabled"):
+        notes.append(f"mpmoe: --rerun-mode {args.rerun_mode} -> disabled (a re-run iteration would count "
+                     "the routing statistics twice; NaN/inf losses still stop the run)")
+        args.rerun_mode = "disabled"
+    return notes
 
 
 def check_args(args) -> None:
@@ -95,6 +141,13 @@ def check_args(args) -> None:
         _fail(f"{_LBT_FLAG} otep (MoPE) needs --num-experts")
     if not uses_mpmoe(args):
         return
+    try:
+        notes = run_checks(args)
+    except ValueError as exc:
+        _fail(str(exc))
+    if getattr(args, "rank", 0) == 0:
+        for note in notes:
+            print(note, flush=True)
     if lbt == MOPE_ROUTING_TYPE and args.moe_otep_warmup_fraction > 0 and args.train_iters is None:
         _fail("--moe-otep-warmup-fraction is a fraction of --train-iters: give --train-iters, "
               "or --moe-otep-warmup-fraction 0 with --train-samples")
@@ -103,13 +156,12 @@ def check_args(args) -> None:
                      ("--yaml-cfg", args.yaml_cfg)):
         if on:
             _fail(f"{flag} is not supported with mpmoe's routers (MoPE, --moe-stats-dir, masks)")
-    if args.spec is None:
-        args.spec = list(SPEC)
     from megatron.training.argument_utils import core_transformer_config_from_args
 
-    from mpmoe.megatron.config import MoPEConfig
+    from mpmoe.megatron_lm.hooks import transformer_config_class
 
+    config_class = transformer_config_class(args)  # MoPEConfig; mpmoe's --spec when none is given
     try:
-        core_transformer_config_from_args(args, MoPEConfig)
+        core_transformer_config_from_args(args, config_class)
     except ValueError as exc:
         _fail(str(exc))

@@ -1,0 +1,154 @@
+"""The Megatron-LM route end to end on CPU: the patched ``pretrain_gpt.py`` trains a tiny
+MoPE model with ``--mock-data``, evaluates, saves ``torch_dist`` checkpoints and resumes
+from one bit-identically; a top-k run of the patched tree equals an unpatched tree's.
+
+The runs use a test-side CPU shim (``tests/megatron_lm_cpu_shim/sitecustomize.py``: it acts
+only in a process whose ``argv[0]`` ends in ``pretrain_gpt.py``), never part of the patches
+or of mpmoe. One module-scoped set of runs; the other tests of this module (``mpmoe eval``
+and ``mpmoe analyze checkpoint`` on these checkpoints) reuse them. Needs Python 3.12 +
+megatron-core 0.19 (``make test-megatron-latest``); skipped elsewhere.
+"""
+
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_lm_testing import (CPU_FLAGS, CPU_SHIM, ROOT, assemble_trees, load_dist_checkpoint,
+                                 skip_reason, tree_env)
+from mpmoe.megatron_lm.flags import preset_flags
+
+pytestmark = [pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason())),
+              pytest.mark.slow]
+
+LAUNCHER = ROOT / "scripts" / "megatron_lm" / "pretrain.sh"
+ITERS = 4
+RUN = ["--micro-batch-size", "2", "--global-batch-size", "2", "--seed", "1234", "--log-interval", "1"]
+# MoPE: top-k for the first 0.25 x 4 = 1 step, OTEP from step 2 on.
+MOPE = RUN + ["--train-iters", str(ITERS), "--moe-otep-warmup-fraction", "0.25",
+              "--eval-interval", "2", "--eval-iters", "1", "--save-interval", "2"]
+TOPK = RUN + ["--eval-iters", "0", "--save-interval", "2"]
+ITER_LINE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?lm loss: (\S+) \|.*?grad norm: (\S+) \|")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cmd, tree, cwd, log):
+    env = tree_env(tree, CPU_SHIM, MASTER_PORT=_free_port(), PYTHON=sys.executable, NPROC_PER_NODE=1)
+    f = open(log, "w")
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT), f, log
+
+
+def _pretrain(tree, flags, log):
+    return _start([sys.executable, "pretrain_gpt.py", *flags], tree, tree, log)
+
+
+def _wait(*started):
+    """Wait for runs started together (two at a time: CI machines have 2+ cores)."""
+    out = []
+    for proc, f, log in started:
+        proc.wait(timeout=600)
+        f.close()
+        text = log.read_text()
+        assert proc.returncode == 0, text[-4000:]
+        out.append(text)
+    return out
+
+
+def _iterations(log):
+    return {int(m[0]): (m[2], m[3]) for m in ITER_LINE.findall(log)}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    if torch.cuda.is_available():
+        pytest.skip("the CPU route; the cuda-marked tests cover a GPU")
+    root = tmp_path_factory.mktemp("megatron-lm-e2e")
+    trees = assemble_trees(root)
+    patched, base = trees["patched"], trees["base"]
+    out = {"root": root, **trees}
+    mope = preset_flags("tiny-cpu", "mope", train_iters=ITERS, mock_data=True) + CPU_FLAGS + MOPE
+    topk = preset_flags("tiny-cpu", "moe", train_iters=2, mock_data=True) + CPU_FLAGS + TOPK
+    # MoPE through the launcher (preset flags, --mock-data and gloo added by it), beside a
+    # top-k (aux_loss) run of the patched tree.
+    out["mope_log"], out["topk_log"] = _wait(
+        _start(["bash", str(LAUNCHER), "tiny-cpu", "mope", str(patched), *CPU_FLAGS, *MOPE,
+                "--save", str(root / "mope")], patched, ROOT, root / "mope.log"),
+        _pretrain(patched, topk + ["--save", str(root / "topk")], root / "topk.log"))
+    # The MoPE run resumed from its iteration-2 checkpoint, beside the unpatched top-k run.
+    out["resumed_log"], out["base_log"] = _wait(
+        _pretrain(patched, mope + ["--load", str(root / "mope"), "--ckpt-step", "2",
+                                   "--save", str(root / "resumed")], root / "resumed.log"),
+        _pretrain(base, topk + ["--save", str(root / "base-topk")], root / "base.log"))
+    return out
+
+
+def _tensors(state):
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def test_mope_trains_and_routes_with_otep_after_the_warmup(runs):
+    log = runs["mope_log"]
+    assert "pretrain.sh: preset tiny-cpu (mope)" in log
+    assert sorted(_iterations(log)) == [1, 2, 3, 4]
+    assert "validation loss at iteration 2" in log and "validation loss at iteration 4" in log
+    routing = {int(m[0]): m[1] for m in re.findall(r"mpmoe routing \| iteration\s+(\d+) \| (.*)", log)}
+    assert sorted(routing) == [1, 2, 3, 4]
+    assert re.findall(r"layer (\d+): (otep|top-k warm-up)", routing[1]) == [(n, "top-k warm-up") for n in "234"]
+    for it in (2, 3, 4):
+        assert re.findall(r"layer (\d+): (otep|top-k warm-up)", routing[it]) == [(n, "otep") for n in "234"]
+        assert re.findall(r"experts/token (\S+)", routing[it]) == ["2.000"] * 3  # exactly k
+    assert "mpmoe: --rerun-mode validate_results -> disabled" in log
+    # Sigma: none before any count, then rebuilt from the counts each step
+    first = re.findall(r"sigma offdiag (\S+)", routing[1])
+    assert first == ["0.0000e+00"] * 3
+    two, four = (load_dist_checkpoint(runs["root"] / "mope" / f"iter_000000{i}") for i in (2, 4))
+    sigmas = [k for k in two if k.endswith("router.cooccurrence_stats.covariance")]
+    assert len(sigmas) == 3
+    for key in sigmas:
+        assert not torch.equal(two[key], four[key])
+        off = four[key] - torch.diag(four[key].diagonal())
+        assert off.abs().sum() > 0
+    assert int(four["decoder.layers.1.mlp.router.cooccurrence_stats.num_tokens"]) > int(
+        two["decoder.layers.1.mlp.router.cooccurrence_stats.num_tokens"])
+
+
+def test_resumed_run_equals_the_uninterrupted_one(runs):
+    """Weights, Adam moments, Sigma and the co-occurrence counts at iteration 4."""
+    assert sorted(_iterations(runs["resumed_log"])) == [3, 4]
+    mope, resumed = _iterations(runs["mope_log"]), _iterations(runs["resumed_log"])
+    assert mope[3] == resumed[3]
+    # (Megatron-LM's log line at iteration 4 of the resumed run shows the mean lm loss of
+    # iterations 3 and 4: its loss window is not reset after the first line of a resumed
+    # run. The grad norm is the step's own.)
+    assert mope[4][1] == resumed[4][1]
+    assert float(resumed[4][0]) == pytest.approx((float(mope[3][0]) + float(mope[4][0])) / 2, abs=2e-6)
+    a = load_dist_checkpoint(runs["root"] / "mope" / "iter_0000004")
+    b = load_dist_checkpoint(runs["root"] / "resumed" / "iter_0000004")
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    assert any(k.startswith("optimizer.state.exp_avg_sq.") for k in ta)
+    assert any(k.endswith("cooccurrence_stats.cooccurrence") for k in ta)
+    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert different == []
+    common_a, common_b = a["common_state/shard_0_1"][0], b["common_state/shard_0_1"][0]
+    assert common_a["iteration"] == common_b["iteration"] == 4
+    assert common_a["optimizer"]["param_groups"] == common_b["optimizer"]["param_groups"]
+
+
+def test_topk_run_of_the_patched_tree_equals_the_unpatched_tree(runs):
+    patched, base = _iterations(runs["topk_log"]), _iterations(runs["base_log"])
+    assert sorted(patched) == [1, 2] and patched == base
+    assert "mpmoe routing" not in runs["topk_log"]
+    a = _tensors(load_dist_checkpoint(runs["root"] / "topk" / "iter_0000002"))
+    b = _tensors(load_dist_checkpoint(runs["root"] / "base-topk" / "iter_0000002"))
+    assert a.keys() == b.keys()
+    assert "decoder.layers.1.mlp.router.weight" in a
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
