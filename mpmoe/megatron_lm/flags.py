@@ -16,7 +16,9 @@ underscores; the few that Megatron-LM spells otherwise are translated here:
   top-k run's flags are stock Megatron-LM flags.
 
 ``--world-size`` adds ``--expert-model-parallel-size``: the largest divisor of the
-expert count that also divides the world size (as ``scripts/train.sh`` chooses).
+expert count that also divides the world size (:func:`mpmoe.layout.expert_parallel_size`
+without model parallelism; ``scripts/megatron_lm/pretrain.sh`` plans the whole launch
+with :mod:`mpmoe.megatron_lm.launch`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from mpmoe.layout import expert_parallel_size
 from mpmoe.train.presets import PresetError, load_preset
 
 __all__ = ["ROUTER_TYPES", "expert_parallel_size", "preset_flags"]
@@ -38,14 +41,6 @@ _SPECIAL = {"vocab_size", "lr_wsd_decay_fraction", "train_iters"}
 
 def _mope_only(key: str) -> bool:
     return key.startswith("moe_otep_") or key == "moe_sigma_update_every"
-
-
-def expert_parallel_size(num_experts: int, world_size: int) -> int:
-    """Largest ``d <= world_size`` dividing both the expert count and the world size."""
-    for d in range(max(world_size, 1), 0, -1):
-        if num_experts % d == 0 and world_size % d == 0:
-            return d
-    return 1
 
 
 def _flag(key: str) -> str:

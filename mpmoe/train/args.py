@@ -12,9 +12,11 @@ import argparse
 import ast
 import math
 import os
+import sys
 from typing import Optional, Sequence
 
 from mpmoe.errors import UserError
+from mpmoe.layout import fit_micro_batch
 from mpmoe.train.presets import PresetError, list_presets, load_preset, preset_path
 
 __all__ = ["ConfigError", "DEFAULT_PRESET", "build_parser", "parse_args", "validate",
@@ -428,10 +430,12 @@ def validate(args: argparse.Namespace, world_size: Optional[int] = None) -> None
     elif args.moe_router_load_balancing_type == "otep":
         raise ConfigError("--moe-router-load-balancing-type otep (MoPE) needs --num-experts")
     _validate_balancing(args)
-    per_step = args.micro_batch_size * dp
-    if args.global_batch_size % per_step:
-        raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by "
-                          f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
+    try:  # a micro-batch that does not fit this data-parallel size is lowered (log line)
+        args.micro_batch_size, note = fit_micro_batch(args.global_batch_size, args.micro_batch_size, dp)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if note is not None and os.environ.get("RANK", "0") == "0":
+        print(f"mpmoe train: {note}", file=sys.stderr, flush=True)
     if args.data_path is not None:
         if not args.data_path:
             raise ConfigError("--data-path needs at least one prefix")
