@@ -152,3 +152,93 @@ def test_topk_run_of_the_patched_tree_equals_the_unpatched_tree(runs):
     assert a.keys() == b.keys()
     assert "decoder.layers.1.mlp.router.weight" in a
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+# --------------------------------------------------------------------------- reading them
+def test_train_record_is_an_explicit_table_over_megatron_lms_args(runs):
+    """Every `mpmoe train` option is either read under its own name from Megatron-LM's
+    args, renamed, mpmoe-only, or not read; a setting mpmoe cannot build is named."""
+    from mpmoe.megatron_lm.checkpoint import MPMOE_ONLY, NOT_READ, RENAMED, read_common, train_record
+    from mpmoe.train.args import parse_args
+
+    margs = read_common(runs["root"] / "mope" / "iter_0000004")["args"]
+    stock = read_common(runs["root"] / "base-topk" / "iter_0000002")["args"]
+    defaults = vars(parse_args(["--train-iters", "1"], check=False))
+    same = set(defaults) - NOT_READ - MPMOE_ONLY - set(RENAMED)
+    assert same <= set(vars(stock)), same - set(vars(stock))  # an unpatched tree has them all
+    assert set(MPMOE_ONLY) & set(vars(stock)) == set()  # ...and none of mpmoe's own
+    record = train_record(margs, defaults)
+    assert record["norm_epsilon"] == margs.layernorm_epsilon
+    assert (record["moe_router_load_balancing_type"], record["moe_otep_warmup_fraction"]) == ("otep", 0.25)
+    assert record["num_experts"] == 8 and record["moe_layer_freq"] == [0, 1, 1, 1]
+    assert "moe_sigma_shrinkage" not in train_record(stock, defaults)  # mpmoe's default applies
+    bad = dict(vars(stock), multi_latent_attention=True, moe_shared_expert_gate=True)
+    with pytest.raises(ValueError, match=r"setting\(s\) --multi-latent-attention True, "
+                                         r"--moe-shared-expert-gate True have no mpmoe counterpart"):
+        train_record(bad, defaults)
+    with pytest.raises(ValueError, match="lack --num-experts"):
+        train_record({k: v for k, v in vars(stock).items() if k != "num_experts"}, defaults)
+
+
+def test_store_loads_megatron_lm_checkpoints_mope_and_stock_topk(runs, monkeypatch):
+    from mpmoe import store
+    from mpmoe.megatron import destroy_distributed, init_distributed
+
+    init_distributed(seed=1)
+    try:
+        for name, trained in (("mope/iter_0000004", "mope"), ("base-topk/iter_0000002", "topk")):
+            path = runs["root"] / name
+            m = store.load_model(path)
+            assert (m.trained_routing, m.routing, m.vocab_size, m.tokenizer) == (trained, trained, 8192, None)
+            saved = load_dist_checkpoint(path)
+            got = {k: v for k, v in m.model.state_dict().items() if "_extra_state" not in k}
+            for key, value in got.items():
+                stock = key.replace("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
+                ref = saved[key] if key in saved else saved[stock]
+                assert torch.equal(value, ref), key
+            sigmas = [k for k in got if k.endswith("cooccurrence_stats.covariance")]
+            assert len(sigmas) == (3 if trained == "mope" else 0)
+        from mpmoe.megatron_lm import checkpoint as ck
+
+        real = ck.run_info  # a HuggingFaceTokenizer run whose tokenizer folder is not here
+        monkeypatch.setattr(ck, "run_info", lambda it_dir, common=None: dict(
+            real(it_dir, common), tokenizer=None, tokenizer_type="HuggingFaceTokenizer"))
+        with pytest.raises(store.StoreError, match="holds no tokenizer; pass --tokenizer"):
+            store.load_model(runs["root"] / "base-topk")
+    finally:
+        destroy_distributed()
+
+
+def test_mpmoe_eval_and_run_all_evals_on_a_megatron_lm_run_folder(runs, embedded_cache, tmp_path):
+    """scripts/run_all_evals.sh over a Megatron-LM run folder (MoPE and stock top-k
+    checkpoints; --tokenizer: a local folder of the vocabulary's size)."""
+    import os
+
+    from mpmoe.data import prepare_embedded
+
+    tok = prepare_embedded(embedded_cache, progress=False).tokenizer_dir
+    run = tmp_path / "run"
+    for name in ("mope/iter_0000004", "base-topk/iter_0000002"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(runs["root"] / name, run / name)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TASKS="mpmoe_docs_mc", LIMIT="4",
+               MPMOE=f"{sys.executable} -m mpmoe", NPROC="1", MPMOE_CACHE=str(embedded_cache))
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "run_all_evals.sh"), str(run), str(tmp_path / "out"),
+                           "--tokenizer", str(tok), "--bootstrap-iters", "0", "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    table = (tmp_path / "out" / "summary.md").read_text()
+    assert "mope" in table and "base-topk" in table
+    import json
+
+    for name in ("mope/iter_0000004", "base-topk/iter_0000002"):
+        res = json.loads((tmp_path / "out" / name / "custom" / "results.json").read_text())
+        assert res["n-samples"]["mpmoe_docs_mc"]["effective"] == 4
+    # mpmoe analyze checkpoint: the MoPE checkpoint, its Sigma and a text sample
+    out = tmp_path / "analysis"
+    proc = subprocess.run([sys.executable, "-m", "mpmoe", "analyze", "checkpoint", "--load",
+                           str(runs["root"] / "mope"), "--out", str(out), "--num-tokens", "256",
+                           "--ot-samples", "0", "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert any(out.iterdir())
