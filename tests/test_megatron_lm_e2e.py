@@ -242,3 +242,44 @@ def test_mpmoe_eval_and_run_all_evals_on_a_megatron_lm_run_folder(runs, embedded
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert any(out.iterdir())
+
+
+# --------------------------------------------------------------------------- on a GPU
+GPU_FLAGS = [f for f in CPU_FLAGS if f not in ("--distributed-backend", "gloo", "--use-cpu-initialization")]
+
+
+@pytest.mark.cuda
+def test_pretrain_gpt_trains_saves_and_resumes_on_gpu(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    tree = assemble_trees(tmp_path)["patched"]
+    flags = preset_flags("tiny-cpu", "mope", train_iters=ITERS, mock_data=True) + GPU_FLAGS + MOPE
+    env = tree_env(tree, None, MASTER_PORT=_free_port())
+    for extra in (["--save", str(tmp_path / "a")],
+                  ["--load", str(tmp_path / "a"), "--ckpt-step", "2", "--save", str(tmp_path / "b")]):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+                               "--master-port", env["MASTER_PORT"], "pretrain_gpt.py", *flags, *extra],
+                              cwd=tree, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        assert "load_balancing_loss" in proc.stdout and ": otep " in proc.stdout
+    a = _tensors(load_dist_checkpoint(tmp_path / "a" / "iter_0000004"))
+    b = _tensors(load_dist_checkpoint(tmp_path / "b" / "iter_0000004"))
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+@pytest.mark.cuda
+def test_flame_moe_38m_mope_vs_topk_step_on_gpu(tmp_path):
+    """The gpu_check.sh step: flame-moe-38m, 20 iterations each, bf16 (figures in the JSON)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_megatron_lm.py"), "--preset",
+                           "flame-moe-38m", "--iters", "20", "--json", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    import json
+
+    doc = json.loads(out.read_text())
+    assert doc["runs"]["mope"]["iterations"] == doc["runs"]["moe"]["iterations"] == 20
+    assert doc["runs"]["mope"]["otep_layers_at_end"] > 0 and doc["runs"]["moe"]["otep_layers_at_end"] == 0
+    assert doc["ratio_mope_over_topk"] > 0
