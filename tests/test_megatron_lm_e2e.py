@@ -181,6 +181,8 @@ def test_train_record_is_an_explicit_table_over_megatron_lms_args(runs):
 
 
 def test_store_loads_megatron_lm_checkpoints_mope_and_stock_topk(runs, monkeypatch):
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
     from mpmoe import store
     from mpmoe.megatron import destroy_distributed, init_distributed
 
@@ -191,12 +193,31 @@ def test_store_loads_megatron_lm_checkpoints_mope_and_stock_topk(runs, monkeypat
             m = store.load_model(path)
             assert (m.trained_routing, m.routing, m.vocab_size, m.tokenizer) == (trained, trained, 8192, None)
             saved = load_dist_checkpoint(path)
-            got = {k: v for k, v in m.model.state_dict().items() if "_extra_state" not in k}
-            for key, value in got.items():
-                stock = key.replace("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
-                ref = saved[key] if key in saved else saved[stock]
-                assert torch.equal(value, ref), key
-            sigmas = [k for k in got if k.endswith("cooccurrence_stats.covariance")]
+            checked = []
+            def tensors(value):  # ShardedTensors, factories (SwiGLU's fc1) built into theirs
+                if isinstance(value, ShardedTensorFactory):
+                    value = value.build()
+                if isinstance(value, ShardedTensor):
+                    yield value
+                elif isinstance(value, dict):
+                    for v in value.values():
+                        yield from tensors(v)
+                elif isinstance(value, (list, tuple)):
+                    for v in value:
+                        yield from tensors(v)
+
+            for sh in tensors(m.model.sharded_state_dict()):  # each tensor where megatron saves it
+                key = sh.key if sh.key in saved else sh.key.replace(
+                    "pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")  # stock spec
+                p = sh.prepend_axis_num
+                index = tuple(sh.global_offset[:p]) + tuple(
+                    slice(o, o + n) for o, n in zip(sh.global_offset[p:], sh.data.shape))
+                assert torch.equal(sh.data, saved[key][index]), sh.key
+                checked.append(key)
+            model_keys = {k for k in saved if not k.startswith(("optimizer.", "common_state", "rerun_state", "rng_state"))
+                          and "_extra_state" not in k}
+            assert model_keys == set(checked), (sorted(model_keys - set(checked)), sorted(set(checked) - model_keys))
+            sigmas = [k for k in checked if k.endswith("cooccurrence_stats.covariance")]
             assert len(sigmas) == (3 if trained == "mope" else 0)
         from mpmoe.megatron_lm import checkpoint as ck
 
