@@ -44,7 +44,7 @@ MPMOE_ONLY = frozenset({
     "moe_sigma_update_every", "moe_otep_eps", "moe_otep_inference_topk", "moe_stats_dir",
     "moe_plot_every", "moe_stats_layers", "moe_mask_experts", "moe_dynamic_mask_mode",
     "moe_cooccurrence_stats_dir", "moe_dynamic_mask_layers", "moe_dynamic_mask_seed",
-    "moe_eval_dump_dir",
+    "moe_eval_dump_dir", "moe_router_expert_bias_mode", "moe_mask_experts_semantics",
 })
 
 #: ``mpmoe train`` options that do not describe the model (this process, logging, data
