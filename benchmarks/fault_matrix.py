@@ -528,6 +528,49 @@ def cases(fx: Fixture) -> list[Case]:
     add("script paper_tiny.sh --quick --shape paper", ("exit 2", exit_ok(rc=2)),
         lambda d: sh(["bash", str(ROOT / "scripts/reproduce/paper_tiny.sh"), str(d / "o"), "--quick", "--shape",
                       "paper"], d))
+
+    # -- model store (mpmoe.store): model-only checkpoints ----------------------------------
+    def model_only(d):  # the fixture's checkpoint rewritten by store.save_model into d/mo
+        code = ("from mpmoe.megatron import init_distributed; from mpmoe import store; init_distributed(); "
+                f"m = store.load_model({str(fx.ckpt)!r}); store.save_model({str(d / 'mo')!r}, m, args=m.args)")
+        r = sh([PY, "-c", code], d)
+        return r if r.rc else None
+    add("train --load model-only checkpoint without --no-load-optim", err("--no-load-optim"),
+        lambda d: model_only(d) or T("--load", d / "mo", "--save", d / "s")(d))
+    add("train --load model-only checkpoint --no-load-optim", ("exit 0, trains from it", exit_ok()),
+        lambda d: model_only(d) or T("--load", d / "mo", "--save", d / "s", "--no-load-optim")(d))
+    # -- export hf / import hf (docs/export.md) -----------------------------------------
+    X = lambda *a, **kw: mpmoe("export", "hf", *a, **kw)  # noqa: E731
+    add("export hf works", ("exit 0", exit_ok("wrote")), X("--load", fx.ckpt, "--out", "hf"))
+    add("export hf missing checkpoint", err("/nonexistent/ck"), X("--load", "/nonexistent/ck", "--out", "hf"))
+    add("export hf --out not empty", err("not an empty folder"), lambda d: (d / "hf").mkdir() or (
+        d / "hf" / "x").write_text("x") and sh([*MPMOE, "export", "hf", "--load", str(fx.ckpt), "--out", "hf"], d))
+    add("export hf --routing bogus", err("--routing"), X("--load", fx.ckpt, "--out", "hf", "--routing", "bogus"))
+    add("export unknown format", err("onnx"), mpmoe("export", "onnx", "--load", fx.ckpt))
+    add("import hf missing folder", err("/nonexistent/hf"), mpmoe("import", "hf", "--model", "/nonexistent/hf", "--save", "ck"))
+    add("import hf unsupported model_type", err("model_type"), lambda d: (d / "m").mkdir() or (
+        d / "m" / "config.json").write_text('{"model_type": "olmoe"}') and sh(
+        [*MPMOE, "import", "hf", "--model", "m", "--save", "ck"], d))
+    add("import hf folder without config", err("config.json"), lambda d: (d / "m").mkdir() or sh(
+        [*MPMOE, "import", "hf", "--model", "m", "--save", "ck"], d))
+
+    # -- experts (issue 26): bad inputs leave nothing behind -------------------------------
+    X = lambda *a, **kw: mpmoe("experts", *a, **kw)  # noqa: E731
+    add("experts no subcommand", ("exit 2", exit_ok(rc=2)), X())
+    add("experts merge --num-experts 0", err("--num-experts"),
+        X("merge", "--load", fx.ckpt, "--save", "o", "--num-experts", "0"))
+    add("experts merge --num-experts > E", err("--num-experts", "5"),
+        X("merge", "--load", fx.ckpt, "--save", "o", "--num-experts", "5", "--calibration-tokens", "64"))
+    add("experts merge --load missing", err("/nonexistent/ck"),
+        X("merge", "--load", "/nonexistent/ck", "--save", "o", "--num-experts", "2"))
+    add("experts merge --groups names a missing expert", err("expert 7"), lambda d: (d / "g.json").write_text(
+        '{"1": [[0, 7], [1, 2, 3]], "2": [[0, 1, 2, 3]]}') and sh(
+        [*MPMOE, "experts", "merge", "--load", str(fx.ckpt), "--save", "o", "--groups", str(d / "g.json")], d))
+    add("experts merge --save not empty", err("--save"), lambda d: (d / "o").mkdir() or (d / "o" / "x").write_text(
+        "x") and sh([*MPMOE, "experts", "merge", "--load", str(fx.ckpt), "--save", "o", "--num-experts", "2"], d))
+    add("experts compress --rank 0", err("--rank"), X("compress", "--load", fx.ckpt, "--save", "o", "--rank", "0"))
+    add("experts compress --sparse-keep 2", err("--sparse-keep"),
+        X("compress", "--load", fx.ckpt, "--save", "o", "--sparse-keep", "2"))
     return C
 
 

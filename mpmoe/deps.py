@@ -23,6 +23,9 @@ INSTALL = {
     "sklearn": "the analysis extra: pip install 'mpmoe[analysis]'",
     "ot": "the analysis extra: pip install 'mpmoe[analysis]'",
     "wandb": "wandb (pip install wandb)",
+    "scipy": "the experts extra: pip install 'mpmoe[experts]'",
+    "transformers": "the export extra: pip install 'mpmoe[export]'",
+    "safetensors": "the export extra: pip install 'mpmoe[export]'",
 }
 
 # What each verb always needs beyond torch / megatron-core / numpy / tqdm.
@@ -31,6 +34,9 @@ VERB_NEEDS = {
     "data": ("tokenizers",),
     "eval": ("lm_eval", "tokenizers"),
     "analyze": ("matplotlib", "sklearn", "ot"),
+    "experts": ("scipy", "tokenizers"),
+    "export": ("transformers", "safetensors", "tokenizers"),
+    "import": ("transformers", "safetensors", "tokenizers"),
 }
 
 

@@ -309,7 +309,7 @@ def load_model(
     build_args = copy.copy(args)
     for key, value in _BUILD_ONLY.items():
         setattr(build_args, key, value)
-    _, model, module = build_model(build_args, padded)
+    _, model, module = build_model(build_args, padded, initialize=False)  # every tensor is loaded below
     try:
         if megatron_lm is not None:
             from mpmoe.megatron_lm.checkpoint import load_weights

@@ -142,6 +142,13 @@ class MoPEConfig(TransformerConfig):
     moe_relu_l1_reg_coeff_multiplier: float = 1.2
     """ReMoE: lambda is multiplied / divided by this after every optimizer step."""
 
+    moe_expert_groups: Optional[str] = None
+    """Merged experts (``mpmoe experts merge``): ``"LAYER:g0,g1,...;..."``, the group of each of
+    the router's experts per MoE layer (-1: dropped); see :mod:`mpmoe.megatron.surgery`."""
+
+    moe_expert_compression: Optional[str] = None
+    """Compressed experts (``mpmoe experts compress``): ``"RANK:KEEP"``."""
+
     moe_router_expert_bias_mode: str = "prob"
     """Expert bias with softmax scores: where the selection adds it. "prob": softmax + b;
     "logit": logits + b (MoPE: p = softmax(logits + b)); "prob-scaled": softmax + b * 4/E
@@ -149,6 +156,7 @@ class MoPEConfig(TransformerConfig):
 
     def __post_init__(self):
         self._validate_mope_fields()
+        self._validate_surgery_fields()
         is_mope = self.moe_router_load_balancing_type == MOPE_ROUTING_TYPE
         if is_mope:
             # Megatron validates "aux_loss"; MoPE's losses are exactly aux_loss routing's.
@@ -243,6 +251,23 @@ class MoPEConfig(TransformerConfig):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1), got {v!r}")
             setattr(self, name, float(v))
+
+    def _validate_surgery_fields(self) -> None:
+        from mpmoe.surgery.compress import parse_compression
+        from mpmoe.surgery.merge import parse_expert_groups
+
+        groups = parse_expert_groups(self.moe_expert_groups)
+        if groups:
+            if self.num_moe_experts is None:
+                raise ValueError("moe_expert_groups needs num_moe_experts")
+            for layer, labels in groups.items():
+                if len(labels) < self.num_moe_experts or max(labels) >= self.num_moe_experts:
+                    raise ValueError(f"moe_expert_groups: layer {layer} maps {len(labels)} experts into "
+                                     f"groups up to {max(labels)}, the model has num_moe_experts="
+                                     f"{self.num_moe_experts}")
+        self.moe_expert_groups = self.moe_expert_groups or None
+        parse_compression(self.moe_expert_compression)
+        self.moe_expert_compression = self.moe_expert_compression or None
 
     def _validate_otep_combination(self) -> None:
         if self.num_moe_experts is None:

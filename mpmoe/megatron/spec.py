@@ -217,6 +217,9 @@ def _mlp_spec(
         moe.router = moe_router
     if config.moe_shared_expert_intermediate_size is None:
         moe.shared_experts = None
+    from mpmoe.megatron.surgery import apply_surgery_spec
+
+    apply_surgery_spec(moe, config)  # merged / compressed experts (mpmoe experts)
     return spec
 
 
@@ -285,7 +288,9 @@ def check_expert_parallel(config: TransformerConfig) -> None:
             f"num_moe_experts={config.num_moe_experts} is not divisible by "
             f"expert_model_parallel_size={ep}"
         )
-    if config.moe_router_topk > config.num_moe_experts:
+    from mpmoe.megatron.surgery import router_width
+
+    if config.moe_router_topk > router_width(config):  # merged experts: the router's E
         raise ValueError(
             f"moe_router_topk={config.moe_router_topk} > num_moe_experts={config.num_moe_experts}"
         )
