@@ -124,15 +124,15 @@ print("CONFIG", type(config).__name__, args.spec)
 
 def test_a_patched_tree_without_mpmoe_runs_topk_and_refuses_otep_in_one_line(trees, tmp_path):
     """Top-k needs no mpmoe (the patches' imports are optional); otep says what is missing."""
-    def run(router):
-        flags = preset_flags("tiny-cpu", router, train_iters=4, mock_data=True) + CPU_FLAGS
+    def run(*extra):  # (mpmoe's own flags do not exist without it: otep alone)
+        flags = preset_flags("tiny-cpu", "moe", train_iters=4, mock_data=True) + CPU_FLAGS + list(extra)
         return subprocess.run([sys.executable, "-c", _WITHOUT_MPMOE, *flags], cwd=trees["patched"],
                               env=_env(trees["patched"]), capture_output=True, text=True, timeout=600)
 
-    topk = run("moe")
+    topk = run()
     assert topk.returncode == 0, topk.stderr[-3000:]
     assert "CONFIG TransformerConfig None" in topk.stdout
-    mope = run("mope")
+    mope = run("--moe-router-load-balancing-type", "otep")
     assert mope.returncode != 0
     last = mope.stderr.strip().splitlines()[-1]
     assert last == "error: --moe-router-load-balancing-type otep (MoPE) needs mpmoe: pip install mpmoe"
