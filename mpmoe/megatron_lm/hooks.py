@@ -98,7 +98,7 @@ def after_train_step(model, iteration: int) -> None:
     state = _state(model)
     if not state["routers"]:
         return
-    from mpmoe.megatron.balancing import update_balancing_state
+    from mpmoe.megatron.remoe import update_balancing_state
 
     update_balancing_state(state["chunks"])  # collective; no-op without ReMoE layers
     if state["tracker"] is not None:
@@ -167,7 +167,7 @@ class _LoadMonitor:
 
 
 def _collect(state) -> dict:
-    from mpmoe.megatron.balancing import balancing_scalars
+    from mpmoe.megatron.remoe import balancing_scalars
     from mpmoe.megatron.router import MoPERouter, iter_routers
     from mpmoe.train.metrics import sigma_summary
 
@@ -243,7 +243,9 @@ def before_evaluate(model) -> None:
 
 def moe_track_names(args) -> list:
     """Extra MoE metrics for ``training_log``: MoPE's aux loss (``load_balancing_loss``)."""
-    if args.moe_router_load_balancing_type == "otep":
+    from mpmoe.megatron import routers
+
+    if getattr(args, "num_experts", None) is not None and routers.kind_of(args) == "mope":
         return ["load_balancing_loss"]
     return []
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
 from mpmoe.layout import expert_parallel_size, fit_micro_batch, visible_gpus
-from mpmoe.megatron_lm.flags import ROUTER_TYPES, preset_flags
+from mpmoe.megatron_lm.flags import ROUTER_ALIASES, preset_flags
 from mpmoe.train.presets import PresetError, load_preset
 
 __all__ = ["DATA_FLAGS", "Plan", "plan"]
@@ -119,7 +119,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv, user = argv[:i], argv[i + 1:]
     p = argparse.ArgumentParser(prog="pretrain.sh", description=__doc__.splitlines()[0])
     p.add_argument("preset")
-    p.add_argument("router", choices=sorted(ROUTER_TYPES))
+    from mpmoe.megatron import routers
+
+    p.add_argument("router", choices=[*routers.KINDS, *ROUTER_ALIASES])
     p.add_argument("--physical-gpus", type=int, default=0, help="GPUs on this node (nvidia-smi)")
     p.add_argument("--nnodes", type=int, default=1)
     a = p.parse_args(argv)
