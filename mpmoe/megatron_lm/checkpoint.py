@@ -29,16 +29,20 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from mpmoe.megatron import routers as _routers
+from mpmoe.megatron import settings as _settings
+
 __all__ = ["MPMOE_ONLY", "NOT_READ", "RENAMED", "UNSUPPORTED", "load_weights", "run_info",
            "train_record"]
 
 #: ``mpmoe train`` option -> Megatron-LM argument of another name.
 RENAMED = {"norm_epsilon": "layernorm_epsilon"}
 
-#: ``mpmoe train`` options a Megatron-LM run may not record (options of mpmoe's settings
-#: table that the patch set adds only when it has them; a stock tree has none): absent
+#: ``mpmoe train`` options a Megatron-LM run may not record: mpmoe's own routing settings
+#: (every setting of :data:`mpmoe.megatron.settings.SETTINGS` that is not one of Megatron-LM's
+#: flags; the patch set adds them, a stock tree has none) and the router marks: absent
 #: means the run did not use the feature, so mpmoe's default is what ran.
-MPMOE_ONLY = frozenset({
+MPMOE_ONLY = frozenset(s.name for s in _settings.SETTINGS if not getattr(s, "megatron", False)) | frozenset({
     "moe_relu_routing", "moe_relu_l1_reg_coeff_init", "moe_relu_l1_reg_coeff_multiplier",
     "moe_sigma_shrinkage", "moe_sigma_decay_rate", "moe_otep_warmup_fraction",
     "moe_sigma_update_every", "moe_otep_eps", "moe_otep_inference_topk", "moe_stats_dir",
@@ -50,7 +54,7 @@ MPMOE_ONLY = frozenset({
 #: ``mpmoe train`` options that do not describe the model (this process, logging, data
 #: location, training control, eval-time ablations): never read from a checkpoint.
 NOT_READ = frozenset({
-    "preset", "last_trainable_layers", "moe_dynamic_mask", "moe_dynamic_mask_source",
+    "preset", "router", "last_trainable_layers", "moe_dynamic_mask", "moe_dynamic_mask_source",
     "lr_wsd_decay_fraction", "embedded_cache_dir", "no_save_on_signal", "on_nan", "run_dir",
     "no_tensorboard", "progress", "save", "load", "data_path", "split", "tokenizer_model",
     "distributed_backend", "use_distributed_optimizer", "no_load_optim", "no_load_rng",
@@ -105,6 +109,10 @@ def train_record(margs, defaults: Optional[dict] = None) -> dict:
         raise ValueError("the checkpoint's Megatron-LM args lack " + ", ".join(
             "--" + m.replace("_", "-") for m in missing) + " (not a Megatron-LM 0.19 run?)")
     out["moe_router_load_balancing_type"] = lbt
+    try:  # mpmoe's --router: the kind the recorded marks select
+        out["router"] = _routers.kind_of({**{k: v for k, v in defaults.items() if k in _routers.MARKS}, **out})
+    except ValueError as exc:
+        raise ValueError(f"the checkpoint's routing flags: {exc}") from None
     for key in ("moe_aux_loss_coeff",):  # nargs='+' in Megatron-LM: one value per model here
         v = out.get(key)
         if isinstance(v, (list, tuple)):
