@@ -1,0 +1,1 @@
+"""mpmoe experts: merge, compress and split the experts of a checkpoint."""

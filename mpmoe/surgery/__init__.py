@@ -1,0 +1,1 @@
+"""Expert-surgery math (pure PyTorch/SciPy, no megatron import): merge, compress, split."""
