@@ -138,8 +138,20 @@ class MoPEConfig(TransformerConfig):
     moe_relu_l1_reg_coeff_multiplier: float = 1.2
     """ReMoE: lambda is multiplied / divided by this after every optimizer step."""
 
+    moe_expert_ffn_sizes: Optional[Union[str, Mapping]] = None
+    """Experts of different sizes (HEMoE split): per MoE layer (1-based), one FFN size per
+    expert, as ``"2:192,128,128,64;3:..."``, JSON or a dict (normalised to
+    ``dict[int, tuple[int, ...]]``); layers not listed use ``moe_ffn_hidden_size``."""
+
+    moe_router_unit_gates: bool = False
+    """HEMoE's gates: weight 1 for every routed expert (straight-through gradient of p)."""
+
+    moe_size_aux_loss_coeff: float = 0.0
+    """HEMoE's size-weighted balance loss coefficient (0: off); equal sizes give aux_loss."""
+
     def __post_init__(self):
         self._validate_mope_fields()
+        self._validate_split_fields()
         is_mope = self.moe_router_load_balancing_type == MOPE_ROUTING_TYPE
         if is_mope:
             # Megatron validates "aux_loss"; MoPE's losses are exactly aux_loss routing's.
@@ -231,6 +243,22 @@ class MoPEConfig(TransformerConfig):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1), got {v!r}")
             setattr(self, name, float(v))
+
+    def _validate_split_fields(self) -> None:
+        from mpmoe.megatron.hetero import parse_expert_sizes
+
+        self.moe_expert_ffn_sizes = parse_expert_sizes(self.moe_expert_ffn_sizes, self.num_moe_experts)
+        if self.moe_expert_ffn_sizes and self.num_moe_experts is None:
+            raise ValueError("moe_expert_ffn_sizes needs num_moe_experts")
+        if not isinstance(self.moe_router_unit_gates, bool):
+            raise ValueError(f"moe_router_unit_gates must be a bool, got {self.moe_router_unit_gates!r}")
+        c = self.moe_size_aux_loss_coeff
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+            raise ValueError(f"moe_size_aux_loss_coeff must be a number >= 0, got {c!r}")
+        self.moe_size_aux_loss_coeff = float(c)
+        if (self.moe_router_unit_gates or c) and self.moe_relu_routing:
+            raise ValueError("moe_router_unit_gates / moe_size_aux_loss_coeff do not apply to ReMoE's "
+                             "ReLU routing")
 
     def _validate_otep_combination(self) -> None:
         if self.num_moe_experts is None:

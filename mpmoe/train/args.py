@@ -189,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-sigma-decay-rate", type=float, default=0.0,
                    help="MoPE: multiply the co-occurrence counts by (1 - rate) before each "
                         "training forward's update (0 = cumulative counts)")
+    g.add_argument("--moe-expert-ffn-sizes", default=None,
+                   help="experts of different sizes (HEMoE split, written by `mpmoe experts split`): "
+                        "per MoE layer, one FFN size per expert, 'LAYER:S,S,...;LAYER:...' (1-based)")
+    g.add_argument("--moe-router-unit-gates", action=B, default=False,
+                   help="HEMoE gates: weight 1 for every routed expert (straight-through gradient)")
+    g.add_argument("--moe-size-aux-loss-coeff", type=NON_NEGATIVE_FLOAT, default=0.0,
+                   help="HEMoE's balance loss, each expert weighted by its size (0 = off)")
+    g.add_argument("--trainable-params", choices=["all", "routers"], default="all",
+                   help="routers: train only the MoE routers (e.g. after `mpmoe experts split`)")
     g.add_argument("--last-trainable-layers", type=int, default=None,
                    help="train only the last N transformer layers (+ final norm and output "
                         "layer); -1 or unset: everything (the demo's flag)")
@@ -497,6 +506,15 @@ def _validate_mpmoe_extras(args: argparse.Namespace) -> None:
     if n is not None and not -1 <= n <= args.num_layers:
         raise ConfigError(f"--last-trainable-layers must be -1 (all) or 0..--num-layers "
                           f"{args.num_layers}, got {n}")
+    if getattr(args, "trainable_params", "all") == "routers" and args.num_experts is None:
+        raise ConfigError("--trainable-params routers needs a model with experts (--num-experts)")
+    if getattr(args, "moe_expert_ffn_sizes", None):
+        from mpmoe.megatron.hetero import parse_expert_sizes
+
+        try:
+            parse_expert_sizes(args.moe_expert_ffn_sizes, args.num_experts)
+        except ValueError as exc:
+            raise ConfigError(f"--{exc}".replace("moe_expert_ffn_sizes", "moe-expert-ffn-sizes", 1)) from None
     try:
         ablation.validate(args, args.num_experts, args.moe_router_topk)
     except ValueError as exc:
@@ -568,6 +586,9 @@ def model_config_kwargs(args: argparse.Namespace) -> dict:
             moe_sigma_shrinkage=getattr(args, "moe_sigma_shrinkage", 0.0),
             moe_sigma_decay_rate=getattr(args, "moe_sigma_decay_rate", 0.0),
         )
+        kw.update(moe_expert_ffn_sizes=getattr(args, "moe_expert_ffn_sizes", None),
+                  moe_router_unit_gates=bool(getattr(args, "moe_router_unit_gates", False)),
+                  moe_size_aux_loss_coeff=getattr(args, "moe_size_aux_loss_coeff", 0.0))
         kw.update(_balancing_kwargs(args))
         from mpmoe.train.ablation import config_kwargs
 
