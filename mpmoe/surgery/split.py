@@ -39,6 +39,7 @@ __all__ = [
     "IlpResult",
     "accumulate_importance",
     "balanced_kmeans",
+    "check_ilp_inputs",
     "contiguous_partition",
     "expert_of_neuron",
     "ilp_size_bounds",
@@ -194,7 +195,9 @@ def split_objective(scores: torch.Tensor, expert_of_module: torch.Tensor, domain
     return total
 
 
-def _check_ilp_inputs(m: int, d: int, e: int, size_ratio: float, coherence: float) -> Tuple[int, int, int]:
+def check_ilp_inputs(m: int, d: int, e: int, size_ratio: float, coherence: float) -> Tuple[int, int, int]:
+    """``(lo, hi, cap)`` for M modules, D domains, E experts; ValueError (one line) when no
+    split can satisfy the constraints."""
     if e < 1 or e > m:
         raise ValueError(f"{e} experts cannot be made from {m} modules (need 1 <= experts <= modules)")
     if not size_ratio >= 1:
@@ -257,7 +260,7 @@ def solve_split_ilp(scores: torch.Tensor, num_experts: int, *, size_ratio: float
     s = scores.detach().double().cpu().numpy()
     m, d = s.shape
     e = int(num_experts)
-    lo, hi, cap = _check_ilp_inputs(m, d, e, size_ratio, coherence)
+    lo, hi, cap = check_ilp_inputs(m, d, e, size_ratio, coherence)
     nx, ny, nz = m * e, e * d, m * e * d
     xi = lambda mm, ee: mm * e + ee  # noqa: E731
     yi = lambda ee, dd: nx + ee * d + dd  # noqa: E731
