@@ -1,9 +1,7 @@
 """Expert ablations from a trainer checkpoint (the demo's analyses, as one tool).
 
-The model is rebuilt and loaded only through the trainer's public functions
-(:func:`mpmoe.train.args.parse_args` -> :func:`mpmoe.megatron.build_gpt_model` ->
-:func:`mpmoe.train.checkpoint.load_checkpoint`), on one process with tensor and expert
-parallelism 1 (a checkpoint written with expert parallelism loads into it).
+The model is rebuilt and loaded through :func:`mpmoe.store.load_model` (the one loader), on one process with tensor and
+expert parallelism 1 (a checkpoint written with expert parallelism loads into it).
 
 For a text sample (the run's validation split, else its training split), every MoE
 layer's input is captured and every token is passed through ALL routed experts,
@@ -45,64 +43,28 @@ class ExpertProbe:
 
 
 # --------------------------------------------------------------------------- model
-def _train_args(argv: list[str], it_dir: Path):
-    import torch
-
-    from mpmoe.train.args import ConfigError, args_from_saved
-    from mpmoe.train.checkpoint import saved_run_info
-
-    # --train-iters only sizes the training schedule, which the analysis does not use
-    try:
-        saved = None if argv else saved_run_info(it_dir).get("args")
-        args = args_from_saved(saved, list(argv))
-    except ConfigError as exc:
-        raise AnalysisError(f"model flags: {exc}") from None
-    except SystemExit:
-        raise AnalysisError(f"model flags: cannot parse {' '.join(argv)!r} (see `mpmoe train --help`)") from None
-    except Exception as exc:  # noqa: BLE001 - unreadable checkpoint metadata
-        raise AnalysisError(str(exc)) from None
-    args.tensor_model_parallel_size = args.pipeline_model_parallel_size = 1
-    args.expert_model_parallel_size = 1
-    args.no_tensorboard = True
-    args.load = args.save = args.moe_stats_dir = None
-    if not torch.cuda.is_available():
-        args.bf16 = False
-    return args
-
-
 def load_model(load_dir, train_argv: list[str]):
-    """(model, args, data spec) of the latest checkpoint in ``load_dir``; needs init_distributed.
+    """(model, args, data spec, iteration) of the latest checkpoint in ``load_dir`` (fp32,
+    one process: :func:`mpmoe.store.load_model`); needs init_distributed.
 
     ``train_argv``: the ``mpmoe train`` flags that describe the model (preset, sizes,
-    routing); empty: the flags the checkpoint records (checkpoints written by ``mpmoe train``).
+    routing); empty: the flags the checkpoint records (checkpoints written by ``mpmoe train``
+    or :func:`mpmoe.store.save_model`).
     """
-    from mpmoe.train.checkpoint import iteration_dir, latest_iteration, load_checkpoint
+    from mpmoe.store import StoreError
+    from mpmoe.store import load_model as store_load
     from mpmoe.train.data import resolve_data
-    from mpmoe.train.loop import build_model, padded_vocab_size
 
-    root = Path(load_dir)
-    if not root.is_dir():
-        raise AnalysisError(f"{root}: no such checkpoint directory")
     try:
-        it = latest_iteration(root)
-    except Exception as exc:  # noqa: BLE001
-        raise AnalysisError(f"{root}: {exc}") from None
-    if it is None:
-        raise AnalysisError(f"{root}: no checkpoint (latest_checkpointed_iteration.txt is missing)")
-    args = _train_args(train_argv, iteration_dir(root, it))
+        loaded = store_load(load_dir, model_flags=list(train_argv) or None, dtype="fp32")
+    except StoreError as exc:
+        raise AnalysisError(str(exc)) from None
+    args = loaded.args
     if args.num_experts is None:
         raise AnalysisError("model flags describe a dense model (no --num-experts)")
+    args.no_tensorboard = True
     spec = resolve_data(args)
-    args.bf16 = False  # analysis runs the fp32 model
-    _, model, _ = build_model(args, padded_vocab_size(spec.vocab_size, args.make_vocab_size_divisible_by))
-    try:
-        load_checkpoint(root, model, None, None, load_optim=False, load_rng=False)
-    except Exception as exc:  # noqa: BLE001 - one line for a mismatched model / checkpoint
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AnalysisError(f"{root}: cannot load into the model the flags describe "
-                            f"({type(exc).__name__}: {msg[:300]})") from None
-    model.eval()
-    return model, args, spec, it
+    return loaded.model, args, spec, loaded.iteration
 
 
 def sample_tokens(args, spec, num_tokens: int):

@@ -19,6 +19,10 @@ from the trainer the run's flags ``args`` and vocabulary ``data``, so that a che
 alone rebuilds its model: :func:`saved_run_info`). The trainer also copies the run's
 tokenizer to ``<save>/tokenizer/`` (:func:`save_tokenizer`).
 
+Model-only checkpoints (:func:`mpmoe.store.save_model`: import, expert surgery) have the same
+layout with ``model`` and ``train_state`` only (``train_state["model_only"] = True``): they
+load with ``load_optim=False`` (``--no-load-optim``); their RNG is not restored.
+
 Tensor storage: megatron's default ``torch_dist`` strategy, on GPU and CPU (on CPU through
 :mod:`mpmoe.megatron.cpu_compat`, patches ``dist_ckpt_preload_sync`` and
 ``dist_ckpt_finalize_device``), so checkpoints reshard and move between CPU and GPU runs.
@@ -250,6 +254,11 @@ def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = Tru
         raise CheckpointingException(f"{path} does not exist")
     common = dist_checkpointing.load_common_state_dict(str(path))
     saved_world = common["train_state"]["world_size"]
+    model_only = bool(common["train_state"].get("model_only"))  # mpmoe.store.save_model
+    if load_optim and model_only:
+        raise CheckpointingException(
+            f"{path} holds the model only (no optimizer state: written by an mpmoe tool, not by a "
+            f"training run); pass --no-load-optim to train from it")
     world = dist.get_world_size() if dist.is_initialized() else 1
     saved_layout, layout = _layout(common["train_state"].get("args") or {}), _layout(None)
     if load_optim and (saved_layout["EP"] > 1) != (layout["EP"] > 1):
@@ -263,7 +272,7 @@ def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = Tru
     request = {"model": model_sd}
     if load_optim:
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
-    restore_rng = load_rng and saved_world == world
+    restore_rng = load_rng and saved_world == world and not model_only
     if restore_rng:
         request["rng"] = _rng_sharded(None)
     try:
