@@ -36,6 +36,8 @@ __all__ = ["PARTITIONERS", "SplitError", "add_parser", "run", "split_model"]
 
 PARTITIONERS = ("ilp", "moefication", "random-homogeneous", "random-heterogeneous", "contiguous")
 PROG = "mpmoe experts split"
+#: The split model's flags as a preset, written beside the checkpoint.
+PRESET_FILE = "preset.toml"
 
 
 class SplitError(UserError, ValueError):
@@ -97,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     path = _save(out, model, split_args, loaded, report)
     sizes = "; ".join(f"layer {k}: {v['sizes_neurons']}" for k, v in report["layers"].items())
     print(f"{PROG}: wrote {path} ({args.num_experts} experts, top-{args.moe_router_topk}, "
-          f"{args.partitioner}; {sizes})")
+          f"{args.partitioner}; {sizes}); train it with: mpmoe train --preset {path / PRESET_FILE} "
+          f"--load {path} --no-load-optim [--trainable-params routers]")
     return 0
 
 
@@ -156,12 +159,52 @@ def _save(out: Path, model, split_args, loaded, report) -> Path:
     from mpmoe.store import save_model
 
     return Path(save_model(out, model, args=split_args, tokenizer_dir=getattr(loaded, "tokenizer_dir", None),
-                           extra_files={"surgery.json": report}))
+                           extra_files={"surgery.json": report, PRESET_FILE: preset_text(split_args)}))
+
+
+def _toml_value(value) -> Optional[str]:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return "[" + ", ".join(repr(v) for v in value) + "]"
+    return None
+
+
+def preset_text(args: argparse.Namespace) -> str:
+    """A preset (TOML) with the model and MoE flags of ``args`` over the dense run's preset:
+    ``mpmoe train --preset OUT/preset.toml --load OUT --no-load-optim`` then builds the split
+    model (the trainer's flags must describe the model it loads)."""
+    from mpmoe.train.args import build_parser
+    from mpmoe.train.presets import PresetError, load_preset
+
+    try:
+        values = load_preset(str(getattr(args, "preset", "")))
+    except PresetError:
+        values = {}
+    parser = build_parser()
+    for group in parser._action_groups:  # the model's shape: every flag of these two groups
+        if group.title in ("model", "mixture of experts"):
+            for action in group._group_actions:
+                if hasattr(args, action.dest):
+                    values[action.dest] = getattr(args, action.dest)
+    lines = ["# written by `mpmoe experts split`: the flags of the split model (docs/experts.md)",
+             "# mpmoe train --preset THIS_FILE --load THIS_FOLDER --no-load-optim [--trainable-params routers]"]
+    for key, value in values.items():
+        text = _toml_value(value)
+        if text is not None:
+            lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- data
 def _domain_samples(loaded, texts: Dict[str, str], per_domain: int, seq: int) -> List[torch.Tensor]:
     """Per domain ``[n, seq + 1]`` token windows of its file (tokens and their next tokens)."""
+    if loaded.tokenizer is None:
+        raise SplitError("--domain-data needs the model's tokenizer: pass --tokenizer DIR")
     out = []
     for name, text in texts.items():
         ids = loaded.tokenizer.encode(text).ids
@@ -177,6 +220,7 @@ def _calibration(loaded, n: int, seq: int, seed: int) -> torch.Tensor:
     from mpmoe.store import calibration_tokens
 
     tokens = calibration_tokens(loaded, num_tokens=n * (seq + 1), split="train", seed=seed, seq_length=seq + 1)
+    # [n, seq + 1] windows of the training split
     tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
     if tokens.numel() < n * (seq + 1):
         raise SplitError(f"the training data gave {tokens.numel()} calibration tokens, {n * (seq + 1)} needed")

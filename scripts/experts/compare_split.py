@@ -13,8 +13,9 @@
 3. fine-tunes each split for the same budget (``--ft-iters``) with only the routers
    trainable and with everything trainable (``mpmoe train --load SPLIT --no-load-optim``),
    and the dense model for the same budget as the control;
-4. measures the validation loss (the trainer's held-out split) right after the split and after
-   fine-tuning, and the offline ``mpmoe_local`` eval tasks after fine-tuning.
+4. measures the held-out loss (``mpmoe.store.heldout_loss``: the same windows of the
+   validation split for every model) right after the split and after fine-tuning, and the
+   offline ``mpmoe_local`` eval tasks after fine-tuning.
 
 Writes ``OUT/report.md`` (mean +- std over seeds, per seed in ``OUT/summary.json``). Finished
 steps in OUT are reused. At tiny scale the partitioners are not expected to separate: the report
@@ -53,14 +54,14 @@ def _train(run: Path, argv: list) -> dict:
     return json.loads(done.read_text())
 
 
-def _heldout(ckpt: Path, eval_iters: int) -> float:
+def _heldout(ckpt: Path, num_tokens: int) -> float:
     from mpmoe.megatron import destroy_distributed, init_distributed
     from mpmoe.store import heldout_loss, load_model
 
     init_distributed()
     try:
         loaded = load_model(str(ckpt), dtype="fp32")
-        return float(heldout_loss(loaded, split="valid", eval_iters=eval_iters)["loss"])
+        return float(heldout_loss(loaded, split="valid", num_tokens=num_tokens)["loss"])
     finally:
         destroy_distributed()
 
@@ -127,14 +128,15 @@ def main(argv=None) -> int:
     dense_dir = out / "dense"
     _train(dense_dir, [*base, "--train-iters", str(dense_iters), "--eval-interval", str(dense_iters)])
     dense_ckpt = dense_dir / "ckpt"
-    summary["dense_val"] = _heldout(dense_ckpt, eval_iters)
+    heldout_tokens = 1024 if quick else 8192
+    summary["dense_val"] = _heldout(dense_ckpt, heldout_tokens)
     ft_common = ["--train-iters", str(ft_iters), "--eval-interval", str(ft_iters), "--lr-warmup-fraction", "0",
                  "--lr-decay-style", "constant", "--lr", "1e-3", "--no-load-optim", "--no-load-rng"]
     for seed in seeds:
         log(f"dense control, seed {seed}")
         ctrl = out / f"dense-ft-s{seed}"
-        res = _train(ctrl, [*base, "--seed", str(seed), "--load", str(dense_ckpt), *ft_common])
-        summary["runs"][f"dense/all/s{seed}"] = {"val": res["val_loss"],
+        _train(ctrl, [*base, "--seed", str(seed), "--load", str(dense_ckpt), *ft_common])
+        summary["runs"][f"dense/all/s{seed}"] = {"val": _heldout(ctrl / "ckpt", heldout_tokens),
                                                  "local": _eval_local(ctrl / "ckpt", out / "eval" / ctrl.name, limit)}
         for part in parts:
             split = out / f"split-{part}-s{seed}"
@@ -145,16 +147,16 @@ def main(argv=None) -> int:
                 split_main(["--load", str(dense_ckpt), "--save", str(split), "--partitioner", part,
                             "--seed", str(seed), *split_flags])
             surgery = json.loads(next(split.glob("**/surgery.json")).read_text())
-            before = _heldout(split, eval_iters)
+            before = _heldout(split, heldout_tokens)
             for mode in modes:
                 name = f"{part}-{mode}-s{seed}"
                 log(f"fine-tune {name}")
                 run = out / f"ft-{name}"
-                res = _train(run, ["--load", str(split), "--seed", str(seed), "--trainable-params", mode,
+                _train(run, ["--load", str(split), "--seed", str(seed), "--trainable-params", mode,
                                    *ft_common, "--eval-iters", str(eval_iters), "--log-interval", "10",
                                    *(["--embedded-cache-dir", a.embedded_cache_dir] if a.embedded_cache_dir else [])])
                 summary["runs"][f"{part}/{mode}/s{seed}"] = {
-                    "val_split": before, "val": res["val_loss"],
+                    "val_split": before, "val": _heldout(run / "ckpt", heldout_tokens),
                     "local": _eval_local(run / "ckpt", out / "eval" / run.name, limit),
                     "ilp": {k: {kk: v.get(kk) for kk in ("status", "mip_gap", "sizes_neurons")}
                             for k, v in surgery["layers"].items()}}
