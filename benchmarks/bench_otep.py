@@ -13,7 +13,7 @@ For each (tokens, experts, k) it prints, measured side by side in one run
   for T <= 64: the blocked loop that larger batches take (what T <= 64 took before),
 * ``demo formulation``  - the MP-MoE demo's per-round recompute of
   a_j = L^-1 Sigma_Sj for every candidate (O(T E k^3)), re-implemented here
-  from the spec (shared/design/mope-routing.md),
+  from the spec (docs/design.md),
 
 their ratios, and whether the selections agree (OTEP vs demo on a learned Sigma;
 all three on Sigma = I, where OTEP must equal top-k).

@@ -5,7 +5,7 @@ model (the layer spec then builds :class:`mpmoe.megatron.router.MoPERouter`). Ev
 other value keeps megatron's top-k routing (through
 :class:`mpmoe.megatron.router.TopKStatsRouter`, which shares the statistics hooks).
 
-Field names follow ``shared/design/mope-routing.md`` (the demo code's names). The
+Field names follow the MoPE specification in ``docs/design.md`` (the demo code's names). The
 demo's environment variables can be read with :meth:`MoPEConfig.env_overrides`.
 
 Megatron's own ``__post_init__`` does not know "otep" (it rejects it together with an

@@ -5,7 +5,7 @@
   expert masks, the per-window routing statistics read by
   :class:`mpmoe.megatron.stats.RoutingStatsTracker`, and the eval-time dump of each
   token's routed experts and weights.
-* :class:`MoPERouter` - MoPE routing (``shared/design/mope-routing.md``): plain top-k
+* :class:`MoPERouter` - MoPE routing (``docs/design.md``): plain top-k
   during the warm-up, then OTEP over the softmax probabilities and the layer's
   expert covariance Sigma, megatron's top-k softmax (capacity, dropping, scaling) on
   the logits masked to the OTEP selection, aux loss and z-loss from the unmasked

@@ -5,7 +5,7 @@ For one token with router probabilities ``p`` (E,) and an expert covariance
 
     f(S) = p_S^T  Sigma_SS^-1  p_S.
 
-Greedy step (paper, Alg. "OTEP"; spec ``shared/design/mope-routing.md``): with ``L``
+Greedy step (paper, Alg. "OTEP"; spec ``docs/design.md``): with ``L``
 the Cholesky factor of ``Sigma_SS`` and ``z = L^-1 p_S`` (so ``f(S) = ||z||^2``), a
 candidate ``j`` adds
 
