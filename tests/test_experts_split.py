@@ -154,3 +154,23 @@ def test_train_from_split_keeps_sizes(dense, tmp_path, embedded_cache, mode):
     same_attn = torch.equal(before.model.decoder.layers[0].self_attention.linear_qkv.weight,
                             after.model.decoder.layers[0].self_attention.linear_qkv.weight)
     assert same_experts == same_attn == (mode == "routers")
+
+
+@pytest.mark.slow
+def test_eval_and_analyze_read_a_split_checkpoint(dense, tmp_path):
+    from mpmoe.analysis.cli import main as analyze
+    from mpmoe.eval.cli import build_parser, evaluate
+
+    split = _split(dense, tmp_path / "split", "--num-experts", "4", "--moe-router-topk", "2")
+    sizes = json.loads((split / "surgery.json").read_text())["layers"]["2"]["sizes_neurons"]
+    report = tmp_path / "an"
+    assert analyze(["checkpoint", "--load", str(split), "--out", str(report), "--num-tokens", "32",
+                    "--ot-samples", "0", "--no-progress"]) == 0
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["runs"][0]["layers"]["2"]["expert_sizes"] == sizes
+    assert (report / "pca.png").is_file()
+    out = tmp_path / "ev"
+    evaluate(build_parser().parse_args(["--load", str(split), "--tasks", "mpmoe_local", "--limit", "2",
+                                        "--output-path", str(out), "--no-progress", "--bootstrap-iters", "0"]))
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert results and all(isinstance(v, dict) for v in results.values())
