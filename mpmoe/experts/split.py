@@ -32,10 +32,11 @@ import torch
 
 from mpmoe.errors import UserError
 
-__all__ = ["PARTITIONERS", "SplitError", "add_parser", "run", "split_model"]
+__all__ = ["PARTITIONERS", "SplitError", "add_arguments", "add_parser", "main", "run", "split_model"]
 
 PARTITIONERS = ("ilp", "moefication", "random-homogeneous", "random-heterogeneous", "contiguous")
 PROG = "mpmoe experts split"
+HELP = "split a dense checkpoint's FFNs into experts of different sizes (HEMoE) or a baseline partition"
 #: The split model's flags as a preset, written beside the checkpoint.
 PRESET_FILE = "preset.toml"
 
@@ -47,10 +48,13 @@ class SplitError(UserError, ValueError):
 # --------------------------------------------------------------------------- CLI
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``split`` on an ``argparse`` subparsers object; returns its parser."""
-    p = subparsers.add_parser(
-        "split", help="a dense checkpoint -> heterogeneous experts (HEMoE)",
-        description="Split a dense model's FFNs into experts of different sizes (HEMoE): domain "
-                    "importance, equal-size neuron modules, a per-layer ILP. docs/experts.md")
+    p = subparsers.add_parser("split", help=HELP, description=HELP + " See docs/experts.md.")
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``mpmoe experts split``."""
     p.add_argument("--load", required=True, help="the dense checkpoint (save folder or iter_ folder)")
     p.add_argument("--save", required=True, help="where the split checkpoint is written (new folder)")
     p.add_argument("--num-experts", type=int, default=8)
@@ -75,7 +79,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--model-flags", nargs=argparse.REMAINDER, default=None)
-    return p
 
 
 def run(args: argparse.Namespace) -> int:
@@ -457,6 +460,6 @@ def _build_split(args, loaded, labels: Dict[int, torch.Tensor], gated: bool, see
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``mpmoe experts split ARGS`` as a function (scripts and tests call it in-process)."""
-    parser = argparse.ArgumentParser(prog="mpmoe experts")
-    add_parser(parser.add_subparsers(dest="command"))
-    return run(parser.parse_args(["split", *(argv or [])]))
+    parser = argparse.ArgumentParser(prog=PROG)
+    add_arguments(parser)
+    return run(parser.parse_args(list(argv or [])))

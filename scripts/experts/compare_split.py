@@ -152,9 +152,10 @@ def main(argv=None) -> int:
                 name = f"{part}-{mode}-s{seed}"
                 log(f"fine-tune {name}")
                 run = out / f"ft-{name}"
-                _train(run, ["--load", str(split), "--seed", str(seed), "--trainable-params", mode,
-                                   *ft_common, "--eval-iters", str(eval_iters), "--log-interval", "10",
-                                   *(["--embedded-cache-dir", a.embedded_cache_dir] if a.embedded_cache_dir else [])])
+                _train(run, ["--preset", str(split / "preset.toml"), "--load", str(split), "--seed", str(seed),
+                             "--trainable-params", mode, *ft_common, "--eval-iters", str(eval_iters),
+                             "--log-interval", "10",
+                             *(["--embedded-cache-dir", a.embedded_cache_dir] if a.embedded_cache_dir else [])])
                 summary["runs"][f"{part}/{mode}/s{seed}"] = {
                     "val_split": before, "val": _heldout(run / "ckpt", heldout_tokens),
                     "local": _eval_local(run / "ckpt", out / "eval" / run.name, limit),
