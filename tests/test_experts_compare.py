@@ -24,5 +24,7 @@ def test_compare_split_quick(tmp_path, embedded_cache):
         assert math.isfinite(run["val"]) and run["local"]
     ilp = summary["runs"]["ilp/routers/s1"]["ilp"]
     rnd = summary["runs"]["random-heterogeneous/routers/s1"]["ilp"]
-    assert [v["sizes_neurons"] for v in ilp.values()] == [v["sizes_neurons"] for v in rnd.values()]
+    assert [sum(v["sizes_neurons"]) for v in rnd.values()] == [sum(v["sizes_neurons"]) for v in ilp.values()]
+    if all(v["status"] == "optimal" for v in ilp.values()):  # a time-limited solve may differ between runs
+        assert [v["sizes_neurons"] for v in ilp.values()] == [v["sizes_neurons"] for v in rnd.values()]
     assert "| ilp | routers |" in (tmp_path / "report.md").read_text()
