@@ -87,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
     _check_options(args)
     out = Path(args.save)
-    if out.exists() and any(out.iterdir()):
-        raise SplitError(f"--save {out} exists and is not empty")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SplitError(f"--save {out} exists and is not an empty folder")
     domains = _read_domain_files(args.domain_data) if args.domain_data else None
     init_distributed()
     loaded = _load(args)
@@ -408,6 +408,12 @@ def split_model(loaded, *, num_experts: int, topk: int, partitioner: str = "ilp"
     args.moe_router_score_function = "softmax"
     args.moe_expert_capacity_factor = None
     args.moe_stats_dir = None
+    report["train_flags"] = [
+        "--num-experts", str(num_experts), "--moe-router-topk", str(topk),
+        "--moe-layer-freq", json.dumps(args.moe_layer_freq), "--moe-ffn-hidden-size", str(args.moe_ffn_hidden_size),
+        "--moe-expert-ffn-sizes", args.moe_expert_ffn_sizes, "--moe-router-load-balancing-type", "none",
+        "--moe-aux-loss-coeff", "0", "--moe-size-aux-loss-coeff", str(float(balance_coeff)),
+        *(["--moe-router-unit-gates"] if gates == "unit" else [])]  # beyond the dense run's; or its preset.toml
     new = _build_split(args, loaded, labels, gated, seed)
     return new, args, report
 

@@ -100,6 +100,10 @@ def main(argv=None) -> int:
     p.add_argument("--ft-iters", type=int, default=None)
     p.add_argument("--ilp-time-limit", type=float, default=None)
     p.add_argument("--limit", default=None, help="documents per mpmoe_local task")
+    p.add_argument("--modes", default=None, help="trainable parameters in fine-tuning: routers,all (quick: routers)")
+    p.add_argument("--samples-per-domain", type=int, default=None)
+    p.add_argument("--dense-load", default=None, help="use this dense checkpoint (a tiny-cpu-dense run) "
+                   "instead of training one")
     p.add_argument("--embedded-cache-dir", default=None)
     a = p.parse_args(argv)
     quick = a.quick
@@ -109,7 +113,7 @@ def main(argv=None) -> int:
     ft_iters = a.ft_iters or (2 if quick else 60)
     ilp_limit = a.ilp_time_limit or (2.0 if quick else 30.0)
     limit = a.limit or ("4" if quick else "40")
-    modes = ["routers"] if quick else ["routers", "all"]
+    modes = (a.modes or ("routers" if quick else "routers,all")).split(",")
     eval_iters = 1 if quick else 4
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,15 +123,21 @@ def main(argv=None) -> int:
         base += ["--embedded-cache-dir", a.embedded_cache_dir]
     split_flags = ["--num-experts", "8" if not quick else "4", "--moe-router-topk", "4" if not quick else "2",
                    "--num-modules", "32" if not quick else "8", "--num-domains", "4" if not quick else "2",
-                   "--samples-per-domain", "16" if not quick else "2", "--ilp-time-limit", str(ilp_limit)]
+                   "--samples-per-domain", str(a.samples_per_domain or (16 if not quick else 2)), "--ilp-time-limit", str(ilp_limit)]
     start = time.time()
     summary = {"quick": quick, "seeds": seeds, "partitioners": parts, "dense_iters": dense_iters,
                "ft_iters": ft_iters, "modes": modes, "runs": {}}
 
-    log(f"dense model, {dense_iters} iterations")
-    dense_dir = out / "dense"
-    _train(dense_dir, [*base, "--train-iters", str(dense_iters), "--eval-interval", str(dense_iters)])
-    dense_ckpt = dense_dir / "ckpt"
+    if a.dense_load:
+        from mpmoe.train.checkpoint import latest_iteration
+
+        dense_ckpt = Path(a.dense_load)
+        dense_iters = summary["dense_iters"] = int(latest_iteration(dense_ckpt) or 0)
+    else:
+        log(f"dense model, {dense_iters} iterations")
+        dense_dir = out / "dense"
+        _train(dense_dir, [*base, "--train-iters", str(dense_iters), "--eval-interval", str(dense_iters)])
+        dense_ckpt = dense_dir / "ckpt"
     heldout_tokens = 1024 if quick else 8192
     summary["dense_val"] = _heldout(dense_ckpt, heldout_tokens)
     ft_common = ["--train-iters", str(ft_iters), "--eval-interval", str(ft_iters), "--lr-warmup-fraction", "0",
