@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         dense_dir = out / "dense"
         _train(dense_dir, [*base, "--train-iters", str(dense_iters), "--eval-interval", str(dense_iters)])
         dense_ckpt = dense_dir / "ckpt"
-    heldout_tokens = 1024 if quick else 8192
+    heldout_tokens = 1024 if quick else 4096
     summary["dense_val"] = _heldout(dense_ckpt, heldout_tokens)
     ft_common = ["--train-iters", str(ft_iters), "--eval-interval", str(ft_iters), "--lr-warmup-fraction", "0",
                  "--lr-decay-style", "constant", "--lr", "1e-3", "--no-load-optim", "--no-load-rng"]
@@ -173,11 +173,16 @@ def main(argv=None) -> int:
                     "local": _eval_local(run / "ckpt", out / "eval" / run.name, limit),
                     "ilp": {k: {kk: v.get(kk) for kk in ("status", "mip_gap", "sizes_neurons")}
                             for k, v in surgery["layers"].items()}}
+                _write(out, summary, start)  # after every run: an interrupted comparison still reports
+    _write(out, summary, start)
+    log(f"done in {summary['wall_s']} s: {out / 'report.md'}")
+    return 0
+
+
+def _write(out: Path, summary: dict, start: float) -> None:
     summary["wall_s"] = round(time.time() - start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(report(summary))
-    log(f"done in {summary['wall_s']} s: {out / 'report.md'}")
-    return 0
 
 
 #: the mpmoe_local numbers shown in the table (all of them are in summary.json)
