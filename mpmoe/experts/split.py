@@ -90,13 +90,14 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SplitError(f"--save {out} exists and is not an empty folder")
     domains = _read_domain_files(args.domain_data) if args.domain_data else None
+    dense_layers = _parse_layers(args.dense_layers)
     init_distributed()
     loaded = _load(args)
     model, split_args, report = split_model(
         loaded, num_experts=args.num_experts, topk=args.moe_router_topk, partitioner=args.partitioner,
         domain_texts=domains, num_domains=args.num_domains, samples_per_domain=args.samples_per_domain,
         num_modules=args.num_modules, size_ratio=args.size_ratio, coherence=args.coherence,
-        time_limit=args.ilp_time_limit, dense_layers=_parse_layers(args.dense_layers),
+        time_limit=args.ilp_time_limit, dense_layers=dense_layers,
         gates=args.gates, balance_coeff=args.balance_coeff, seed=args.seed)
     report["source"] = str(args.load)
     path = _save(out, model, split_args, loaded, report)
