@@ -174,3 +174,15 @@ def test_eval_and_analyze_read_a_split_checkpoint(dense, tmp_path):
                                         "--output-path", str(out), "--no-progress", "--bootstrap-iters", "0"]))
     results = json.loads((out / "results.json").read_text())["results"]
     assert results and all(isinstance(v, dict) for v in results.values())
+
+
+def test_preset_text_round_trips_the_flags(tmp_path):
+    from mpmoe.experts.split import preset_text
+    from mpmoe.train.args import parse_args
+
+    a = parse_args(["--preset", "tiny-cpu-dense", "--data-path", "x", "y", "--hidden-size", "96"], check=False)
+    a.num_experts, a.moe_layer_freq, a.moe_expert_ffn_sizes = 4, [0, 1, 1, 0], "2:64,64,64,320;3:128,128,128,128"
+    a.moe_router_unit_gates = True
+    (tmp_path / "p.toml").write_text(preset_text(a))
+    b = parse_args(["--preset", str(tmp_path / "p.toml")], check=False)
+    assert {k for k in vars(a) if getattr(a, k) != getattr(b, k)} == {"preset"}

@@ -169,38 +169,38 @@ def _save(out: Path, model, split_args, loaded, report) -> Path:
 def _toml_value(value) -> Optional[str]:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
         return json.dumps(value)
-    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        return "[" + ", ".join(repr(v) for v in value) + "]"
+    if isinstance(value, (list, tuple)) and value and all(_toml_value(v) is not None and not isinstance(v, (list, tuple))
+                                                          for v in value):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return None
 
 
-def preset_text(args: argparse.Namespace) -> str:
-    """A preset (TOML) with the model and MoE flags of ``args`` over the dense run's preset:
-    ``mpmoe train --preset OUT/preset.toml --load OUT --no-load-optim`` then builds the split
-    model (the trainer's flags must describe the model it loads)."""
-    from mpmoe.train.args import build_parser
-    from mpmoe.train.presets import PresetError, load_preset
+#: run-specific flags a preset must not carry (where to read / write, logging, this run's seed)
+_NOT_IN_PRESET = {"help", "preset", "load", "save", "run_dir", "tensorboard_dir", "no_tensorboard", "wandb_project",
+                  "wandb_exp_name", "progress", "no_load_optim", "no_load_rng", "moe_stats_dir", "moe_eval_dump_dir"}
 
-    try:
-        values = load_preset(str(getattr(args, "preset", "")))
-    except PresetError:
-        values = {}
-    parser = build_parser()
-    for group in parser._action_groups:  # the model's shape: every flag of these two groups
-        if group.title in ("model", "mixture of experts"):
-            for action in group._group_actions:
-                if hasattr(args, action.dest):
-                    values[action.dest] = getattr(args, action.dest)
+
+def preset_text(args: argparse.Namespace) -> str:
+    """A preset (TOML) with every model, routing and training flag of ``args`` (the split model's):
+    ``mpmoe train --preset OUT/preset.toml --load OUT --no-load-optim`` then builds the split model
+    (the trainer's flags must describe the model it loads); flags after it override it."""
+    from mpmoe.train.args import build_parser
+
     lines = ["# written by `mpmoe experts split`: the flags of the split model (docs/experts.md)",
              "# mpmoe train --preset THIS_FILE --load THIS_FOLDER --no-load-optim [--trainable-params routers]"]
-    for key, value in values.items():
-        text = _toml_value(value)
+    seen = set()
+    for action in build_parser()._actions:
+        dest = action.dest
+        if dest in seen or dest in _NOT_IN_PRESET or not hasattr(args, dest):
+            continue
+        seen.add(dest)
+        text = _toml_value(getattr(args, dest))
         if text is not None:
-            lines.append(f"{key} = {text}")
+            lines.append(f"{dest} = {text}")
     return "\n".join(lines) + "\n"
 
 
