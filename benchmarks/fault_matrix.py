@@ -515,6 +515,19 @@ def cases(fx: Fixture) -> list[Case]:
                      env={"TOKENIZER": str(fx.tok)}))
     add("script eval_benchmark.sh missing checkpoint", err(),
         lambda d: sh(["bash", str(ROOT / "scripts/eval_benchmark.sh"), "/nonexistent/ck", str(d / "o")], d))
+
+    # -- issue 24: knock-out semantics, expert-bias modes, paper shape ---------------------
+    add("train --moe-mask-experts-semantics without a mask", err("--moe-mask-experts"),
+        mpmoe("train", "--train-iters", "1", "--moe-mask-experts-semantics", "reference"))
+    add("train --moe-mask-experts-semantics bogus", err("--moe-mask-experts-semantics"),
+        mpmoe("train", "--train-iters", "1", "--moe-mask-experts-semantics", "bogus"))
+    add("train --moe-router-expert-bias-mode bogus", err("--moe-router-expert-bias-mode"),
+        mpmoe("train", "--train-iters", "1", "--moe-router-expert-bias-mode", "bogus"))
+    add("eval --moe-mask-experts-semantics without a mask", err("--moe-mask-experts"),
+        mpmoe("eval", "--load", fx.ckpt, "--tasks", "mpmoe_local", "--moe-mask-experts-semantics", "reference"))
+    add("script paper_tiny.sh --quick --shape paper", ("exit 2", exit_ok(rc=2)),
+        lambda d: sh(["bash", str(ROOT / "scripts/reproduce/paper_tiny.sh"), str(d / "o"), "--quick", "--shape",
+                      "paper"], d))
     return C
 
 

@@ -158,3 +158,123 @@ def test_sigmoid_expert_bias_is_megatrons_own_path_on_cpu():
     probs, routing_map = router(x)
     assert routing_map[:, 3].all()
     assert router.local_tokens_per_expert.tolist() == routing_map.sum(dim=0).float().tolist()
+
+
+def test_remoe_logs_the_mean_l1_penalty_per_layer():
+    """remoe/l1_loss/layer_L: lambda * L1 recomputed by hand, averaged over the step's micro-batches."""
+    from mpmoe.megatron.balancing import balancing_scalars
+
+    layer = remoe_layer(moe_relu_l1_reg_coeff_init=0.5)
+    router = layer.router
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    g = torch.Generator().manual_seed(4)
+    expected = []
+    for _ in range(2):  # two micro-batches of one step
+        x = batch(g)
+        out, _ = layer(x)
+        out.sum().backward()
+        with torch.no_grad():
+            gates = torch.relu(router.gating(x).reshape(-1, 8))
+        n, counts = gates.shape[0], (gates > 0).sum(0).double()
+        expected.append(0.5 * 8 / (2 * n * n) * float((gates.sum(0).double() * counts).sum()))
+    update_balancing_state(layer)
+    value = balancing_scalars(layer)["remoe/l1_loss/layer_1"]
+    assert value == pytest.approx(sum(expected) / 2, rel=1e-5)
+    assert router.step_l1.item() == 0 and router.step_l1_batches.item() == 0
+
+
+def test_a_skipped_step_does_not_leak_into_the_next_steps_sparsity():
+    from mpmoe.megatron.balancing import discard_balancing_state
+
+    layer = remoe_layer()
+    router = layer.router
+    maps = []
+    router.register_forward_hook(lambda m, i, out: maps.append(out[1].detach()))
+    g = torch.Generator().manual_seed(5)
+    layer(batch(g))[0].sum().backward()  # the step whose loss turned out NaN: skipped
+    discard_balancing_state(layer)
+    coeff = router.relu_l1_coeff.item()
+    assert router.step_routed.item() == 0 and router.step_tokens.item() == 0
+    assert router.relu_l1_coeff.item() == coeff  # the coefficient did not move
+    maps.clear()
+    layer(batch(g))[0].sum().backward()
+    update_balancing_state(layer)
+    (m,) = maps
+    assert float(router.last_sparsity) == pytest.approx(1.0 - m.sum().item() / m.numel(), abs=1e-12)
+
+
+def test_aux_loss_under_expert_bias_counts_the_unbiased_topk_map(monkeypatch):
+    """As megatron's TopKRouter with bias: scores and tokens per expert of the unbiased top-k."""
+    cfg = make_config(moe_router_enable_expert_bias=True, moe_router_load_balancing_type="aux_loss",
+                      moe_aux_loss_coeff=0.01)
+    torch.manual_seed(0)
+    router = TopKStatsRouter(cfg)
+    router.set_layer_number(1)
+    seen = {}
+    original = router._apply_aux_loss
+
+    def spy(probs, scores, routing_map, **kw):
+        seen["scores"], seen["map"] = scores.detach(), routing_map
+        return original(probs, scores, routing_map, **kw)
+
+    monkeypatch.setattr(router, "_apply_aux_loss", spy)
+    with torch.no_grad():
+        router.expert_bias[5] = 10.0  # the biased selection routes every token to expert 5
+    x = torch.randn(8, 4, 32)
+    _, routing_map = router(x)
+    assert routing_map[:, 5].all()
+    with torch.no_grad():
+        p = torch.softmax(router.gating(x).reshape(-1, 8), dim=-1)
+    unbiased = torch.zeros_like(routing_map).scatter_(1, p.topk(2, dim=-1).indices, True)
+    assert torch.equal(seen["map"], unbiased) and not seen["map"][:, 5].all()
+    torch.testing.assert_close(seen["scores"], p)
+
+
+@pytest.mark.parametrize("mode", ["prob", "logit", "prob-scaled"])
+def test_expert_bias_modes_select_as_documented(mode):
+    cfg = make_config(moe_router_enable_expert_bias=True, moe_router_load_balancing_type="none",
+                      moe_router_expert_bias_mode=mode)
+    torch.manual_seed(0)
+    router = TopKStatsRouter(cfg)
+    router.set_layer_number(1)
+    with torch.no_grad():
+        router.expert_bias.copy_(torch.linspace(-0.3, 0.3, 8))
+    x = torch.randn(8, 4, 32)
+    with torch.no_grad():
+        _, routing_map = router(x)
+        logits = router.gating(x).reshape(-1, 8)
+    b = router.expert_bias
+    score = {"prob": torch.softmax(logits, -1) + b, "logit": logits + b,
+             "prob-scaled": torch.softmax(logits, -1) + b * 4 / 8}[mode]
+    expect = torch.zeros_like(routing_map).scatter_(1, score.topk(2, dim=-1).indices, True)
+    assert torch.equal(routing_map, expect)
+
+
+def test_mope_logit_bias_runs_otep_on_the_biased_softmax():
+    from mpmoe.megatron.router import MoPERouter
+    from mpmoe.routing import otep_select
+
+    cfg = make_config(moe_router_enable_expert_bias=True, moe_router_load_balancing_type="otep",
+                      moe_router_expert_bias_mode="logit", moe_router_topk=3)
+    torch.manual_seed(0)
+    router = MoPERouter(cfg)
+    router.set_layer_number(1)
+    sigma = torch.eye(8) * 0.2
+    sigma[0, 1] = sigma[1, 0] = 0.15
+    router.cooccurrence_stats.covariance.copy_(sigma)
+    router.eval()
+    with torch.no_grad():
+        router.expert_bias.copy_(torch.linspace(-2.0, 2.0, 8))
+        x = torch.randn(8, 4, 32)
+        _, routing_map = router(x)
+        p = torch.softmax(router.gating(x).reshape(-1, 8) + router.expert_bias, dim=-1)
+    assert torch.equal(routing_map, otep_select(p, sigma, 3))
+
+
+def test_a_run_saved_before_the_bias_mode_existed_keeps_probability_bias():
+    from mpmoe.train.args import args_from_saved
+
+    saved = {"preset": "tiny-cpu", "moe_router_enable_expert_bias": True}
+    assert args_from_saved(saved).moe_router_expert_bias_mode == "prob"
+    saved["moe_router_expert_bias_mode"] = "logit"
+    assert args_from_saved(saved).moe_router_expert_bias_mode == "logit"

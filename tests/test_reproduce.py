@@ -46,3 +46,36 @@ def test_paper_tiny_quick(tmp_path, embedded_cache):
 def test_paper_tiny_usage_error():
     r = subprocess.run([str(REPO / "scripts/reproduce/paper_tiny.sh")], capture_output=True, text=True)
     assert r.returncode == 2 and "usage" in r.stderr
+
+
+def _paper_tiny():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_tiny", REPO / "scripts/reproduce/paper_tiny.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_paper_shape_is_the_papers_expert_shape_with_four_methods():
+    """--shape paper: 64 experts top-8 + a shared MLP, pre-softmax, >= 1,500 iterations, 3 seeds,
+    MoPE / top-k / top-k + bias / ReMoE with the same k (equal active compute)."""
+    from mpmoe.train.args import parse_args
+
+    cfg = _paper_tiny().CONFIGS["paper"]
+    assert cfg["iters"] >= 1500 and len(cfg["seeds"]) >= 3
+    args = parse_args(["--preset", cfg["preset"], *cfg["flags"]])
+    assert (args.num_experts, args.moe_router_topk) == (64, 8)
+    assert args.moe_shared_expert_intermediate_size == 2 * args.moe_ffn_hidden_size
+    assert args.moe_router_pre_softmax and args.moe_router_score_function == "softmax"
+    assert args.hidden_size <= 128
+    methods = cfg["methods"]
+    assert set(methods) == {"top-k + bias", "ReMoE"}
+    for routing, extra in methods.values():
+        parse_args(["--preset", cfg["preset"], *cfg["flags"], "--moe-router-load-balancing-type", routing, *extra])
+
+
+def test_paper_shape_and_quick_exclude_each_other(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _paper_tiny().main([str(tmp_path), "--quick", "--shape", "paper"])
+    assert "exclude each other" in capsys.readouterr().err

@@ -75,7 +75,8 @@ def test_remoe_coefficient_rule_on_two_processes_ep2(tmp_path, dataset):
             assert rec[layer]["coeff"] == pytest.approx(coeff, rel=1e-12), (step, sparsity)
     metrics = read_metrics(tmp_path / "remoe")
     assert metrics[-1]["remoe/l1_coeff/layer_2"] == pytest.approx(coeff, rel=1e-12)
-    assert {"remoe/sparsity/layer_3", "remoe/experts_per_token/layer_3"} <= set(metrics[-1])
+    assert {"remoe/sparsity/layer_3", "remoe/experts_per_token/layer_3", "remoe/l1_loss/layer_3"} <= set(metrics[-1])
+    assert metrics[-1]["remoe/l1_loss/layer_3"] > 0
 
 
 @pytest.mark.parametrize("routing", ["aux_loss", "otep"])

@@ -53,7 +53,7 @@ def test_paper_preset_shape(name):
     assert (p["num_layers"], p["hidden_size"], p["train_iters"]) == (layers, hidden, iters)
     assert p["num_experts"] == 64 and p["moe_router_topk"] == 8 and p["moe_router_pre_softmax"]
     assert p["moe_shared_expert_intermediate_size"] == 2 * p["moe_ffn_hidden_size"]
-    assert p["global_batch_size"] == 960 and p["lr_wsd_decay_iters"] == iters // 10
+    assert p["global_batch_size"] == 960 and p["lr_wsd_decay_fraction"] == 0.1
     assert p["moe_router_load_balancing_type"] == "otep" and p["num_attention_heads"] == 16
     flame = load_preset(name.replace("mp-moe", "flame-moe"))
     for key in ("ffn_hidden_size", "moe_ffn_hidden_size", "moe_layer_freq", "seq_length", "lr", "min_lr"):
@@ -140,3 +140,45 @@ def test_layer_freq_megatron_syntax():
     args = parse_args(["--preset", "flame-moe-38m", "--no-bf16", "--train-iters", "1", "--global-batch-size", "4",
                        "--micro-batch-size", "4", "--moe-layer-freq", "([0]*1+[1]*8)"])
     assert args.moe_layer_freq == [0] + [1] * 8
+
+
+# The MP-MoE authors' optimizer and schedule (github.com/kxlkxl1999/MP-MoE, commit d2195b7).
+# flame-moe/configs/train/flame-moe.sh passes --lr 3e-4 --min-lr 3e-5 --lr-decay-style WSD
+# --lr-warmup-fraction 0.01 --lr-wsd-decay-iters $((TRAIN_ITERS / 10)); everything else is the
+# default of their fork's megatron-lm/megatron/training/arguments.py: --weight-decay 0.01,
+# --adam-beta1 0.9, --adam-beta2 0.999, --adam-eps 1e-08, --clip-grad 1.0,
+# --lr-wsd-decay-style exponential, --eval-iters 100; flame-moe/scripts/training/
+# flame-mope_local.sh passes --split 90,5,5. TRAIN_ITERS: flame-moe/scripts/release/*.sh.
+AUTHORS = {"lr": 3e-4, "min_lr": 3e-5, "lr_decay_style": "WSD", "lr_wsd_decay_style": "exponential",
+           "weight_decay": 0.01, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8, "clip_grad": 1.0,
+           "split": "90,5,5", "eval_iters": 100, "global_batch_size": 960}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+@pytest.mark.parametrize("iters", [None, 1000, 3001])
+def test_paper_presets_resolve_to_the_authors_optimizer_in_both_launchers(name, iters):
+    from mpmoe.megatron_lm.flags import preset_flags
+    from mpmoe.train.args import parse_args
+    from mpmoe.train.optim import schedule_lengths
+
+    train_iters = iters or PAPER[name][2]
+    argv = ["--preset", name] + ([] if iters is None else ["--train-iters", str(iters)])
+    args = parse_args(argv, check=False)
+    for key, value in AUTHORS.items():
+        assert getattr(args, key) == value, key
+    n = schedule_lengths(args)
+    assert n["wsd_decay"] == train_iters // 10  # the authors' $((TRAIN_ITERS / 10))
+    assert n["warmup"] == pytest.approx(0.01 * train_iters)  # Megatron-LM: fraction x steps, unrounded
+    flags = preset_flags(name, train_iters=iters)
+    pairs = dict(zip(flags, flags[1:]))
+    for key, value in AUTHORS.items():
+        assert pairs["--" + key.replace("_", "-")] == str(value), key
+    assert pairs["--lr-wsd-decay-iters"] == str(train_iters // 10)
+    assert pairs["--train-iters"] == str(train_iters)
+
+
+def test_fraction_of_iters_rounds_down_like_the_launchers():
+    from mpmoe.train.presets import fraction_of_iters
+
+    for n in range(1, 20000, 7):
+        assert fraction_of_iters(0.1, n) == max(1, n // 10)

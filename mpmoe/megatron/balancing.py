@@ -25,10 +25,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, apply_router_token_dropping
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    apply_router_token_dropping,
+    compute_routing_scores_for_aux_loss,
+)
 
 from mpmoe.megatron.router import TopKStatsRouter, iter_routers
 from mpmoe.routing.balancing import (
+    EXPERT_BIAS_MODES,
     biased_softmax_topk,
     relu_gates,
     relu_l1_coeff_update,
@@ -40,6 +45,7 @@ from mpmoe.routing.balancing import (
 __all__ = [
     "ReMoERouter",
     "balancing_scalars",
+    "discard_balancing_state",
     "softmax_bias_routing",
     "update_balancing_state",
     "validate_balancing_config",
@@ -48,6 +54,9 @@ __all__ = [
 
 def validate_balancing_config(cfg) -> None:
     """One-line ``ValueError`` for ReMoE / expert-bias combinations mpmoe does not run."""
+    mode = getattr(cfg, "moe_router_expert_bias_mode", "prob")
+    if mode not in EXPERT_BIAS_MODES:
+        raise ValueError(f"moe_router_expert_bias_mode must be one of {', '.join(EXPERT_BIAS_MODES)}, got {mode!r}")
     if cfg.moe_router_enable_expert_bias:
         rate = cfg.moe_router_bias_update_rate
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate >= 0:
@@ -75,7 +84,7 @@ def softmax_bias_routing(router: TopKStatsRouter, logits: torch.Tensor, padding_
     """Megatron's top-k routing steps with the selection on ``softmax(logits) + expert_bias``.
 
     z-loss, capacity/dropping and the aux losses as megatron's ``TopKRouter.routing`` (aux
-    loss from the unbiased probabilities and the routed tokens). Token counts for the bias
+    loss from the unbiased probabilities and the unbiased top-k map, as megatron counts it). Token counts for the bias
     update are added by the router on counted forwards.
     """
     cfg = router.config
@@ -84,8 +93,9 @@ def softmax_bias_routing(router: TopKStatsRouter, logits: torch.Tensor, padding_
     if padding_mask is not None:
         padding_mask = padding_mask.reshape(-1)
     logits = router.apply_z_loss(logits, padding_mask=padding_mask)
+    bias, space = router.selection_bias()
     probs, routing_map = biased_softmax_topk(
-        logits, router.expert_bias, router.topk,
+        logits, bias, router.topk, space=space,
         pre_softmax=cfg.moe_router_pre_softmax, scaling_factor=cfg.moe_router_topk_scaling_factor,
     )
     if cfg.moe_expert_capacity_factor is not None:
@@ -94,11 +104,10 @@ def softmax_bias_routing(router: TopKStatsRouter, logits: torch.Tensor, padding_
             drop_policy=cfg.moe_token_drop_policy, pad_to_capacity=cfg.moe_pad_expert_input_to_capacity,
         )
     if router.training and torch.is_grad_enabled() and router.is_aux_loss_enabled():
-        scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        aux_map = routing_map
-        if padding_mask is not None:
-            valid = ~padding_mask.unsqueeze(-1)
-            scores, aux_map = scores * valid, routing_map & valid
+        # as megatron's TopKRouter.routing with expert bias: the aux loss counts the tokens of
+        # the *unbiased* top-k map, before capacity dropping
+        aux_map, scores = compute_routing_scores_for_aux_loss(
+            logits, router.topk, "softmax", fused=False, padding_mask=padding_mask)
         with_pad = padding_mask is not None
         probs = router._apply_aux_loss(probs, scores, aux_map, with_padding_mask=with_pad)
         probs = router._apply_seq_aux_loss(probs, scores, aux_map, seq_length, bsz, with_padding_mask=with_pad)
@@ -125,10 +134,16 @@ class ReMoERouter(TopKStatsRouter):
         # Last update's rank-summed values, for logging: sparsity, experts per token.
         self.register_buffer("last_sparsity", torch.full((), float("nan"), **f64), persistent=False)
         self.register_buffer("last_experts_per_token", torch.full((), float("nan"), **f64), persistent=False)
+        # The penalty lambda * L1 this step (sum over the micro-batches that attached it, and
+        # their number) and the last step's mean, logged as remoe/l1_loss/layer_L.
+        self.register_buffer("step_l1", torch.zeros((), **f64), persistent=False)
+        self.register_buffer("step_l1_batches", torch.zeros((), **f64), persistent=False)
+        self.register_buffer("last_l1", torch.full((), float("nan"), **f64), persistent=False)
 
     def _stat_buffer_names(self) -> list[str]:
         return super()._stat_buffer_names() + ["relu_l1_coeff", "step_routed", "step_tokens",
-                                               "last_sparsity", "last_experts_per_token"]
+                                               "last_sparsity", "last_experts_per_token",
+                                               "step_l1", "step_l1_batches", "last_l1"]
 
     @property
     def target_sparsity(self) -> float:
@@ -144,7 +159,13 @@ class ReMoERouter(TopKStatsRouter):
             counted_gates = gates if valid is None else gates * valid
             tokens = flat.shape[0] if valid is None else valid.sum()
             l1 = relu_l1_loss(counted_gates, routed.sum(dim=0), self.topk, num_tokens=tokens)
-            gates = MoEAuxLossAutoScaler.apply(gates, l1 * self.relu_l1_coeff.to(l1.dtype))
+            penalty = l1 * self.relu_l1_coeff.to(l1.dtype)
+            gates = MoEAuxLossAutoScaler.apply(gates, penalty)
+            # once per micro-batch: in its forward, or under full recomputation (whose first
+            # forward runs without grad) in the recomputation
+            with torch.no_grad():
+                self.step_l1.add_(penalty.detach())
+                self.step_l1_batches.add_(1)
         if counted:
             with torch.no_grad():
                 self.step_routed.add_(routed.sum())
@@ -181,12 +202,25 @@ def update_balancing_state(models) -> None:
         r.last_experts_per_token.copy_(counts[i, 0] / counts[i, 1].clamp_min(1))
         r.relu_l1_coeff.copy_(relu_l1_coeff_update(r.relu_l1_coeff, mean, r.target_sparsity,
                                                    cfg.moe_relu_l1_reg_coeff_multiplier))
+        r.last_l1.copy_(r.step_l1 / r.step_l1_batches.clamp_min(1))
         r.step_routed.zero_()
         r.step_tokens.zero_()
+        r.step_l1.zero_()
+        r.step_l1_batches.zero_()
+
+
+@torch.no_grad()
+def discard_balancing_state(models) -> None:
+    """A skipped step (``--on-nan skip``): drop its ReMoE counts so that they do not roll
+    into the next step's sparsity (and the coefficient does not move)."""
+    for r in iter_routers(models):
+        if isinstance(r, ReMoERouter):
+            for t in (r.step_routed, r.step_tokens, r.step_l1, r.step_l1_batches):
+                t.zero_()
 
 
 def balancing_scalars(models) -> dict:
-    """Per-layer logging values: ``remoe/{l1_coeff,sparsity,experts_per_token}/layer_L`` and
+    """Per-layer logging values: ``remoe/{l1_coeff,sparsity,experts_per_token,l1_loss}/layer_L`` and
     ``moe/expert_bias_absmax/layer_L`` (host copies; call on logging iterations only)."""
     out = {}
     for r in iter_routers(models):
@@ -195,6 +229,9 @@ def balancing_scalars(models) -> dict:
             out[f"remoe/l1_coeff/layer_{layer}"] = float(r.relu_l1_coeff)
             out[f"remoe/sparsity/layer_{layer}"] = float(r.last_sparsity)
             out[f"remoe/experts_per_token/layer_{layer}"] = float(r.last_experts_per_token)
+            out[f"remoe/l1_loss/layer_{layer}"] = float(r.last_l1)
         elif getattr(r, "expert_bias", None) is not None:
-            out[f"moe/expert_bias_absmax/layer_{layer}"] = float(r.expert_bias.abs().max())
+            # the bias as the selection adds it (x 4/E in mode "prob-scaled")
+            bias, _ = r.selection_bias()
+            out[f"moe/expert_bias_absmax/layer_{layer}"] = float(bias.abs().max())
     return out

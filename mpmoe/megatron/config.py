@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mpmoe.routing.masks import DYNAMIC_MASK_MODES, parse_expert_mask
+from mpmoe.routing.masks import DYNAMIC_MASK_MODES, STATIC_MASK_SEMANTICS, parse_expert_mask
 
 __all__ = ["DYNAMIC_MASK_SOURCES", "ENV_FIELDS", "MOPE_ROUTING_TYPE", "MoPEConfig", "parse_layer_list"]
 
@@ -101,6 +101,10 @@ class MoPEConfig(TransformerConfig):
     """Static expert knock-out: JSON text, a JSON file path or a dict layer -> expert ids
     (normalised to ``dict[int, tuple[int, ...]]``)."""
 
+    moe_mask_experts_semantics: str = "mpmoe"
+    """Static knock-out under MoPE: "mpmoe" (never picked) or "reference" (the authors':
+    pickable by OTEP through Sigma, gate weight 0); see mpmoe.routing.masks."""
+
     moe_dynamic_mask_mode: Optional[str] = None
     """Dynamic k -> k-1 mask: None (off), "cooccurrence" or "random"."""
 
@@ -148,6 +152,11 @@ class MoPEConfig(TransformerConfig):
 
     moe_size_aux_loss_coeff: float = 0.0
     """HEMoE's size-weighted balance loss coefficient (0: off); equal sizes give aux_loss."""
+
+    moe_router_expert_bias_mode: str = "prob"
+    """Expert bias with softmax scores: where the selection adds it. "prob": softmax + b;
+    "logit": logits + b (MoPE: p = softmax(logits + b)); "prob-scaled": softmax + b * 4/E
+    (the update rate scaled by E). See docs/routing.md."""
 
     def __post_init__(self):
         self._validate_mope_fields()
@@ -216,6 +225,9 @@ class MoPEConfig(TransformerConfig):
                         f"moe_mask_experts: layer {layer}: expert ids {bad} >= num_moe_experts={self.num_moe_experts}"
                     )
         self.moe_mask_experts = mask or None
+        if self.moe_mask_experts_semantics not in STATIC_MASK_SEMANTICS:
+            raise ValueError(f"moe_mask_experts_semantics must be one of {STATIC_MASK_SEMANTICS}, "
+                             f"got {self.moe_mask_experts_semantics!r}")
         mode = self.moe_dynamic_mask_mode
         if mode is not None and mode != "":
             if mode not in DYNAMIC_MASK_MODES:

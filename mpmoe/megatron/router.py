@@ -255,6 +255,11 @@ class TopKStatsRouter(TopKRouter):
         return tuple(mask.get(self.layer_number, ())) if self.layer_number is not None else ()
 
     @property
+    def static_mask_reference(self) -> bool:
+        """Knock-out with the authors' semantics (masked experts pickable by OTEP, weight 0)."""
+        return getattr(self.config, "moe_mask_experts_semantics", "mpmoe") == "reference"
+
+    @property
     def dynamic_mask_mode(self) -> Optional[str]:
         """The dynamic mask mode active for this layer, or None."""
         mode = getattr(self.config, "moe_dynamic_mask_mode", None)
@@ -288,7 +293,7 @@ class TopKStatsRouter(TopKRouter):
         flat = logits.reshape(-1, self.num_experts)
         masked_ids = self.static_mask_ids
         if masked_ids:
-            flat = apply_static_mask(flat, masked_ids)
+            flat = apply_static_mask(flat, masked_ids, finite=self.static_mask_reference)
         counted = is_counted_forward(self)
         replay = None
         if counted and self.recomputed:
@@ -349,6 +354,16 @@ class TopKStatsRouter(TopKRouter):
     def _counts_expert_bias(self) -> bool:
         """Expert bias on a softmax router: mpmoe counts its tokens (megatron: sigmoid only)."""
         return bool(self.enable_expert_bias) and self.config.moe_router_score_function == "softmax"
+
+    def selection_bias(self):
+        """``(bias, space)``: the expert bias as a softmax selection adds it (the buffer times
+        :func:`mpmoe.routing.balancing.expert_bias_scale`) and where ("prob" or "logit")."""
+        from mpmoe.routing.balancing import expert_bias_scale
+
+        mode = getattr(self.config, "moe_router_expert_bias_mode", "prob")
+        scale = expert_bias_scale(mode, self.num_experts)
+        bias = self.expert_bias if scale == 1.0 else self.expert_bias * scale
+        return bias, ("logit" if mode == "logit" else "prob")
 
     def _topk_routing(self, logits: torch.Tensor, padding_mask):
         """Megatron's top-k, or with softmax scores and expert bias mpmoe's biased selection."""
@@ -523,13 +538,16 @@ class MoPERouter(TopKStatsRouter):
         scores_all = torch.softmax(logits if need_aux else logits.detach(), dim=-1, dtype=torch.float32)
         masked_ids = self.static_mask_ids
         allowed = None
-        if masked_ids:
+        # reference semantics: p_j = 0 for a knocked-out expert (finite lowest logit), but OTEP
+        # may still pick it through Sigma; masked_logits below keeps its finite logit, so the
+        # top-k over them returns exactly OTEP's selection and its gate weight is 0
+        if masked_ids and not self.static_mask_reference:
             allowed = torch.ones(self.num_experts, dtype=torch.bool, device=logits.device)
             allowed[list(masked_ids)] = False
         if self._otep_backend is None:
             self._otep_backend = default_backend()
         selection = otep_select(  # records no autograd graph
-            self._otep_scores(scores_all.detach() if need_aux else scores_all),
+            self._otep_scores(scores_all.detach() if need_aux else scores_all, logits),
             sigma,
             self.topk,
             allowed=allowed,
@@ -573,15 +591,21 @@ class MoPERouter(TopKStatsRouter):
             )
         return probs, routing_map
 
-    def _otep_scores(self, probs: torch.Tensor) -> torch.Tensor:
-        """OTEP's p: the softmax probabilities, plus the expert bias when enabled.
+    def _otep_scores(self, probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """OTEP's p: the softmax probabilities, or with the expert bias ``max(p + b, 0)``
+        (bias modes "prob", "prob-scaled") or ``softmax(logits + b)`` (mode "logit").
 
-        The bias steers the selection only (gate weights and aux loss stay unbiased); it is
-        clamped at 0 because OTEP's objective is quadratic in p (docs/routing.md).
+        The bias steers the selection only (gate weights and aux loss stay unbiased); on
+        probabilities it is clamped at 0 because OTEP's objective is quadratic in p
+        (docs/routing.md).
         """
         if not self.enable_expert_bias:
             return probs
-        return (probs + self.expert_bias.to(probs.dtype)).clamp_min(0.0)
+        bias, space = self.selection_bias()
+        if space == "logit":
+            with torch.no_grad():
+                return torch.softmax(logits.detach() + bias.to(logits.dtype), dim=-1, dtype=torch.float32)
+        return (probs + bias.to(probs.dtype)).clamp_min(0.0)
 
     @torch.no_grad()
     def _count(self, routing_map: torch.Tensor) -> None:

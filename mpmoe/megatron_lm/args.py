@@ -41,6 +41,9 @@ def add_mpmoe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Comma-separated MoE layers (1-based) to track; default all.")
     g.add_argument("--moe-mask-experts", default=None,
                    help='Static expert knock-out: JSON {"layer": [expert ids]} or a JSON file.')
+    g.add_argument("--moe-mask-experts-semantics", choices=["mpmoe", "reference"], default="mpmoe",
+                   help="MoPE and knocked-out experts: never picked (mpmoe), or pickable by OTEP "
+                        "with gate weight 0 (reference: the MP-MoE authors' code).")
     g.add_argument("--moe-dynamic-mask-mode", choices=["cooccurrence", "random"], default=None,
                    help="Dynamic k -> k-1 expert mask.")
     g.add_argument("--moe-cooccurrence-stats-dir", default=None,

@@ -8,7 +8,8 @@ presets are the single source of the model shapes: ``mpmoe train --preset`` and
 ``pretrain_gpt.py`` get the same model. Preset keys are Megatron-LM argument names with
 underscores; the few that Megatron-LM spells otherwise are translated here:
 
-* ``lr_wsd_decay_fraction`` -> ``--lr-wsd-decay-iters`` (fraction of ``--train-iters``);
+* ``lr_wsd_decay_fraction`` -> ``--lr-wsd-decay-iters`` (fraction of ``--train-iters``,
+  rounded down: :func:`mpmoe.train.presets.fraction_of_iters`);
 * ``vocab_size`` -> ``--vocab-size`` with ``--tokenizer-type NullTokenizer`` only for
   ``--mock-data`` (with real data the tokenizer sets the vocabulary);
 * ``--disable-bias-linear`` always (mpmoe's models have no linear biases);
@@ -25,7 +26,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from mpmoe.train.presets import PresetError, load_preset
+from mpmoe.train.presets import PresetError, fraction_of_iters, load_preset
 
 __all__ = ["ROUTER_TYPES", "expert_parallel_size", "preset_flags"]
 
@@ -83,7 +84,7 @@ def preset_flags(
         out += ["--train-iters", str(train_iters)]
         fraction = preset.get("lr_wsd_decay_fraction")
         if fraction is not None:
-            out += ["--lr-wsd-decay-iters", str(max(1, round(fraction * train_iters)))]
+            out += ["--lr-wsd-decay-iters", str(fraction_of_iters(fraction, train_iters))]
     elif preset.get("lr_wsd_decay_fraction") is not None:
         raise ValueError(f"preset {name!r} decays over a fraction of the run: give --train-iters")
     if mock_data:

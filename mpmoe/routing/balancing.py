@@ -32,7 +32,9 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "EXPERT_BIAS_MODES",
     "biased_softmax_topk",
+    "expert_bias_scale",
     "expert_bias_update",
     "relu_gates",
     "relu_l1_coeff_update",
@@ -92,9 +94,26 @@ def expert_bias_update(tokens_per_expert: torch.Tensor, bias: torch.Tensor, rate
     return bias + torch.sign(offset) * rate
 
 
+#: Where a softmax router adds the expert bias (``moe_router_expert_bias_mode``) -> the factor
+#: on the bias. "prob": ``softmax(logits) + b`` (megatron's sigmoid rule applied to
+#: probabilities); "logit": ``logits + b`` (MoPE: ``p = softmax(logits + b)``);
+#: "prob-scaled": ``softmax(logits) + b * 4 / E``, i.e. the update rate scaled by the ratio of
+#: the scores' slopes (softmax ~1/E per unit logit, sigmoid at most 1/4).
+EXPERT_BIAS_MODES = ("prob", "logit", "prob-scaled")
+
+
+def expert_bias_scale(mode: str, num_experts: int) -> float:
+    """Factor on the stored bias that a selection of ``mode`` adds (see :data:`EXPERT_BIAS_MODES`)."""
+    if mode not in EXPERT_BIAS_MODES:
+        raise ValueError(f"expert bias mode must be one of {', '.join(EXPERT_BIAS_MODES)}, got {mode!r}")
+    return 4.0 / num_experts if mode == "prob-scaled" else 1.0
+
+
 def biased_softmax_topk(logits: torch.Tensor, bias: torch.Tensor, topk: int, *,
-                        pre_softmax: bool = False, scaling_factor=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax top-k routing whose *selection* uses ``softmax(logits) + bias``.
+                        pre_softmax: bool = False, scaling_factor=None,
+                        space: str = "prob") -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax top-k routing whose *selection* uses ``softmax(logits) + bias`` (``space``
+    "prob") or ``logits + bias`` ("logit"; the order of ``softmax(logits + bias)``).
 
     The gate weights are megatron's for the chosen experts, unbiased: with
     ``pre_softmax`` the full softmax probabilities, otherwise the softmax over the k chosen
@@ -103,7 +122,13 @@ def biased_softmax_topk(logits: torch.Tensor, bias: torch.Tensor, topk: int, *,
     """
     scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
     with torch.no_grad():
-        chosen = torch.topk(scores + bias.to(scores.dtype), k=topk, dim=-1).indices
+        if space == "logit":
+            chosen = torch.topk(logits + bias.to(logits.dtype), k=topk, dim=-1).indices
+        else:
+            # an expert whose logit is -inf (knocked out) has p = 0 but may carry a positive
+            # bias: it stays unselectable
+            selection = (scores + bias.to(scores.dtype)).masked_fill(torch.isneginf(logits), float("-inf"))
+            chosen = torch.topk(selection, k=topk, dim=-1).indices
         routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, chosen, True)
     if pre_softmax:
         probs = scores * routing_map

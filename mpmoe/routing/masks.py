@@ -94,8 +94,16 @@ def _compact_to_json(text: str) -> str:
     return json.dumps(out)
 
 
-def apply_static_mask(logits: torch.Tensor, expert_ids: Iterable[int]) -> torch.Tensor:
-    """Return ``logits`` [T, E] with the listed experts' columns set to -inf."""
+#: Static knock-out semantics (``moe_mask_experts_semantics``): "mpmoe" sets the knocked-out
+#: experts' logits to -inf and OTEP never picks them; "reference" (the MP-MoE authors' code)
+#: sets them to the dtype's lowest finite value, so p_j = 0 but OTEP can still pick them through
+#: Sigma's off-diagonal terms, with gate weight 0 (the token then runs on fewer than k experts).
+STATIC_MASK_SEMANTICS = ("mpmoe", "reference")
+
+
+def apply_static_mask(logits: torch.Tensor, expert_ids: Iterable[int], *, finite: bool = False) -> torch.Tensor:
+    """Return ``logits`` [T, E] with the listed experts' columns set to -inf, or with
+    ``finite`` to the dtype's lowest finite value (the reference's ``finfo.min``)."""
     ids = list(expert_ids)
     if not ids:
         return logits
@@ -105,7 +113,7 @@ def apply_static_mask(logits: torch.Tensor, expert_ids: Iterable[int]) -> torch.
         raise ValueError(f"static mask: expert ids {bad} out of range for {num_experts} experts")
     mask = torch.zeros(num_experts, dtype=torch.bool, device=logits.device)
     mask[ids] = True
-    return logits.masked_fill(mask, -math.inf)
+    return logits.masked_fill(mask, torch.finfo(logits.dtype).min if finite else -math.inf)
 
 
 def normalized_cooccurrence(cooccurrence: torch.Tensor) -> torch.Tensor:

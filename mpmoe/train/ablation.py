@@ -25,6 +25,7 @@ __all__ = ["FIELDS", "ENV_VARS", "DEFAULTS", "add_arguments", "validate", "resol
 #: option (argparse dest) -> MoPEConfig field
 FIELDS = {
     "moe_mask_experts": "moe_mask_experts",
+    "moe_mask_experts_semantics": "moe_mask_experts_semantics",
     "moe_dynamic_mask": "moe_dynamic_mask_mode",
     "moe_dynamic_mask_layers": "moe_dynamic_mask_layers",
     "moe_cooccurrence_stats_dir": "moe_cooccurrence_stats_dir",
@@ -43,7 +44,8 @@ ENV_VARS = {
 
 
 #: option (argparse dest) -> default
-DEFAULTS = {"moe_mask_experts": None, "moe_dynamic_mask": None, "moe_dynamic_mask_layers": None,
+DEFAULTS = {"moe_mask_experts": None, "moe_mask_experts_semantics": "mpmoe",
+            "moe_dynamic_mask": None, "moe_dynamic_mask_layers": None,
             "moe_cooccurrence_stats_dir": None, "moe_dynamic_mask_seed": 1234,
             "moe_dynamic_mask_source": "mpmoe"}
 
@@ -54,6 +56,10 @@ def add_arguments(parser) -> None:
     g.add_argument("--moe-mask-experts", default=None,
                    help='knock experts out: "LAYER:ID,ID;LAYER:ID" (e.g. "2:3,17;5:0"), JSON '
                         '{"2": [3, 17]} or a JSON file; layers 1-based, expert ids global')
+    g.add_argument("--moe-mask-experts-semantics", choices=["mpmoe", "reference"], default="mpmoe",
+                   help="MoPE and knocked-out experts: mpmoe = never picked; reference = the "
+                        "authors' code: OTEP may still pick them through Sigma, with gate weight 0, "
+                        "so the token runs on fewer than k experts (docs/reference.md)")
     g.add_argument("--moe-dynamic-mask", choices=["cooccurrence", "random"], default=None,
                    help="drop one routed expert per token (k -> k-1): the most co-occurring one, "
                         "or a random one")
@@ -123,6 +129,8 @@ def validate(args, num_experts, topk, *, prog: str = "mpmoe train", environ=None
             raise ValueError(f"--moe-mask-experts: layer {layer} keeps {num_experts - len(ids)} experts, "
                              f"fewer than --moe-router-topk {topk}")
     args.moe_mask_experts = {str(k): list(v) for k, v in mask.items()} or None
+    if getattr(args, "moe_mask_experts_semantics", "mpmoe") != "mpmoe" and not mask:
+        raise ValueError("--moe-mask-experts-semantics applies to a knock-out: give --moe-mask-experts")
     layers = args.moe_dynamic_mask_layers
     try:
         layers = parse_layer_list(layers, "--moe-dynamic-mask-layers")

@@ -179,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="aux-loss-free balancing: per-expert bias on the scores for selection only")
     g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3,
                    help="expert bias step per iteration (sign of the load offset times this)")
+    g.add_argument("--moe-router-expert-bias-mode", choices=["prob", "logit", "prob-scaled"],
+                   default="prob",
+                   help="expert bias with softmax scores: added to the probabilities (prob), to "
+                        "the logits (logit; MoPE: p = softmax(logits + b)), or to the "
+                        "probabilities times 4/E (prob-scaled: the rate scaled by E); docs/routing.md")
     g.add_argument("--moe-router-pre-softmax", action=B, default=False,
                    help="softmax over all experts before the top-k (gate weights sum to the "
                         "top-k probability mass; megatron's semantics). Off: softmax over the k "
@@ -606,6 +611,8 @@ def _balancing_kwargs(args: argparse.Namespace) -> dict:
         moe_router_score_function=get("moe_router_score_function", "softmax"),
         moe_router_enable_expert_bias=bool(get("moe_router_enable_expert_bias", False)),
         moe_router_bias_update_rate=get("moe_router_bias_update_rate", 1e-3),
+        # a run saved before the option existed used "prob"
+        moe_router_expert_bias_mode=get("moe_router_expert_bias_mode", "prob"),
     )
 
 
@@ -627,6 +634,8 @@ def args_from_saved(saved: Optional[dict], flags: Optional[Sequence[str]] = None
                           "stored them); give the `mpmoe train` flags that built it")
     args = parse_args(["--preset", str(saved.get("preset", "tiny-cpu")), "--train-iters", "1"], check=False)
     known = vars(args)
+    # options a run saved before they existed ran with (their defaults may have changed since)
+    args.moe_router_expert_bias_mode = "prob"
     for key, value in saved.items():
         if key in known:
             setattr(args, key, value)

@@ -152,7 +152,7 @@ def _broadcast_str(text: str) -> str:
 def train(args) -> dict:
     """Run training as configured by ``args`` (see :mod:`mpmoe.train.args`); returns a summary."""
     from mpmoe.megatron import destroy_distributed, init_distributed
-    from mpmoe.megatron.balancing import balancing_scalars, update_balancing_state
+    from mpmoe.megatron.balancing import balancing_scalars, discard_balancing_state, update_balancing_state
     from mpmoe.megatron.router import set_training_progress
     from mpmoe.train import checkpoint as ckpt
     from mpmoe.train.args import validate
@@ -256,6 +256,7 @@ def train(args) -> dict:
                 if info.rank == 0:
                     print(f"mpmoe train: {what}: update skipped (--on-nan skip)", file=sys.stderr, flush=True)
                 ok, grad_norm = False, None
+                discard_balancing_state(model)  # the skipped step's ReMoE counts
             else:
                 ok, grad_norm, _ = optimizer.step()
                 update_balancing_state(model)  # ReMoE's L1 coefficient (the expert bias: in the step)

@@ -62,13 +62,17 @@ def build_optimizer(wrapped, config, args):
 
 def schedule_lengths(args) -> dict:
     """Warm-up, decay and WSD-decay lengths in iterations."""
+    from mpmoe.train.presets import fraction_of_iters
+
     decay = args.lr_decay_iters or max(args.train_iters, 1)
     warmup = args.lr_warmup_iters
     if args.lr_warmup_fraction is not None:
-        warmup = int(round(args.lr_warmup_fraction * decay))
+        # not rounded: Megatron-LM's training.py passes fraction x decay steps as is
+        # (21.21 iterations of warm-up for 0.01 of 2121)
+        warmup = args.lr_warmup_fraction * decay
     wsd = args.lr_wsd_decay_iters
     if wsd is None:
-        wsd = max(1, int(round(args.lr_wsd_decay_fraction * decay)))
+        wsd = fraction_of_iters(args.lr_wsd_decay_fraction, decay)
     return {"warmup": warmup, "decay": decay, "wsd_decay": wsd}
 
 

@@ -8,12 +8,13 @@ they are merged into one flat dict. Command-line flags override preset values.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 
 from mpmoe.errors import UserError
 
-__all__ = ["CONFIG_DIR", "PresetError", "list_presets", "load_preset", "preset_path"]
+__all__ = ["CONFIG_DIR", "PresetError", "fraction_of_iters", "list_presets", "load_preset", "preset_path"]
 
 #: The presets ship inside the package (``mpmoe/configs``, package data) so that a
 #: non-editable ``pip install`` has them; ``configs/`` at the repository root links here.
@@ -22,6 +23,16 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 class PresetError(UserError, ValueError):
     """Unknown preset or malformed preset file (one-line message)."""
+
+
+def fraction_of_iters(fraction: float, iters: int) -> int:
+    """Iterations of a fraction of a run (``lr_wsd_decay_fraction``), at least 1.
+
+    Rounded down, as the launchers of FLAME-MoE and the MP-MoE authors compute the WSD
+    decay (``$((TRAIN_ITERS / 10))``): 0.1 of 2121 is 212, of 5685 is 568. Both launchers
+    (``mpmoe train`` and :mod:`mpmoe.megatron_lm.flags`) use this one function.
+    """
+    return max(1, math.floor(fraction * iters + 1e-9))
 
 
 def list_presets() -> list[str]:

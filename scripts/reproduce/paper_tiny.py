@@ -1,6 +1,7 @@
 """The MP-MoE paper's experiments at tiny scale, one command (driver of paper_tiny.sh).
 
     python scripts/reproduce/paper_tiny.py OUT [--quick] [--seeds 1,2,3] [--iters N]
+    python scripts/reproduce/paper_tiny.py OUT --shape paper    # 64 experts top-8, 4 methods
     python scripts/reproduce/paper_tiny.py OUT --preset flame-moe-38m --data-path PREFIX \
         --tokenizer-model DIR --iters 2000          # the same pipeline on a GPU
 
@@ -13,6 +14,11 @@ ones); the dynamic k -> k-1 mask (co-occurrence vs random); the Sigma prior on/o
 analysis plots (``mpmoe analyze stats`` / ``checkpoint``). Writes ``OUT/report.md``,
 ``OUT/summary.json`` and PNGs. Everything runs in this process, one stage after another;
 finished training runs are reused when OUT already holds them (re-run to resume).
+
+``--shape paper`` trains the paper's expert shape at CPU scale instead (the ``tiny-paper``
+preset: 64 experts, top-8 + a shared MLP, pre-softmax, hidden 64) for 1,500 iterations,
+MoPE, top-k (aux loss), top-k + aux-loss-free expert bias and ReMoE (same k, so equal active
+compute; ReMoE's L1 steers it to k on average), 3 seeds, no Sigma-prior runs.
 """
 
 from __future__ import annotations
@@ -49,6 +55,13 @@ CONFIGS = {
         "--min-lr", "3e-4", "--moe-otep-warmup-fraction", "0.2"],
         iters=16, eval_interval=8, eval_iters=2, plot_every=8, seeds=[1, 2], eval_limit=3, random_draws=1,
         side_runs=1),
+    # The paper's expert shape (issue 24): the tiny-paper preset holds it (one source for this
+    # script and benchmarks/compare_routers.py); more methods, no prior runs, no eval tasks.
+    "paper": dict(preset="tiny-paper", flags=[],
+                  iters=1500, eval_interval=100, eval_iters=8, plot_every=100, seeds=[1, 2, 3], eval_limit=40,
+                  random_draws=3, side_runs=0, skip_eval=True,
+                  methods={"top-k + bias": ("none", ["--moe-router-enable-expert-bias"]),
+                           "ReMoE": ("none", ["--moe-relu-routing"])}),
 }
 
 CLAIMS = {
@@ -265,6 +278,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="paper_tiny", description=__doc__.splitlines()[0])
     p.add_argument("out")
     p.add_argument("--quick", action="store_true", help="a few iterations of a smaller model (tests)")
+    p.add_argument("--shape", choices=["small", "paper"], default="small",
+                   help="small: 16 experts top-4, MoPE vs top-k (+ prior), 300 iterations; paper: 64 experts "
+                        "top-8 + shared, MoPE / top-k / top-k + bias / ReMoE, 1,500 iterations")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 1,2,3; --quick: 1,2)")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--shrinkage", type=float, default=0.1, help="Sigma prior of the prior-on runs")
@@ -284,7 +300,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     import shlex
 
-    cfg = CONFIGS["quick" if a.quick else "full"]
+    if a.quick and a.shape != "small":
+        p.error("--quick and --shape paper exclude each other")
+    cfg = CONFIGS["quick" if a.quick else ("paper" if a.shape == "paper" else "full")]
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else cfg["seeds"]
     if a.side_runs is not None:
         cfg = dict(cfg, side_runs=a.side_runs)
@@ -303,7 +321,8 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    log(f"{'quick' if a.quick else 'full'}: seeds {seeds}, {iters} iterations, out {out}")
+    mode = "quick" if a.quick else ("paper shape" if a.shape == "paper" else "full")
+    log(f"{mode}: seeds {seeds}, {iters} iterations, out {out}")
 
     groups = {"MoPE": [], "top-k": [], f"MoPE + prior {a.shrinkage:g}": []}
     for seed in seeds:
@@ -313,6 +332,9 @@ def main(argv=None) -> int:
         if len(groups[f"MoPE + prior {a.shrinkage:g}"]) < cfg["side_runs"] or prior_done:
             groups[f"MoPE + prior {a.shrinkage:g}"].append(train_run(
                 out, f"seed{seed}-mope-prior", base, seed, "otep", iters, ["--moe-sigma-shrinkage", str(a.shrinkage)]))
+        for label, (routing, extra) in cfg.get("methods", {}).items():
+            slug = label.replace(" + ", "-").replace(" ", "-").lower()
+            groups.setdefault(label, []).append(train_run(out, f"seed{seed}-{slug}", base, seed, routing, iters, extra))
     t_train = time.time() - t0
     groups = {label: g for label, g in groups.items() if g}  # no prior runs with --side-runs 0
     if a.train_only:
@@ -323,7 +345,7 @@ def main(argv=None) -> int:
     abl = {label: [ablations(r, cfg["random_draws"]) for r in groups[label]] for label in ("MoPE", "top-k")}
 
     tasks = {}
-    if not a.skip_eval:
+    if not (a.skip_eval or cfg.get("skip_eval")):
         limit = a.eval_limit or cfg["eval_limit"]
         limit = int(limit) if float(limit).is_integer() else limit
         for r_mope, r_topk in list(zip(groups["MoPE"], groups["top-k"]))[:cfg["side_runs"]]:
@@ -350,7 +372,7 @@ def main(argv=None) -> int:
     stats = {label: mean_std(v) for label, v in final.items()}
     spread = max(stats["MoPE"][1], stats["top-k"][1])
     summary = {
-        "mode": "quick" if a.quick else "full", "seeds": seeds, "iterations": iters, "base_flags": base,
+        "mode": mode, "seeds": seeds, "iterations": iters, "base_flags": base,
         "wall_s": {"training": round(t_train, 1), "total": round(time.time() - t0, 1)},
         "val_loss": {label: {"per_seed": v, "mean": stats[label][0], "std": stats[label][1]}
                      for label, v in final.items()},
@@ -381,6 +403,10 @@ def main(argv=None) -> int:
              "| claim (paper) | measured here |", "|---|---|"]
     lines.append(f"| {CLAIMS['loss']} | " + verdict(stats["MoPE"][0], stats["top-k"][0], spread,
                                                        "MoPE lower", "top-k lower") + " |")
+    for label in cfg.get("methods", {}):
+        lines.append(f"| (no paper claim) {label} vs top-k | " + verdict(
+            stats[label][0], stats["top-k"][0], max(stats[label][1], stats["top-k"][1]),
+            f"{label} lower", "top-k lower") + " |")
     for label in ("MoPE", "top-k"):
         dyn = {m: mean_std([x["dynamic"][m] for x in abl[label]]) for m in ("cooccurrence", "random")}
         lines.append(f"| {CLAIMS['dynamic']} ({label}) | k->k-1 loss change: co-occurrence "
