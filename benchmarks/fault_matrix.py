@@ -528,6 +528,17 @@ def cases(fx: Fixture) -> list[Case]:
     add("script paper_tiny.sh --quick --shape paper", ("exit 2", exit_ok(rc=2)),
         lambda d: sh(["bash", str(ROOT / "scripts/reproduce/paper_tiny.sh"), str(d / "o"), "--quick", "--shape",
                       "paper"], d))
+
+    # -- model store (mpmoe.store): model-only checkpoints ----------------------------------
+    def model_only(d):  # the fixture's checkpoint rewritten by store.save_model into d/mo
+        code = ("from mpmoe.megatron import init_distributed; from mpmoe import store; init_distributed(); "
+                f"m = store.load_model({str(fx.ckpt)!r}); store.save_model({str(d / 'mo')!r}, m, args=m.args)")
+        r = sh([PY, "-c", code], d)
+        return r if r.rc else None
+    add("train --load model-only checkpoint without --no-load-optim", err("--no-load-optim"),
+        lambda d: model_only(d) or T("--load", d / "mo", "--save", d / "s")(d))
+    add("train --load model-only checkpoint --no-load-optim", ("exit 0, trains from it", exit_ok()),
+        lambda d: model_only(d) or T("--load", d / "mo", "--save", d / "s", "--no-load-optim")(d))
     return C
 
 
