@@ -539,6 +539,20 @@ def cases(fx: Fixture) -> list[Case]:
         lambda d: model_only(d) or T("--load", d / "mo", "--save", d / "s")(d))
     add("train --load model-only checkpoint --no-load-optim", ("exit 0, trains from it", exit_ok()),
         lambda d: model_only(d) or T("--load", d / "mo", "--save", d / "s", "--no-load-optim")(d))
+    # -- export hf / import hf (docs/export.md) -----------------------------------------
+    X = lambda *a, **kw: mpmoe("export", "hf", *a, **kw)  # noqa: E731
+    add("export hf works", ("exit 0", exit_ok("wrote")), X("--load", fx.ckpt, "--out", "hf"))
+    add("export hf missing checkpoint", err("/nonexistent/ck"), X("--load", "/nonexistent/ck", "--out", "hf"))
+    add("export hf --out not empty", err("not an empty folder"), lambda d: (d / "hf").mkdir() or (
+        d / "hf" / "x").write_text("x") and sh([*MPMOE, "export", "hf", "--load", str(fx.ckpt), "--out", "hf"], d))
+    add("export hf --routing bogus", err("--routing"), X("--load", fx.ckpt, "--out", "hf", "--routing", "bogus"))
+    add("export unknown format", err("onnx"), mpmoe("export", "onnx", "--load", fx.ckpt))
+    add("import hf missing folder", err("/nonexistent/hf"), mpmoe("import", "hf", "--model", "/nonexistent/hf", "--save", "ck"))
+    add("import hf unsupported model_type", err("model_type"), lambda d: (d / "m").mkdir() or (
+        d / "m" / "config.json").write_text('{"model_type": "olmoe"}') and sh(
+        [*MPMOE, "import", "hf", "--model", "m", "--save", "ck"], d))
+    add("import hf folder without config", err("config.json"), lambda d: (d / "m").mkdir() or sh(
+        [*MPMOE, "import", "hf", "--model", "m", "--save", "ck"], d))
     return C
 
 

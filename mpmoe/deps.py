@@ -23,6 +23,8 @@ INSTALL = {
     "sklearn": "the analysis extra: pip install 'mpmoe[analysis]'",
     "ot": "the analysis extra: pip install 'mpmoe[analysis]'",
     "wandb": "wandb (pip install wandb)",
+    "transformers": "the export extra: pip install 'mpmoe[export]'",
+    "safetensors": "the export extra: pip install 'mpmoe[export]'",
 }
 
 # What each verb always needs beyond torch / megatron-core / numpy / tqdm.
@@ -31,6 +33,8 @@ VERB_NEEDS = {
     "data": ("tokenizers",),
     "eval": ("lm_eval", "tokenizers"),
     "analyze": ("matplotlib", "sklearn", "ot"),
+    "export": ("transformers", "safetensors", "tokenizers"),
+    "import": ("transformers", "safetensors", "tokenizers"),
 }
 
 

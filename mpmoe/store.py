@@ -291,7 +291,7 @@ def load_model(
     build_args = copy.copy(args)
     for key, value in _BUILD_ONLY.items():
         setattr(build_args, key, value)
-    _, model, module = build_model(build_args, padded)
+    _, model, module = build_model(build_args, padded, initialize=False)  # every tensor is loaded below
     try:
         load_checkpoint(root, model, None, None, load_optim=False, load_rng=False, iteration=iteration)
     except Exception as exc:  # noqa: BLE001 - one line for a model/checkpoint mismatch

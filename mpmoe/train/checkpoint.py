@@ -269,6 +269,9 @@ def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = Tru
             f"not load with expert-model-parallel-size {layout['EP']}; pass --no-load-optim to "
             f"load the model alone (it reshards)")
     model_sd = model.sharded_state_dict()
+    fresh = _fresh_sigma_keys(path, model_sd)
+    for key in fresh:  # a top-k checkpoint loaded into a MoPE model: Sigma starts from the identity
+        del model_sd[key]
     request = {"model": model_sd}
     if load_optim:
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
@@ -285,6 +288,9 @@ def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = Tru
         raise CheckpointingException(
             f"{path} does not fit this model: {_last_line(exc)}{hint}"
         ) from exc
+    if fresh:
+        own = model.state_dict()
+        state["model"].update({k: own[k] for k in fresh})
     model.load_state_dict(state["model"], strict=True)
     if load_optim:
         optimizer.load_state_dict(state["optimizer"])
@@ -293,6 +299,17 @@ def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = Tru
         _set_rng_state(state["rng"])
     _set_router_counters(model, state["train_state"].get("router_counters", {}))
     return state["train_state"]
+
+
+def _fresh_sigma_keys(path, model_sd) -> list:
+    """MoPE routers' Sigma state (``cooccurrence_stats``) that the checkpoint lacks: it was
+    trained with top-k routing (or imported) and is now trained or fine-tuned as MoPE. Only
+    Sigma may be missing; anything else still fails the load."""
+    wanted = [k for k in model_sd if ".cooccurrence_stats." in k]
+    if not wanted:
+        return []
+    saved = set(dist_checkpointing.load_tensors_metadata(str(path)))
+    return [k for k in wanted if getattr(model_sd[k], "key", k) not in saved]
 
 
 # --------------------------------------------------------------------------- for eval / analysis

@@ -102,8 +102,13 @@ def evaluate(model, dataset, args, dp_rank: int, dp_size: int) -> float:
     return _reduce_losses(reports)
 
 
-def build_model(args, vocab_size: int):
+def build_model(args, vocab_size: int, *, initialize: bool = True):
     """The model ``args`` describe: ``(config, model, module)``.
+
+    ``initialize=False`` leaves the weights uninitialised (megatron's
+    ``perform_initialization``): for callers that overwrite every tensor at once (loading
+    a checkpoint, importing a model), where initialising a flame-moe-38m on a 2-core CPU
+    alone takes about a minute.
 
     ``model`` is megatron's ``GPTModel`` (MoE or MoPE layers, :class:`MoPEConfig`);
     ``module`` is what trains: the model itself, or wrapped in megatron's
@@ -114,10 +119,11 @@ def build_model(args, vocab_size: int):
     from mpmoe.megatron.config import MoPEConfig
     from mpmoe.train.args import model_config_kwargs
 
-    config = MoPEConfig(**model_config_kwargs(args))
+    config = MoPEConfig(**model_config_kwargs(args), perform_initialization=initialize)
     model = build_gpt_model(
         config, vocab_size=vocab_size, max_sequence_length=args.max_position_embeddings,
         position_embedding_type=args.position_embedding_type,
+        rotary_base=getattr(args, "rotary_base", 10000.0),
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
     )
     module = model
