@@ -61,6 +61,10 @@ def test_split_all_experts_equals_dense_and_records_the_ilp(dense, tmp_path):
     assert n_split == n_dense  # the experts are the dense FFN, parameter for parameter
     assert s_model.args.moe_router_unit_gates and s_model.trained_routing == "topk"
     assert (out / "preset.toml").is_file()
+    from mpmoe.export.hf import ExportError, hf_kind
+
+    with pytest.raises(ExportError, match="different sizes"):  # `mpmoe export hf` refuses it
+        hf_kind(s_model.model, "topk")
 
 
 @pytest.mark.parametrize("part", ["moefication", "random-homogeneous", "random-heterogeneous", "contiguous"])
