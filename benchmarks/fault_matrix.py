@@ -553,6 +553,38 @@ def cases(fx: Fixture) -> list[Case]:
         [*MPMOE, "import", "hf", "--model", "m", "--save", "ck"], d))
     add("import hf folder without config", err("config.json"), lambda d: (d / "m").mkdir() or sh(
         [*MPMOE, "import", "hf", "--model", "m", "--save", "ck"], d))
+
+    # -- experts (issue 26): bad inputs leave nothing behind -------------------------------
+    X = lambda *a, **kw: mpmoe("experts", *a, **kw)  # noqa: E731
+    add("experts no subcommand", ("exit 2", exit_ok(rc=2)), X())
+    add("experts merge --num-experts 0", err("--num-experts"),
+        X("merge", "--load", fx.ckpt, "--save", "o", "--num-experts", "0"))
+    add("experts merge --num-experts > E", err("--num-experts", "5"),
+        X("merge", "--load", fx.ckpt, "--save", "o", "--num-experts", "5", "--calibration-tokens", "64"))
+    add("experts merge --load missing", err("/nonexistent/ck"),
+        X("merge", "--load", "/nonexistent/ck", "--save", "o", "--num-experts", "2"))
+    add("experts merge --groups names a missing expert", err("expert 7"), lambda d: (d / "g.json").write_text(
+        '{"1": [[0, 7], [1, 2, 3]], "2": [[0, 1, 2, 3]]}') and sh(
+        [*MPMOE, "experts", "merge", "--load", str(fx.ckpt), "--save", "o", "--groups", str(d / "g.json")], d))
+    add("experts merge --save not empty", err("--save"), lambda d: (d / "o").mkdir() or (d / "o" / "x").write_text(
+        "x") and sh([*MPMOE, "experts", "merge", "--load", str(fx.ckpt), "--save", "o", "--num-experts", "2"], d))
+    add("experts compress --rank 0", err("--rank"), X("compress", "--load", fx.ckpt, "--save", "o", "--rank", "0"))
+    add("experts compress --sparse-keep 2", err("--sparse-keep"),
+        X("compress", "--load", fx.ckpt, "--save", "o", "--sparse-keep", "2"))
+
+    # -- experts split (HEMoE) ----------------------------------------------------------------
+    S = lambda *a, **kw: mpmoe("experts", "split", "--save", "o", *a, **kw)  # noqa: E731
+    add("experts split an MoE checkpoint", err("already has experts"), S("--load", fx.ckpt))
+    add("experts split k > E", err("--moe-router-topk"), S("--load", fx.ckpt, "--num-experts", "4",
+                                                          "--moe-router-topk", "5"))
+    add("experts split E > modules", err("--num-modules"), S("--load", fx.ckpt, "--num-experts", "16",
+                                                            "--num-modules", "8"))
+    add("experts split size ratio < 1", err("--size-ratio"), S("--load", fx.ckpt, "--size-ratio", "0.5"))
+    add("experts split --domain-data missing", err("/nonexistent/dom"),
+        S("--load", fx.ckpt, "--domain-data", "/nonexistent/dom"))
+    add("experts split --domain-data empty file", err("is empty"), lambda d: (d / "dom").mkdir() or (
+        d / "dom" / "a.txt").write_text(" ") and sh([*MPMOE, "experts", "split", "--load", str(fx.ckpt), "--save",
+                                                     "o", "--domain-data", str(d / "dom")], d))
     return C
 
 

@@ -17,6 +17,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "data": ("mpmoe.data.cli", "text -> tokenizer -> Megatron indexed dataset (.bin/.idx)"),
     "eval": ("mpmoe.eval.cli", "evaluate checkpoints with lm-evaluation-harness (offline local tasks or the hub suite)"),
     "analyze": ("mpmoe.analysis.cli", "routing/expert analysis: plots + summary.json from statistics dumps and checkpoints"),
+    "experts": ("mpmoe.experts.cli", "merge / compress / split the experts of a checkpoint (MC-SMoE, HEMoE)"),
     "export": ("mpmoe.export.hf", "export a checkpoint: `export hf` writes a Hugging Face transformers folder"),
     "import": ("mpmoe.export.hf_import", "import a model: `import hf` reads a Hugging Face folder into a checkpoint"),
 }

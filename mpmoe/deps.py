@@ -23,6 +23,7 @@ INSTALL = {
     "sklearn": "the analysis extra: pip install 'mpmoe[analysis]'",
     "ot": "the analysis extra: pip install 'mpmoe[analysis]'",
     "wandb": "wandb (pip install wandb)",
+    "scipy": "the experts extra: pip install 'mpmoe[experts]'",
     "transformers": "the export extra: pip install 'mpmoe[export]'",
     "safetensors": "the export extra: pip install 'mpmoe[export]'",
 }
@@ -33,6 +34,7 @@ VERB_NEEDS = {
     "data": ("tokenizers",),
     "eval": ("lm_eval", "tokenizers"),
     "analyze": ("matplotlib", "sklearn", "ot"),
+    "experts": ("scipy", "tokenizers"),
     "export": ("transformers", "safetensors", "tokenizers"),
     "import": ("transformers", "safetensors", "tokenizers"),
 }

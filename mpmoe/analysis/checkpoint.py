@@ -156,7 +156,8 @@ def collect_expert_outputs(model, tokens, position_ids, *, layers: Optional[list
         outputs = out.reshape(e_local, t, -1).float().cpu().numpy()
         rmap = routed[n].reshape(-1, routed[n].shape[-1]).float().cpu().numpy()
         router = m.router
-        sigma = router.current_sigma() if isinstance(router, TopKStatsRouter) else None
+        # merged experts (mpmoe experts merge, collapsed): Sigma of the stored experts
+        sigma = getattr(router, "group_sigma", router.current_sigma)() if isinstance(router, TopKStatsRouter) else None
         probes[n] = ExpertProbe(
             layer=n, kind=getattr(router, "stats_kind", "moe"), outputs=outputs,
             cooccurrence=rmap.T @ rmap, num_tokens=int(rmap.shape[0]),

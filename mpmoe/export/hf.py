@@ -123,6 +123,11 @@ def hf_kind(model, routing: str) -> str:
         refuse("experts of different sizes (mpmoe experts split) have no transformers class")
     if getattr(cfg, "moe_router_unit_gates", False):
         refuse("unit gates (mpmoe experts split, --moe-router-unit-gates) have no transformers class")
+    if getattr(cfg, "moe_expert_groups", None):
+        refuse("merged experts folded from a wider router or dropped experts (mpmoe experts merge "
+               "--layout collapsed / --method drop) have no transformers class; the bind layout exports")
+    if getattr(cfg, "moe_expert_compression", None):
+        refuse("compressed experts (low rank + sparse, mpmoe experts compress) have no transformers class")
     if getattr(cfg, "moe_mask_experts", None) or getattr(cfg, "moe_dynamic_mask_mode", None):
         refuse("expert masks are an evaluation ablation, not part of the model")
     if cfg.moe_router_num_groups or getattr(cfg, "moe_router_group_topk", None):

@@ -144,7 +144,8 @@ def allow_variable_experts_per_token() -> None:
     def preprocess(self, routing_map):
         out = upstream(self, routing_map)
         cfg = self.config
-        variable = getattr(cfg, "moe_relu_routing", False) or getattr(cfg, "moe_dynamic_mask_mode", None)
+        variable = getattr(cfg, "moe_relu_routing", False) or getattr(cfg, "moe_dynamic_mask_mode", None) \
+            or getattr(cfg, "moe_expert_groups", None)
         if variable and not self.drop_and_pad and cfg.moe_expert_capacity_factor is None \
                 and not getattr(cfg, "moe_router_padding_for_quantization", False):
             self.num_out_tokens = int(routing_map.sum())

@@ -152,6 +152,12 @@ class MoPEConfig(TransformerConfig):
 
     moe_size_aux_loss_coeff: float = 0.0
     """HEMoE's size-weighted balance loss coefficient (0: off); equal sizes give aux_loss."""
+    moe_expert_groups: Optional[str] = None
+    """Merged experts (``mpmoe experts merge``): ``"LAYER:g0,g1,...;..."``, the group of each of
+    the router's experts per MoE layer (-1: dropped); see :mod:`mpmoe.megatron.surgery`."""
+
+    moe_expert_compression: Optional[str] = None
+    """Compressed experts (``mpmoe experts compress``): ``"RANK:KEEP"``."""
 
     moe_router_expert_bias_mode: str = "prob"
     """Expert bias with softmax scores: where the selection adds it. "prob": softmax + b;
@@ -161,6 +167,7 @@ class MoPEConfig(TransformerConfig):
     def __post_init__(self):
         self._validate_mope_fields()
         self._validate_split_fields()
+        self._validate_surgery_fields()
         is_mope = self.moe_router_load_balancing_type == MOPE_ROUTING_TYPE
         if is_mope:
             # Megatron validates "aux_loss"; MoPE's losses are exactly aux_loss routing's.
@@ -268,9 +275,29 @@ class MoPEConfig(TransformerConfig):
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
             raise ValueError(f"moe_size_aux_loss_coeff must be a number >= 0, got {c!r}")
         self.moe_size_aux_loss_coeff = float(c)
+        if self.moe_expert_ffn_sizes and (getattr(self, "moe_expert_groups", None)
+                                          or getattr(self, "moe_expert_compression", None)):
+            raise ValueError("moe_expert_ffn_sizes (split experts) cannot be combined with merged or "
+                             "compressed experts")
         if (self.moe_router_unit_gates or c) and self.moe_relu_routing:
             raise ValueError("moe_router_unit_gates / moe_size_aux_loss_coeff do not apply to ReMoE's "
                              "ReLU routing")
+    def _validate_surgery_fields(self) -> None:
+        from mpmoe.surgery.compress import parse_compression
+        from mpmoe.surgery.merge import parse_expert_groups
+
+        groups = parse_expert_groups(self.moe_expert_groups)
+        if groups:
+            if self.num_moe_experts is None:
+                raise ValueError("moe_expert_groups needs num_moe_experts")
+            for layer, labels in groups.items():
+                if len(labels) < self.num_moe_experts or max(labels) >= self.num_moe_experts:
+                    raise ValueError(f"moe_expert_groups: layer {layer} maps {len(labels)} experts into "
+                                     f"groups up to {max(labels)}, the model has num_moe_experts="
+                                     f"{self.num_moe_experts}")
+        self.moe_expert_groups = self.moe_expert_groups or None
+        parse_compression(self.moe_expert_compression)
+        self.moe_expert_compression = self.moe_expert_compression or None
 
     def _validate_otep_combination(self) -> None:
         if self.num_moe_experts is None:

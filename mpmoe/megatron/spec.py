@@ -227,6 +227,9 @@ def _mlp_spec(
             raise ValueError("moe_expert_ffn_sizes (experts of different sizes) cannot run with "
                              "moe_grouped_gemm (equal sizes only); turn grouped GEMM off")
         replace_experts(moe, HeteroSequentialMLP, expert_sizes=tuple(sizes), layer_number=layer_number)
+    from mpmoe.megatron.surgery import apply_surgery_spec
+
+    apply_surgery_spec(moe, config)  # merged / compressed experts (mpmoe experts)
     return spec
 
 
@@ -301,7 +304,9 @@ def check_expert_parallel(config: TransformerConfig) -> None:
             f"num_moe_experts={config.num_moe_experts} is not divisible by "
             f"expert_model_parallel_size={ep}"
         )
-    if config.moe_router_topk > config.num_moe_experts:
+    from mpmoe.megatron.surgery import router_width
+
+    if config.moe_router_topk > router_width(config):  # merged experts: the router's E
         raise ValueError(
             f"moe_router_topk={config.moe_router_topk} > num_moe_experts={config.num_moe_experts}"
         )

@@ -208,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HEMoE's balance loss, each expert weighted by its size (0 = off)")
     g.add_argument("--trainable-params", choices=["all", "routers"], default="all",
                    help="routers: train only the MoE routers (e.g. after `mpmoe experts split`)")
+    g.add_argument("--moe-expert-groups", default=None, metavar="LAYER:LABELS;...",
+                   help="merged experts (written by `mpmoe experts merge`): per MoE layer, the group "
+                        "of each router expert (-1: dropped); the router selects over them, then "
+                        "folds into --num-experts experts (docs/experts.md)")
+    g.add_argument("--moe-expert-compression", default=None, metavar="RANK:KEEP",
+                   help="compressed experts (written by `mpmoe experts compress`): every expert "
+                        "weight is low rank RANK + KEEP of its residual rows (docs/experts.md)")
     g.add_argument("--last-trainable-layers", type=int, default=None,
                    help="train only the last N transformer layers (+ final norm and output "
                         "layer); -1 or unset: everything (the demo's flag)")
@@ -597,6 +604,8 @@ def model_config_kwargs(args: argparse.Namespace) -> dict:
             moe_router_pre_softmax=getattr(args, "moe_router_pre_softmax", False),
             moe_sigma_shrinkage=getattr(args, "moe_sigma_shrinkage", 0.0),
             moe_sigma_decay_rate=getattr(args, "moe_sigma_decay_rate", 0.0),
+            moe_expert_groups=getattr(args, "moe_expert_groups", None),
+            moe_expert_compression=getattr(args, "moe_expert_compression", None),
         )
         kw.update(moe_expert_ffn_sizes=getattr(args, "moe_expert_ffn_sizes", None),
                   moe_router_unit_gates=bool(getattr(args, "moe_router_unit_gates", False)),
