@@ -76,7 +76,7 @@ def _batches(args, n: int, seed: int):
 
 
 def _step(run, seed: int) -> float:
-    from mpmoe.megatron.balancing import update_balancing_state
+    from mpmoe.megatron.remoe import update_balancing_state
     from mpmoe.megatron.router import set_training_progress
     from mpmoe.train.loop import forward_backward
 
@@ -97,7 +97,7 @@ def _step(run, seed: int) -> float:
 
 
 def _experts_per_token(run) -> float:
-    from mpmoe.megatron.balancing import ReMoERouter
+    from mpmoe.megatron.remoe import ReMoERouter
     from mpmoe.megatron.router import iter_routers
 
     vals = [float(r.last_experts_per_token) for r in iter_routers(run[1]) if isinstance(r, ReMoERouter)]

@@ -69,7 +69,7 @@ TRACED_EXPERTS = 6
 
 def _record_bias(trace: list):
     """Patch the trainer's per-step hook to append the first MoE layer's selection bias."""
-    import mpmoe.megatron.balancing as balancing
+    import mpmoe.megatron.remoe as balancing
     from mpmoe.megatron.router import iter_routers
 
     original = balancing.update_balancing_state

@@ -553,6 +553,21 @@ def cases(fx: Fixture) -> list[Case]:
         [*MPMOE, "import", "hf", "--model", "m", "--save", "ck"], d))
     add("import hf folder without config", err("config.json"), lambda d: (d / "m").mkdir() or sh(
         [*MPMOE, "import", "hf", "--model", "m", "--save", "ck"], d))
+    # -- router registry and routing settings table (issue 22, docs/routing.md) -------------
+    R = lambda *a: mpmoe("train", "--train-iters", "1", *a)  # noqa: E731
+    add("train --router mope --moe-relu-routing", err("name different routers"), R("--router", "mope", "--moe-relu-routing"))
+    add("train --router topk --moe-sigma-shrinkage 0.1", err("--moe-sigma-shrinkage", "MoPE setting"),
+        R("--router", "topk", "--moe-sigma-shrinkage", "0.1"))
+    add("train ReMoE coefficient without ReMoE", err("--moe-relu-l1-reg-coeff-init", "ReMoE setting"),
+        R("--router", "topk", "--moe-relu-l1-reg-coeff-init", "0.1"))
+    add("train --moe-router-bias-update-rate without expert bias", err("--moe-router-enable-expert-bias"),
+        R("--moe-router-bias-update-rate", "0.01"))
+    add("train --moe-router-pre-softmax with ReMoE", err("--moe-router-pre-softmax", "ReMoE"),
+        R("--router", "remoe", "--moe-router-pre-softmax"))
+    add("train --moe-otep-eps=nan", err("--moe-otep-eps", "finite"), R("--moe-otep-eps=nan"))
+    add("train --moe-relu-routing on a MoPE preset", ("exit 0, trains ReMoE", exit_ok()), R("--moe-relu-routing"))
+    add("flags --router bogus", err("--router"), lambda d: sh([PY, "-m", "mpmoe.megatron_lm.flags", "tiny-cpu",
+                                                            "--router", "bogus"], d))
 
     # -- experts (issue 26): bad inputs leave nothing behind -------------------------------
     X = lambda *a, **kw: mpmoe("experts", *a, **kw)  # noqa: E731

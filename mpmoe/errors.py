@@ -13,11 +13,12 @@ This module imports nothing from mpmoe, so every layer may use it.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable, Optional
 
-__all__ = ["MAX_CHARS", "UserError", "debug_enabled", "one_line", "innermost_error", "run_verb", "user_message"]
+__all__ = ["MAX_CHARS", "ArgumentParser", "UserError", "debug_enabled", "one_line", "innermost_error", "run_verb", "user_message"]
 
 #: Longest error line printed (longer messages are cut with "...").
 MAX_CHARS = 300
@@ -28,6 +29,14 @@ class UserError(Exception):
 
     def __init__(self, message: str = "") -> None:
         super().__init__(" ".join(str(message).split()))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its usage errors raised as :class:`UserError` (printed by :func:`run_verb`
+    as one line, exit 2); ``--help`` still prints and exits 0."""
+
+    def error(self, message):
+        raise UserError(message)
 
 
 def debug_enabled() -> bool:

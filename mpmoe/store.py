@@ -162,12 +162,10 @@ def _find_tokenizer(tokenizer, root: Path, it_dir: Path, args) -> Optional[Path]
 
 
 def trained_routing(args) -> str:
-    """``"dense"``, ``"remoe"``, ``"mope"`` or ``"topk"``: the routing a run's flags train."""
-    if args.num_experts is None:
-        return "dense"
-    if getattr(args, "moe_relu_routing", False):
-        return "remoe"
-    return "mope" if args.moe_router_load_balancing_type == "otep" else "topk"
+    """``"dense"`` or the router kind a run's flags train (:mod:`mpmoe.megatron.routers`)."""
+    from mpmoe.megatron import routers
+
+    return routers.kind_of(args, dense="dense")
 
 
 def _resolve_device(device, dtype: str) -> tuple[str, str]:
@@ -217,7 +215,7 @@ def load_model(
             where megatron builds it (CUDA when available); ``"cpu"`` on a CUDA machine is
             refused rather than silently ignored.
         routing_dump_dir: write each forward's routing (experts and weights per token) there.
-        routing_ablation: static knock-out / dynamic mask options (``mpmoe.train.ablation``
+        routing_ablation: static knock-out / dynamic mask options (``mpmoe.megatron.settings``
             dests, e.g. ``{"moe_mask_experts": "2:3"}``); the training run's own are not
             carried over.
 
@@ -229,7 +227,7 @@ def load_model(
     from mpmoe.data import load_tokenizer
     from mpmoe.data.errors import DataError
     from mpmoe.megatron.router import MoPERouter, iter_routers
-    from mpmoe.train import ablation
+    from mpmoe.megatron import settings
     from mpmoe.train.checkpoint import TOKENIZER_DIR, load_checkpoint, resolve_checkpoint, saved_run_info
     from mpmoe.train.loop import build_model, padded_vocab_size
 
@@ -281,7 +279,8 @@ def load_model(
     padded = int(data.get("padded_vocab") or padded_vocab_size(vocab, args.make_vocab_size_divisible_by))
 
     try:
-        resolved = ablation.resolve(routing_ablation, args.num_experts, args.moe_router_topk, prog="mpmoe eval")
+        resolved = settings.evaluation_values(routing_ablation, None if trained == "dense" else trained,
+                                              num_experts=args.num_experts, topk=args.moe_router_topk)
     except ValueError as exc:
         raise StoreError(str(exc)) from None
     for key, value in resolved.items():

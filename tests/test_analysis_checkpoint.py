@@ -67,7 +67,7 @@ def test_checkpoint_ablations_mope_vs_moe(runs, tmp_path):
     assert rc == 0
     summary = json.loads((report / "summary.json").read_text())
     mope, moe = summary["runs"]
-    assert mope["iteration"] == 4 and mope["routing"] == "otep" and moe["routing"] == "aux_loss"
+    assert mope["iteration"] == 4 and mope["routing"] == "mope" and moe["routing"] == "topk"
     for run in (mope, moe):
         assert set(run["layers"]) == {"2", "3"}
         for layer in run["layers"].values():
@@ -92,7 +92,7 @@ def test_checkpoints_record_the_flags_the_analysis_needs(runs, tmp_path):
                   "--num-tokens", "64", "--ot-samples", "0", "--layers", "2", "--no-progress"])
     assert rc == 0
     mope, moe = json.loads((report / "summary.json").read_text())["runs"]
-    assert mope["routing"] == "otep" and moe["routing"] == "aux_loss"
+    assert mope["routing"] == "mope" and moe["routing"] == "topk"
     assert set(mope["layers"]) == {"2"} and "cka_similarity_vs_sigma" in mope["layers"]["2"]
 
 

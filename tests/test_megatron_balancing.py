@@ -11,7 +11,7 @@ from test_megatron_router_support import make_config, single_process_group
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec  # noqa: E402
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler  # noqa: E402
 
-from mpmoe.megatron.balancing import ReMoERouter, update_balancing_state  # noqa: E402
+from mpmoe.megatron.remoe import ReMoERouter, update_balancing_state  # noqa: E402
 from mpmoe.megatron.compat import build_mlp, moe_submodules  # noqa: E402
 from mpmoe.megatron.router import TopKStatsRouter  # noqa: E402
 from mpmoe.megatron.stats import RoutingStatsTracker, read_stats_file  # noqa: E402
@@ -162,7 +162,7 @@ def test_sigmoid_expert_bias_is_megatrons_own_path_on_cpu():
 
 def test_remoe_logs_the_mean_l1_penalty_per_layer():
     """remoe/l1_loss/layer_L: lambda * L1 recomputed by hand, averaged over the step's micro-batches."""
-    from mpmoe.megatron.balancing import balancing_scalars
+    from mpmoe.megatron.remoe import balancing_scalars
 
     layer = remoe_layer(moe_relu_l1_reg_coeff_init=0.5)
     router = layer.router
@@ -184,7 +184,7 @@ def test_remoe_logs_the_mean_l1_penalty_per_layer():
 
 
 def test_a_skipped_step_does_not_leak_into_the_next_steps_sparsity():
-    from mpmoe.megatron.balancing import discard_balancing_state
+    from mpmoe.megatron.remoe import discard_balancing_state
 
     layer = remoe_layer()
     router = layer.router

@@ -109,3 +109,74 @@ def test_launcher_refuses_an_unpatched_checkout(tmp_path):
     (tmp_path / "pretrain_gpt.py").write_text("# stock\n")
     proc = _launch(tmp_path, "tiny-cpu", "mope", str(tmp_path))
     assert proc.returncode == 2 and "not patched" in proc.stderr
+
+
+# ---------------------------------------------------------------- one preset, one model and optimizer
+#: mpmoe train option -> Megatron-LM's dest for the same flag
+RENAMED = {"norm_epsilon": "layernorm_epsilon"}
+
+#: options allowed to differ between `mpmoe train --preset P` and Megatron-LM parsing
+#: `python -m mpmoe.megatron_lm.flags P`, and why
+ALLOWED_TO_DIFFER = {
+    "router": "mpmoe's router selector; Megatron-LM gets the router's marks, compared below",
+    "lr_wsd_decay_fraction": "mpmoe-only; emitted as --lr-wsd-decay-iters, compared below",
+    "lr_wsd_decay_iters": "compared against the length mpmoe train computes (schedule_lengths)",
+    "last_trainable_layers": "mpmoe's trainer only (freezing needs its model builder); None in every preset",
+    "recompute_modules": "used only with --recompute-granularity selective, which no preset sets",
+    "num_query_groups": "None (mpmoe: attention heads = groups) is Megatron-LM's 1 without "
+                        "--group-query-attention; compared below",
+}
+
+
+def _megatron_lm_parser():
+    import argparse
+
+    from megatron.training.arguments import add_megatron_arguments
+
+    from mpmoe.megatron_lm.args import add_mpmoe_args
+
+    parser = add_mpmoe_args(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    for action in parser._actions:  # what patch 0001 does to Megatron-LM's parser
+        if action.dest == "moe_router_load_balancing_type":
+            action.choices = [*action.choices, "otep"]
+    return parser
+
+
+def _one(value):
+    """Megatron-LM takes a list for the balancing type and its coefficient (one per type)."""
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("megatron.training") is None,
+                    reason="needs megatron.training (Python 3.12 + megatron-core 0.19)")
+def test_every_preset_resolves_to_the_same_hyperparameters_in_both_launchers():
+    from mpmoe.megatron import routers
+    from mpmoe.megatron_lm.flags import HYPERPARAMETER_GROUPS
+    from mpmoe.train.args import build_parser, fill_defaults, parse_args
+    from mpmoe.train.optim import schedule_lengths
+    from mpmoe.train.presets import list_presets
+
+    megatron = _megatron_lm_parser()
+    groups = [g for g in build_parser()._action_groups if g.title in HYPERPARAMETER_GROUPS]
+    keys = [a.dest for g in groups for a in g._group_actions]
+    assert {"weight_decay", "adam_beta2", "lr", "global_batch_size", "num_layers", "moe_router_topk",
+            "moe_otep_warmup_fraction"} <= set(keys)
+    for preset in list_presets():
+        for router in (None, *routers.KINDS):
+            flags = preset_flags(preset, router, train_iters=1000, mock_data=True)
+            mine = parse_args(["--preset", preset, "--train-iters", "1000",
+                               *(["--router", router] if router else [])], check=False)
+            fill_defaults(mine)
+            theirs = vars(megatron.parse_args(flags))
+            where = f"{preset} --router {router}"
+            differ = {key: (getattr(mine, key), _one(theirs[RENAMED.get(key, key)])) for key in keys
+                      if key not in ALLOWED_TO_DIFFER and _one(theirs[RENAMED.get(key, key)]) != getattr(mine, key)}
+            assert not differ, f"{where}: mpmoe train vs Megatron-LM: {differ}"
+            assert theirs["group_query_attention"] == (mine.num_query_groups is not None), where
+            if mine.num_query_groups is not None:
+                assert theirs["num_query_groups"] == mine.num_query_groups, where
+            assert theirs["lr_wsd_decay_iters"] == schedule_lengths(mine)["wsd_decay"] or mine.lr_decay_style != "WSD"
+            assert routers.kind_of({**theirs, "moe_router_load_balancing_type":
+                                    _one(theirs["moe_router_load_balancing_type"])}) == mine.router, where
+            assert theirs["vocab_size"] == mine.vocab_size and theirs["add_bias_linear"] is False

@@ -156,7 +156,7 @@ def test_invalid_mope_flags_are_one_line_errors(trees, tmp_path):
                           cwd=trees["patched"], env=_env(trees["patched"]),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
-    assert "pretrain_gpt.py: error: moe_otep_warmup_fraction must be a number in [0, 1]" in proc.stderr
+    assert "error: argument --moe-otep-warmup-fraction: must be in [0, 1], got 2.0" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

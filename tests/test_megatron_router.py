@@ -80,7 +80,8 @@ def test_config_accepts_otep_with_capacity_and_restores_type():
     cfg = make_config(moe_router_load_balancing_type="otep", moe_expert_capacity_factor=1.5)
     assert cfg.moe_router_load_balancing_type == "otep" and cfg.is_mope
     assert cfg.moe_expert_capacity_factor == 1.5
-    cfg2 = make_config(moe_mask_experts='{"1": [3, 1]}', moe_stats_layers="2, 1", moe_dynamic_mask_layers=[3])
+    cfg2 = make_config(moe_mask_experts='{"1": [3, 1]}', moe_stats_layers="2, 1", moe_dynamic_mask_layers=[3],
+                       moe_dynamic_mask_mode="random")
     assert cfg2.moe_mask_experts == {1: (1, 3)}
     assert cfg2.moe_stats_layers == (1, 2) and cfg2.moe_dynamic_mask_layers == (3,)
     assert not cfg2.is_mope
@@ -127,14 +128,6 @@ def test_config_rejects_unsupported_otep_combinations(overrides, field):
     kw.update(overrides)
     with pytest.raises(ValueError, match=field):
         make_config(**kw)
-
-
-def test_config_env_overrides():
-    env = {"MOE_MASK_EXPERTS": '{"2": [0]}', "MOE_DYNAMIC_MASK_MODE": "random", "EACT_SAVE": "/tmp/x", "UNRELATED": "1"}
-    over = MoPEConfig.env_overrides(env)
-    assert over == {"moe_mask_experts": '{"2": [0]}', "moe_dynamic_mask_mode": "random", "moe_eval_dump_dir": "/tmp/x"}
-    cfg = make_config(**over)
-    assert cfg.moe_mask_experts == {2: (0,)} and cfg.moe_dynamic_mask_mode == "random"
 
 
 def test_mope_router_requires_otep_config():

@@ -181,8 +181,8 @@ def test_train_flags_reach_the_config():
     (["--moe-mask-experts", "2:a"], "--moe-mask-experts"),
     (["--moe-dynamic-mask", "cooccurrence"], "needs --moe-cooccurrence-stats-dir"),
     (["--moe-dynamic-mask", "cooccurrence", "--moe-cooccurrence-stats-dir", "/nonexistent"], "not a directory"),
-    (["--moe-dynamic-mask-layers", "2"], "need --moe-dynamic-mask"),
-    (["--moe-dynamic-mask", "random", "--moe-router-topk", "1"], "topk >= 2"),
+    (["--moe-dynamic-mask-layers", "2"], "needs --moe-dynamic-mask-mode"),
+    (["--moe-dynamic-mask", "random", "--moe-router-topk", "1"], "top-k >= 2"),
     (["--moe-sigma-shrinkage", "1.5"], "--moe-sigma-shrinkage"),
     (["--moe-sigma-decay-rate", "-0.1"], "--moe-sigma-decay-rate"),
     (["--last-trainable-layers", "9"], "--last-trainable-layers"),
@@ -197,7 +197,7 @@ def test_demo_environment_variables(monkeypatch, capsys):
     monkeypatch.setenv("MOE_MASK_EXPERTS", '{"2": [1]}')
     monkeypatch.setenv("MOE_DYNAMIC_MASK_MODE", "random")
     a = _args()
-    assert a.moe_mask_experts == {"2": [1]} and a.moe_dynamic_mask == "random"
+    assert a.moe_mask_experts == {"2": [1]} and a.moe_dynamic_mask_mode == "random"
     assert "MOE_MASK_EXPERTS" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="disagree"):
         _args("--moe-mask-experts", "3:0")

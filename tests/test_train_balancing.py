@@ -139,13 +139,13 @@ def test_remoe_checkpoint_evaluates_with_relu_routing(tmp_path, embedded_cache):
 
 
 @pytest.mark.parametrize("flags, match", [
-    (["--moe-relu-routing"], "exclude each other"),  # the tiny-cpu preset is MoPE
+    (["--moe-relu-routing", "--moe-router-load-balancing-type", "otep"], "exclude each other"),
     (["--moe-relu-routing", "--moe-router-load-balancing-type", "none", "--moe-router-enable-expert-bias"],
      "does not apply"),
     (["--moe-relu-routing", "--moe-router-load-balancing-type", "none", "--moe-relu-l1-reg-coeff-init", "0"],
      "must be > 0"),
     (["--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "-1"], "must be >= 0"),
-    (["--moe-router-score-function", "sigmoid"], "needs --moe-router-score-function softmax"),
+    (["--moe-router-score-function", "sigmoid"], "--moe-router-score-function does not apply: .* router is MoPE"),
 ])
 def test_flag_errors_are_one_line(flags, match):
     from mpmoe.train.args import ConfigError, parse_args

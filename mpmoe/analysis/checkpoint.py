@@ -25,7 +25,7 @@ import numpy as np
 from mpmoe.analysis import metrics as M
 from mpmoe.analysis.stats import AnalysisError
 
-__all__ = ["ExpertProbe", "analyze_checkpoint", "collect_expert_outputs", "load_model", "layer_numbers_of"]
+__all__ = ["ExpertProbe", "analyze_checkpoint", "collect_expert_outputs", "load_model"]
 
 
 @dataclass
@@ -83,12 +83,6 @@ def sample_tokens(args, spec, num_tokens: int):
     tokens = torch.stack([torch.as_tensor(np.asarray(ds[i]["tokens"])) for i in range(seqs)]).long()
     pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
     return tokens, pos
-
-
-def layer_numbers_of(model) -> list[int]:
-    from megatron.core.transformer.moe.moe_layer import BaseMoELayer
-
-    return [m.layer_number for m in model.modules() if isinstance(m, BaseMoELayer)]
 
 
 def _expert_weights(experts) -> Optional[np.ndarray]:
@@ -325,7 +319,7 @@ def _plots(runs: list[tuple[str, dict[int, ExpertProbe], dict[int, dict]]], out:
 def analyze_checkpoint(cli_args, train_argv: list[str]) -> dict:
     """``mpmoe analyze checkpoint``: load, probe, plot, summarise; returns the summary."""
     from mpmoe.analysis.plotting import write_report
-    from mpmoe.megatron import destroy_distributed, init_distributed
+    from mpmoe.megatron import destroy_distributed, init_distributed, routers
 
     layers = None
     if cli_args.layers:
@@ -350,8 +344,7 @@ def analyze_checkpoint(cli_args, train_argv: list[str]) -> dict:
             if name is None:
                 from mpmoe.analysis.plotting import run_label
 
-                kind = "dense" if args.num_experts is None else args.moe_router_load_balancing_type
-                name = run_label({"otep" if kind == "otep" else "topk"} if args.num_experts else set(), path)
+                name = run_label({routers.label(args)}, path)
                 if runs and runs[0][0] == name:
                     name = "B:" + name
             tokens, pos = sample_tokens(args, spec, cli_args.num_tokens)
@@ -361,7 +354,7 @@ def analyze_checkpoint(cli_args, train_argv: list[str]) -> dict:
             runs.append((name, probes, nums))
             summary["runs"].append({
                 "name": name, "checkpoint": str(path), "iteration": iteration,
-                "routing": args.moe_router_load_balancing_type, "sample_tokens": int(tokens.numel()),
+                "routing": routers.kind_of(args, dense="dense"), "sample_tokens": int(tokens.numel()),
                 "layers": {str(l): {k: v for k, v in n.items() if k != "_m"} for l, n in nums.items()},
             })
             del model

@@ -13,29 +13,15 @@ import sys
 import time
 from typing import Optional
 
+from mpmoe.errors import ArgumentParser, UserError, run_verb
+
 PROG = "mpmoe analyze"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        raise _UsageError(message)
-
-
-class _UsageError(Exception):
-    pass
-
-
-def _error(message: str) -> int:
-    from mpmoe.errors import one_line
-
-    print(f"{PROG}: error: {one_line(message, 280)}", file=sys.stderr)
-    return 2
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Routing and expert analysis: plots and numbers from "
+    p = ArgumentParser(prog=PROG, description="Routing and expert analysis: plots and numbers from "
                 "statistics dumps and checkpoints.")
-    sub = p.add_subparsers(dest="command", metavar="{stats,checkpoint}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{stats,checkpoint}", parser_class=ArgumentParser)
     s = sub.add_parser("stats", help="plots + summary.json from layer{L}_seg{S}_{moe|mope|remoe}.npz windows")
     s.add_argument("path", help="statistics folder, run folder (config.json names it), or a tree of them")
     s.add_argument("--compare", default=None, help="a second run's statistics, shown side by side")
@@ -65,39 +51,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The verb (user errors: one line ``mpmoe analyze: error: ...``, exit 2)."""
+    return run_verb(PROG, _main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list) -> int:
     parser = build_parser()
     try:
         args, rest = parser.parse_known_args(argv)
-    except _UsageError as exc:
-        return _error(str(exc))
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     if args.command is None:
         parser.print_help()
         return 2
     if args.command == "stats" and rest:
-        return _error(f"unrecognized arguments: {' '.join(rest)}")
+        raise UserError(f"unrecognized arguments: {' '.join(rest)}")
     for flag, minimum in (("evolution_windows", 1), ("num_tokens", 1), ("ot_samples", 0)):
         value = getattr(args, flag, None)
         if value is not None and value < minimum:
-            return _error(f"--{flag.replace('_', '-')} must be >= {minimum}, got {value}")
+            raise UserError(f"--{flag.replace('_', '-')} must be >= {minimum}, got {value}")
     start = time.perf_counter()
-    from mpmoe.analysis.stats import AnalysisError
+    if args.command == "stats":
+        from mpmoe.analysis.stats import analyze_stats
 
-    try:
-        if args.command == "stats":
-            from mpmoe.analysis.stats import analyze_stats
+        summary = analyze_stats(args.path, args.out, compare=args.compare, name=args.name,
+                                compare_name=args.compare_name, evolution_windows=args.evolution_windows,
+                                progress=not args.no_progress and sys.stderr.isatty())
+    else:
+        from mpmoe.analysis.checkpoint import analyze_checkpoint
 
-            summary = analyze_stats(args.path, args.out, compare=args.compare, name=args.name,
-                                    compare_name=args.compare_name, evolution_windows=args.evolution_windows,
-                                    progress=not args.no_progress and sys.stderr.isatty())
-        else:
-            from mpmoe.analysis.checkpoint import analyze_checkpoint
-
-            summary = analyze_checkpoint(args, rest)
-    except AnalysisError as exc:
-        return _error(str(exc))
+        summary = analyze_checkpoint(args, rest)
     elapsed = time.perf_counter() - start
     print(f"{PROG} {args.command}: wrote {len(summary.get('images', []))} plots, summary.json and index.html "
           f"to {args.out} in {elapsed:.1f} s")

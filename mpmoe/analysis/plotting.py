@@ -78,9 +78,11 @@ _GENERIC_FOLDERS = {"stats", "moe_stats", "routing_stats", "ckpt", "checkpoints"
 
 
 def routing_label(kinds) -> str:
-    """"MoPE", "top-k", "ReMoE" or "MoPE+top-k" for a set of statistics kinds / routings."""
-    names = {"mope": "MoPE", "otep": "MoPE", "moe": "top-k", "topk": "top-k", "remoe": "ReMoE"}
-    labels = sorted({names.get(k, k) for k in kinds})
+    """"MoPE", "top-k", "ReMoE" or "MoPE+top-k" for a set of router kinds, statistics tags or
+    labels (:mod:`mpmoe.megatron.routers`)."""
+    from mpmoe.megatron.routers import label_of
+
+    labels = sorted({label_of(k) for k in kinds})
     return "+".join(labels) if labels else "dense"
 
 

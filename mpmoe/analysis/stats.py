@@ -23,7 +23,7 @@ from mpmoe.errors import UserError
 __all__ = ["AnalysisError", "LayerStats", "StatsSet", "analyze_stats", "find_stats_files", "load_stats",
            "summarize"]
 
-_FILE_RE = re.compile(r"^layer(\d+)_seg(\d+)_(moe|mope|remoe)\.npz$")
+from mpmoe.megatron.statsfile import FILE_RE as _FILE_RE  # noqa: E402 - NumPy only
 WIDTH_IN = 12.0  # every figure is WIDTH_IN x DPI pixels wide
 DPI = 100
 

@@ -19,17 +19,12 @@ import os
 import sys
 
 from mpmoe.data.errors import DataError
-from mpmoe.errors import one_line
+from mpmoe.errors import ArgumentParser, run_verb
 from mpmoe.data.tokenizer import DEFAULT_TOKENIZER
 
 PROG = "mpmoe data"
 DEFAULT_HF_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_HF_CONFIG = "sample-10BT"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the usage too)
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _positive(text: str) -> int:
@@ -155,10 +150,10 @@ def cmd_inspect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="text -> tokenizer -> Megatron indexed dataset (.bin/.idx)",
+    parser = ArgumentParser(prog=PROG, description="text -> tokenizer -> Megatron indexed dataset (.bin/.idx)",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Run `mpmoe data <command> --help` for its options; docs/data.md has recipes.")
-    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=ArgumentParser)
 
     p = sub.add_parser("prepare", help="tokenize a corpus into Megatron indexed datasets (.bin/.idx)",
                        description="Tokenize documents into PREFIX_{train,valid,test}_text_document.{bin,idx} "
@@ -226,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The verb (user errors: one line ``mpmoe data: error: ...``, exit 2)."""
+    return run_verb(PROG, _main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -235,9 +235,6 @@ def main(argv: list[str] | None = None) -> int:
         args.hf_config = None
     try:
         return int(args.func(args) or 0)
-    except DataError as e:
-        print(f"{PROG}: error: {one_line(str(e), 280)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted (no partial output was left under a final name)", file=sys.stderr)
         return 130

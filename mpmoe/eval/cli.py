@@ -25,25 +25,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from mpmoe.errors import ArgumentParser, UserError, run_verb
 from mpmoe.eval.errors import EvalError
 
 PROG = "mpmoe eval"
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        raise _UsageError(message)
-
-
-def _error(message: str) -> int:
-    from mpmoe.errors import one_line
-
-    print(f"{PROG}: error: {one_line(message, 280)}", file=sys.stderr)
-    return 2
 
 
 def _limit(text: str):
@@ -54,7 +39,7 @@ def _limit(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Evaluate an mpmoe checkpoint with lm-evaluation-harness. "
+    p = ArgumentParser(prog=PROG, description="Evaluate an mpmoe checkpoint with lm-evaluation-harness. "
                 "Other forms: `mpmoe eval table DIR...` (one table from results folders) and "
                 "`mpmoe eval harness ARGS` (lm-eval's own CLI with the `mpmoe` model registered).")
     m = p.add_argument_group("model")
@@ -75,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--routing-dump-dir", default=None,
                    help="write every forward's routing (experts and gate weights per token) here")
 
-    from mpmoe.train import ablation
+    from mpmoe.megatron import settings
 
-    ablation.add_arguments(p)
+    settings.add_arguments(p, evaluation=True)
 
     t = p.add_argument_group("tasks")
     t.add_argument("--tasks", required=True, help="comma-separated lm-eval task / group names "
@@ -180,7 +165,7 @@ def evaluate(args) -> Optional[dict]:
 
     out = Path(args.output_path) if args.output_path else _default_output(args.load, args.ckpt_step, args.routing)
     from mpmoe.eval.lm import MpmoeLM
-    from mpmoe.train.ablation import DEFAULTS
+    from mpmoe.megatron.settings import SETTINGS
 
     if args.routing_dump_dir is None and os.environ.get("EACT_SAVE", "").strip():
         args.routing_dump_dir = os.environ["EACT_SAVE"].strip()  # the demo's variable
@@ -191,7 +176,7 @@ def evaluate(args) -> Optional[dict]:
                  batch_size=args.batch_size, max_length=args.max_length, max_gen_toks=args.max_gen_toks,
                  ckpt_step=args.ckpt_step, tokenizer=args.tokenizer, model_flags=args.model_flags,
                  kv_cache=not args.no_kv_cache, routing_dump_dir=args.routing_dump_dir,
-                 routing_ablation={k: getattr(args, k) for k in DEFAULTS},
+                 routing_ablation={s.name: getattr(args, s.name) for s in SETTINGS if s.eval},
                  progress=not args.no_progress, seed=args.seed)
     try:
         results = lm_eval.simple_evaluate(
@@ -248,7 +233,11 @@ def _harness(argv: list[str]) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The verb (user errors: one line ``mpmoe eval: error: ...``, exit 2)."""
+    return run_verb(PROG, _main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list) -> int:
     if argv and argv[0] == "table":
         from mpmoe.eval.table import main as table_main
 
@@ -258,20 +247,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except _UsageError as exc:
-        return _error(str(exc))
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     _quiet_logs(args.verbose)
     try:
         evaluate(args)
-    except EvalError as exc:
-        return _error(str(exc))
+    except UserError:
+        raise  # printed by run_verb
     except Exception as exc:  # noqa: BLE001 - lm-eval task errors (bad YAML, missing field)
-        from mpmoe.train.args import ConfigError
-
-        if isinstance(exc, (ConfigError, FileNotFoundError)) or type(exc).__module__.startswith("lm_eval"):
-            return _error(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+        if isinstance(exc, FileNotFoundError) or type(exc).__module__.startswith("lm_eval"):
+            raise EvalError(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
         raise
     return 0
 

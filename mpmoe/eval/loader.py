@@ -52,7 +52,7 @@ def load_eval_model(
             record them (they override the recorded ones otherwise).
         routing_dump_dir: write each forward's routing (experts and weights per token) there
             (the router's evaluation dump, ``moe_eval_dump_dir``).
-        routing_ablation: static knock-out / dynamic mask options (``mpmoe.train.ablation``
+        routing_ablation: static knock-out / dynamic mask options (``mpmoe.megatron.settings``
             dests, e.g. ``{"moe_mask_experts": "2:3"}``); the training run's own are not
             carried over. The demo's environment variables are honoured too.
     """

@@ -38,7 +38,6 @@ checkpoint has several results files. This module merges them:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -401,8 +400,17 @@ def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``mpmoe eval table DIR [DIR ...] [--out FILE.md] [--csv FILE.csv]``."""
-    parser = argparse.ArgumentParser(
+    """``mpmoe eval table DIR [DIR ...] [--out FILE.md] [--csv FILE.csv]`` (user errors: one
+    line, exit 2)."""
+    from mpmoe.errors import run_verb
+
+    return run_verb("mpmoe eval table", _main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list) -> int:
+    from mpmoe.errors import ArgumentParser
+
+    parser = ArgumentParser(
         prog="mpmoe eval table",
         description="One Markdown table (one row per checkpoint and routing, one column per "
                     "task and n-shot) from mpmoe eval results folders, searched recursively "
@@ -413,22 +421,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", metavar="FILE.md", help="write the Markdown table here (default: print it)")
     parser.add_argument("--csv", metavar="FILE.csv", help="also write the values as CSV")
     args = parser.parse_args(argv)
-    try:
-        rows = collect(args.paths)
-        text = format_markdown(rows)
-        if args.out:
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text, encoding="utf-8")
-            print(f"mpmoe eval table: {len(rows)} row(s) -> {out}", file=sys.stderr)
-        else:
-            sys.stdout.write(text)
-        if args.csv:
-            write_csv(rows, args.csv)
-            print(f"mpmoe eval table: CSV -> {args.csv}", file=sys.stderr)
-    except EvalError as err:
-        print(f"mpmoe eval table: error: {err}", file=sys.stderr)
-        return 2
+    rows = collect(args.paths)
+    text = format_markdown(rows)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        print(f"mpmoe eval table: {len(rows)} row(s) -> {out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    if args.csv:
+        write_csv(rows, args.csv)
+        print(f"mpmoe eval table: CSV -> {args.csv}", file=sys.stderr)
     return 0
 
 

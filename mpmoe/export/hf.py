@@ -115,8 +115,10 @@ def hf_kind(model, routing: str) -> str:
         refuse(f"moe_router_topk_scaling_factor {cfg.moe_router_topk_scaling_factor}")
     if cfg.moe_router_score_function != "softmax":
         refuse(f"moe_router_score_function {cfg.moe_router_score_function} (only softmax)")
-    if getattr(cfg, "moe_relu_routing", False):
-        refuse("ReMoE (ReLU) routing has no transformers class yet")
+    from mpmoe.megatron import routers
+
+    if routers.kind_of(cfg) not in ("topk", "mope"):
+        refuse(f"{routers.label(cfg)} routing has no transformers class yet")
     if getattr(cfg, "moe_router_enable_expert_bias", False):
         refuse("the expert bias (aux-loss-free balancing) has no transformers class yet")
     if getattr(cfg, "moe_expert_ffn_sizes", None):

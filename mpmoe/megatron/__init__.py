@@ -1,69 +1,45 @@
-"""megatron-core plugin: config, MoPE/top-k routers, statistics, specs, model building.
+"""megatron-core plugin: routers, config, statistics, specs, model building.
 
-* :class:`MoPEConfig` - megatron's ``TransformerConfig`` plus the MoPE fields.
-* :class:`MoPERouter`, :class:`TopKStatsRouter` - routers for ``MoESubmodules.router``;
-  :func:`set_training_progress` and :func:`sync_routing_state` drive them.
-* :class:`RoutingStatsTracker` - per-window ``layer{L}_seg{S}_{moe|mope|remoe}.npz`` files.
-* :func:`build_gpt_model`, :func:`get_gpt_layer_specs` - the model and its layer specs.
-* :func:`init_distributed` - process groups (gloo on CPU, nccl on GPU) and RNG seeds.
-* :mod:`~mpmoe.megatron.cpu_compat` - the named CPU replacements for megatron-core 0.16.
+Modules, lowest first (a module imports only those above it):
+
+* :mod:`~mpmoe.megatron.settings` - the routing settings table (no torch, no megatron);
+* :mod:`~mpmoe.megatron.routers` - the router registry: kinds, labels, selection (no torch);
+* :mod:`~mpmoe.megatron.statsfile` - the statistics file format (NumPy only; analysis reads it);
+* :mod:`~mpmoe.megatron.compat`, :mod:`~mpmoe.megatron.cpu_compat`, :mod:`~mpmoe.megatron.parallel`;
+* :mod:`~mpmoe.megatron.config` - :class:`MoPEConfig` (fields generated from the table);
+* :mod:`~mpmoe.megatron.router` - :class:`TopKStatsRouter`, :class:`MoPERouter` and the shared
+  routing tail; :mod:`~mpmoe.megatron.remoe` - :class:`ReMoERouter` and the balancing updates;
+* :mod:`~mpmoe.megatron.stats` - :class:`RoutingStatsTracker` (writes the statistics files);
+* :mod:`~mpmoe.megatron.attention`, :mod:`~mpmoe.megatron.spec`, :mod:`~mpmoe.megatron.model`.
+
+The names below are imported on first use, so ``import mpmoe.megatron.settings`` (flag
+parsing) does not import megatron-core or torch.
 """
 
-from mpmoe.megatron import cpu_compat
-from mpmoe.megatron.attention import SDPAttention
-from mpmoe.megatron.config import MOPE_ROUTING_TYPE, MoPEConfig
-from mpmoe.megatron.model import build_gpt_model, check_model_config, init_experts_by_global_index
-from mpmoe.megatron.parallel import (
-    ParallelInfo,
-    current_parallel_info,
-    destroy_distributed,
-    find_free_port,
-    init_distributed,
-    token_parallel_group,
-    token_parallel_world_size,
-)
-from mpmoe.megatron.router import (
-    MoPERouter,
-    TopKStatsRouter,
-    iter_routers,
-    set_training_progress,
-    sync_routing_state,
-)
-from mpmoe.megatron.spec import (
-    PortableSpecProvider,
-    get_gpt_block_spec,
-    get_gpt_layer_specs,
-    layer_kinds,
-    moe_layer_pattern,
-    resolve_backend,
-)
-from mpmoe.megatron.stats import RoutingStatsTracker
+import importlib
 
-__all__ = [
-    "MOPE_ROUTING_TYPE",
-    "MoPEConfig",
-    "MoPERouter",
-    "RoutingStatsTracker",
-    "TopKStatsRouter",
-    "iter_routers",
-    "set_training_progress",
-    "sync_routing_state",
-    "ParallelInfo",
-    "PortableSpecProvider",
-    "SDPAttention",
-    "build_gpt_model",
-    "check_model_config",
-    "cpu_compat",
-    "current_parallel_info",
-    "destroy_distributed",
-    "find_free_port",
-    "get_gpt_block_spec",
-    "get_gpt_layer_specs",
-    "init_distributed",
-    "init_experts_by_global_index",
-    "layer_kinds",
-    "moe_layer_pattern",
-    "resolve_backend",
-    "token_parallel_group",
-    "token_parallel_world_size",
-]
+_NAMES = {
+    "cpu_compat": "cpu_compat",
+    "SDPAttention": "attention",
+    "MOPE_ROUTING_TYPE": "config", "MoPEConfig": "config",
+    "build_gpt_model": "model", "check_model_config": "model", "init_experts_by_global_index": "model",
+    "ParallelInfo": "parallel", "current_parallel_info": "parallel", "destroy_distributed": "parallel",
+    "find_free_port": "parallel", "init_distributed": "parallel", "token_parallel_group": "parallel",
+    "token_parallel_world_size": "parallel",
+    "MoPERouter": "router", "TopKStatsRouter": "router", "iter_routers": "router",
+    "set_training_progress": "router", "sync_routing_state": "router",
+    "ReMoERouter": "remoe",
+    "PortableSpecProvider": "spec", "get_gpt_block_spec": "spec", "get_gpt_layer_specs": "spec",
+    "layer_kinds": "spec", "moe_layer_pattern": "spec", "resolve_backend": "spec",
+    "RoutingStatsTracker": "stats",
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name):
+    module = _NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    mod = importlib.import_module(f"{__name__}.{module}")
+    return mod if name == module else getattr(mod, name)

@@ -25,6 +25,8 @@ import functools
 import inspect
 from typing import Any, Optional
 
+from mpmoe.megatron import routers
+
 __all__ = [
     "allow_variable_experts_per_token",
     "build_mlp",
@@ -130,7 +132,7 @@ def allow_variable_experts_per_token() -> None:
     megatron's ``MoEAlltoAllTokenDispatcher.preprocess`` sizes dropless permutation as
     tokens x ``moe_router_topk``; with 0.19's fixed-size ``permute`` a router that routes
     fewer or more pairs (ReMoE's ReLU gates, the k -> k-1 dynamic mask) then sends wrong
-    rows. For configs that route so (``moe_relu_routing`` or ``moe_dynamic_mask_mode``)
+    rows. For configs that route so (a ``variable_k`` router kind, or ``moe_dynamic_mask_mode``)
     the count becomes the routing map's own (one host sync per layer; other configs are
     untouched). Idempotent; a no-op where ``permute`` takes the routed pairs as they are.
     """
@@ -144,8 +146,8 @@ def allow_variable_experts_per_token() -> None:
     def preprocess(self, routing_map):
         out = upstream(self, routing_map)
         cfg = self.config
-        variable = getattr(cfg, "moe_relu_routing", False) or getattr(cfg, "moe_dynamic_mask_mode", None) \
-            or getattr(cfg, "moe_expert_groups", None)
+        variable = (routers.KINDS[routers.kind_of(cfg)].variable_k or getattr(cfg, "moe_dynamic_mask_mode", None)
+                    or getattr(cfg, "moe_expert_groups", None))
         if variable and not self.drop_and_pad and cfg.moe_expert_capacity_factor is None \
                 and not getattr(cfg, "moe_router_padding_for_quantization", False):
             self.num_out_tokens = int(routing_map.sum())

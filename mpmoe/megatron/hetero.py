@@ -18,73 +18,29 @@ recorded flags): ``"2:192,128,128,64;3:..."`` (1-based layer numbers) or JSON
 from __future__ import annotations
 
 import copy
-import json
-from typing import Any, Dict, Mapping, Optional, Tuple
+import functools
+from typing import Optional, Tuple
 
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from mpmoe.surgery.split import format_expert_sizes, parse_expert_sizes
+
 __all__ = ["HeteroSequentialMLP", "format_expert_sizes", "layer_expert_sizes", "parse_expert_sizes"]
 
-ExpertSizes = Dict[int, Tuple[int, ...]]
-
-
-def parse_expert_sizes(value: Any, num_experts: Optional[int] = None) -> Optional[ExpertSizes]:
-    """``None``/``""`` -> None; text (``"L:s,s,...;L:..."`` or JSON) or a mapping -> ``{layer: sizes}``.
-
-    One-line ValueError for a malformed value, a layer number < 1, a size < 1 or a layer
-    with other than ``num_experts`` sizes.
-    """
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("{"):
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"moe_expert_ffn_sizes: not valid JSON ({exc.msg})") from None
-        else:
-            parsed = {}
-            for part in filter(None, (p.strip() for p in text.split(";"))):
-                layer, sep, sizes = part.partition(":")
-                if not sep:
-                    raise ValueError(f"moe_expert_ffn_sizes: expected 'LAYER:SIZE,SIZE,...', got {part!r}")
-                parsed[layer.strip()] = [s.strip() for s in sizes.split(",") if s.strip()]
-            value = parsed
-    if not isinstance(value, Mapping):
-        raise ValueError(f"moe_expert_ffn_sizes: expected a mapping layer -> sizes, got {value!r}")
-    out: ExpertSizes = {}
-    for layer, sizes in value.items():
-        try:
-            layer_i = int(layer)
-            sizes_t = tuple(int(s) for s in sizes)
-        except (TypeError, ValueError):
-            raise ValueError(f"moe_expert_ffn_sizes: layer {layer!r}: expected int sizes, got {sizes!r}") from None
-        if layer_i < 1:
-            raise ValueError(f"moe_expert_ffn_sizes: layer numbers are 1-based, got {layer_i}")
-        if not sizes_t or min(sizes_t) < 1:
-            raise ValueError(f"moe_expert_ffn_sizes: layer {layer_i}: sizes must be >= 1, got {list(sizes_t)}")
-        if num_experts is not None and len(sizes_t) != num_experts:
-            raise ValueError(f"moe_expert_ffn_sizes: layer {layer_i} has {len(sizes_t)} sizes, "
-                             f"num_moe_experts is {num_experts}")
-        out[layer_i] = sizes_t
-    return out or None
-
-
-def format_expert_sizes(sizes: Optional[Mapping[int, Tuple[int, ...]]]) -> Optional[str]:
-    """The text form of :func:`parse_expert_sizes` (None for None)."""
-    if not sizes:
-        return None
-    return ";".join(f"{layer}:{','.join(str(s) for s in sizes[layer])}" for layer in sorted(sizes))
-
-
 def layer_expert_sizes(config, layer_number: Optional[int]) -> Optional[Tuple[int, ...]]:
-    """This layer's expert sizes, or None (all experts ``moe_ffn_hidden_size``)."""
-    sizes = getattr(config, "moe_expert_ffn_sizes", None)
-    if not sizes or layer_number is None:
+    """This layer's expert sizes, or None (all experts ``moe_ffn_hidden_size``). The config
+    keeps ``moe_expert_ffn_sizes`` as text (the settings table's form) or a mapping."""
+    value = getattr(config, "moe_expert_ffn_sizes", None)
+    if not value or layer_number is None:
         return None
-    return sizes.get(int(layer_number))
+    sizes = _parsed(value) if isinstance(value, str) else parse_expert_sizes(value)
+    return sizes.get(int(layer_number)) if sizes else None
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(text: str):
+    return parse_expert_sizes(text)
 
 
 class HeteroSequentialMLP(SequentialMLP):

@@ -45,15 +45,16 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.moe_utils import (
     apply_router_token_dropping,
+    compute_routing_scores_for_aux_loss,
     get_default_pg_collection,
     topk_routing_with_score_function,
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
-from mpmoe.megatron import compat
-from mpmoe.megatron.config import MOPE_ROUTING_TYPE
+from mpmoe.megatron import compat, routers, statsfile
 from mpmoe.megatron.parallel import token_parallel_group
 from mpmoe.routing import CooccurrenceStats, OtepCache, apply_static_mask, dynamic_drop_one, otep_select
+from mpmoe.routing.balancing import biased_softmax_topk
 from mpmoe.routing.otep import default_backend
 
 try:  # Transformer Engine provides megatron's fused gating on CUDA.
@@ -143,7 +144,7 @@ class TopKStatsRouter(TopKRouter):
     """Megatron's top-k router with mpmoe's masks, statistics windows and eval dump."""
 
     #: file-name tag of the statistics files (``layer{L}_seg{S}_{tag}.npz``).
-    stats_kind = "moe"
+    stats_kind = routers.KINDS["topk"].stats_tag
 
     def __init__(self, config, pg_collection=None, **kwargs) -> None:
         # kwargs: what MoELayer passes besides (e.g. is_mtp_layer from 0.17), for TopKRouter.
@@ -158,7 +159,7 @@ class TopKStatsRouter(TopKRouter):
                     "moe_router_load_balancing_type='global_aux_loss' needs CUDA (megatron allocates its buffers there)"
                 )
         super().__init__(config=config, pg_collection=pg_collection, **kwargs)
-        if getattr(config, "moe_relu_routing", False) or getattr(config, "moe_dynamic_mask_mode", None):
+        if routers.KINDS[routers.kind_of(config)].variable_k or getattr(config, "moe_dynamic_mask_mode", None):
             compat.allow_variable_experts_per_token()  # not exactly k experts per token
         self.pg_collection = pg_collection
         self.token_group = token_group(config, pg_collection)
@@ -269,10 +270,8 @@ class TopKStatsRouter(TopKRouter):
 
     def _dynamic_mask_cooccurrence(self, device) -> torch.Tensor:
         if self._dynamic_cooccurrence is None:
-            from mpmoe.megatron.stats import load_layer_cooccurrence
-
             reference = self._dynamic_mask_source == "reference"
-            counts = load_layer_cooccurrence(
+            counts = statsfile.load_layer_cooccurrence(
                 self.config.moe_cooccurrence_stats_dir, self.layer_number,
                 prefer="moe" if reference else self.stats_kind, latest_only=reference,
             )
@@ -366,12 +365,59 @@ class TopKStatsRouter(TopKRouter):
         return bias, ("logit" if mode == "logit" else "prob")
 
     def _topk_routing(self, logits: torch.Tensor, padding_mask):
-        """Megatron's top-k, or with softmax scores and expert bias mpmoe's biased selection."""
-        if self._counts_expert_bias:
-            from mpmoe.megatron.balancing import softmax_bias_routing
+        """Megatron's top-k, or with softmax scores and expert bias mpmoe's biased selection
+        (:meth:`selection_bias`; gate weights and aux loss from the unbiased routing)."""
+        if not self._counts_expert_bias:
+            return TopKRouter.routing(self, logits, padding_mask=padding_mask)
+        cfg = self.config
 
-            return softmax_bias_routing(self, logits, padding_mask)
-        return TopKRouter.routing(self, logits, padding_mask=padding_mask)
+        def select(flat, need_aux):
+            bias, space = self.selection_bias()
+            probs, routing_map = biased_softmax_topk(
+                flat, bias, self.topk, space=space,
+                pre_softmax=cfg.moe_router_pre_softmax, scaling_factor=cfg.moe_router_topk_scaling_factor,
+            )
+            if not need_aux:
+                return probs, routing_map, None, None
+            # as megatron's TopKRouter.routing with expert bias: the aux loss counts the tokens
+            # of the *unbiased* top-k map, before capacity dropping
+            aux_map, scores = compute_routing_scores_for_aux_loss(flat, self.topk, "softmax", fused=False)
+            return probs, routing_map, aux_map, scores
+
+        return self._routing_tail(logits, padding_mask, select)
+
+    def _routing_tail(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor], select):
+        """Megatron's routing steps around an mpmoe selection, shared by every mpmoe router:
+        z-loss -> ``select`` -> capacity dropping -> aux losses (as ``TopKRouter.routing``).
+
+        ``select(flat_logits, need_aux) -> (probs, routing_map, aux_map, scores)``: ``aux_map``
+        the tokens per expert the aux loss counts (None: the routing map after dropping),
+        ``scores`` the unmasked softmax probabilities if it computed them (else None).
+        """
+        cfg = self.config
+        seq_length, bsz = logits.shape[:2]
+        logits = logits.reshape(-1, self.num_experts)
+        if padding_mask is not None:
+            padding_mask = padding_mask.reshape(-1)
+        logits = self.apply_z_loss(logits, padding_mask=padding_mask)
+        need_aux = self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled()
+        probs, routing_map, aux_map, scores = select(logits, need_aux)
+        if cfg.moe_expert_capacity_factor is not None:
+            probs, routing_map = apply_router_token_dropping(
+                probs, routing_map, router_topk=self.topk, capacity_factor=cfg.moe_expert_capacity_factor,
+                drop_policy=cfg.moe_token_drop_policy, pad_to_capacity=cfg.moe_pad_expert_input_to_capacity,
+            )
+        if need_aux:
+            if scores is None:
+                scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            aux_map = routing_map if aux_map is None else aux_map
+            if padding_mask is not None:
+                valid = ~padding_mask.unsqueeze(-1)
+                scores, aux_map = scores * valid, aux_map & valid
+            with_pad = padding_mask is not None
+            probs = self._apply_aux_loss(probs, scores, aux_map, with_padding_mask=with_pad)
+            probs = self._apply_seq_aux_loss(probs, scores, aux_map, seq_length, bsz, with_padding_mask=with_pad)
+        return probs, routing_map
 
     @torch.no_grad()
     def _count_expert_bias(self, routing_map: torch.Tensor) -> None:
@@ -423,9 +469,16 @@ class TopKStatsRouter(TopKRouter):
 
     @torch.no_grad()
     def _dump_eval(self, probs: torch.Tensor, routing_map: torch.Tensor) -> None:
-        from mpmoe.megatron.stats import write_eval_dump
-
-        write_eval_dump(self, probs, routing_map, self._eval_dumps)
+        k = min(getattr(self, "max_experts_per_token", self.topk), routing_map.shape[1])
+        weights = probs.detach().to(torch.float32).masked_fill(~routing_map, -float("inf"))
+        vals, idx = weights.topk(k, dim=1)
+        valid = torch.isfinite(vals)
+        experts = torch.where(valid, idx, torch.full_like(idx, -1))
+        vals = torch.where(valid, vals, torch.zeros_like(vals))
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        statsfile.write_eval_dump(self.config.moe_eval_dump_dir, self.layer_number, rank, self._eval_dumps,
+                                  experts.cpu().numpy(), vals.cpu().numpy())
         self._eval_dumps += 1
 
     @torch.no_grad()
@@ -456,16 +509,12 @@ class TopKStatsRouter(TopKRouter):
 class MoPERouter(TopKStatsRouter):
     """MoPE (OTEP) routing with a device-resident, checkpointed expert covariance."""
 
-    stats_kind = "mope"
+    stats_kind = routers.KINDS["mope"].stats_tag
 
     def __init__(self, config, pg_collection=None, **kwargs) -> None:
-        if config.moe_router_load_balancing_type != MOPE_ROUTING_TYPE:
-            raise ValueError(
-                "MoPERouter needs moe_router_load_balancing_type='otep', "
-                f"got {config.moe_router_load_balancing_type!r}"
-            )
-        if not hasattr(config, "moe_otep_warmup_fraction"):
-            raise ValueError("MoPERouter needs an mpmoe.megatron.config.MoPEConfig")
+        if not hasattr(config, "moe_otep_warmup_fraction") or routers.kind_of(config) != "mope":
+            raise ValueError("MoPERouter needs an MoPEConfig with moe_router_load_balancing_type='otep', "
+                             f"got {config.moe_router_load_balancing_type!r}")
         super().__init__(config=config, pg_collection=pg_collection, **kwargs)
         # Aux loss and z-loss exactly as megatron's "aux_loss" routing.
         self.routing_type = "aux_loss"
@@ -525,13 +574,11 @@ class MoPERouter(TopKStatsRouter):
         return self._otep_routing(logits, padding_mask, sigma)
 
     def _otep_routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor], sigma: torch.Tensor):
-        seq_length, bsz = logits.shape[:2]
-        logits = logits.reshape(-1, self.num_experts)
-        if padding_mask is not None:
-            padding_mask = padding_mask.reshape(-1)
-        logits = self.apply_z_loss(logits, padding_mask=padding_mask)
+        return self._routing_tail(logits, padding_mask, lambda flat, need_aux: self._otep_select(flat, need_aux, sigma))
 
-        need_aux = self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled()
+    def _otep_select(self, logits: torch.Tensor, need_aux: bool, sigma: torch.Tensor):
+        """OTEP's selection, then megatron's top-k softmax on the logits masked to it; the aux
+        loss counts the OTEP selection with the unmasked probabilities."""
         # Unmasked softmax probabilities: OTEP's p, and (with grad) the aux loss's scores.
         # (No grad-mode context managers and no Python-scalar operands here: at one-token
         # decode steps every microsecond shows.)
@@ -566,30 +613,7 @@ class MoPERouter(TopKStatsRouter):
             fused=False,
             router_replay=self.router_replay,
         )
-        if self.config.moe_expert_capacity_factor is not None:
-            probs, routing_map = apply_router_token_dropping(
-                probs,
-                routing_map,
-                router_topk=self.topk,
-                capacity_factor=self.config.moe_expert_capacity_factor,
-                drop_policy=self.config.moe_token_drop_policy,
-                pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
-            )
-        if need_aux:
-            # Unmasked softmax probabilities; tokens per expert from the OTEP selection
-            # (as megatron's compute_routing_scores_for_aux_loss, whose top-k map is unused here).
-            scores_for_aux_loss = scores_all
-            aux_map = selection
-            if padding_mask is not None:
-                valid = ~padding_mask.unsqueeze(-1)
-                scores_for_aux_loss = scores_for_aux_loss * valid
-                aux_map = selection & valid
-            with_pad = padding_mask is not None
-            probs = self._apply_aux_loss(probs, scores_for_aux_loss, aux_map, with_padding_mask=with_pad)
-            probs = self._apply_seq_aux_loss(
-                probs, scores_for_aux_loss, aux_map, seq_length, bsz, with_padding_mask=with_pad
-            )
-        return probs, routing_map
+        return probs, routing_map, selection, scores_all if need_aux else None
 
     def _otep_scores(self, probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """OTEP's p: the softmax probabilities, or with the expert bias ``max(p + b, 0)``

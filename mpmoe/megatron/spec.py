@@ -5,12 +5,13 @@ Per decoder layer the builder chooses one of four kinds:
 * ``"dense"``: an ordinary MLP;
 * ``"moe"``: megatron's ``MoELayer`` with the top-k statistics router;
 * ``"mope"``: ``MoELayer`` with the MoPE (OTEP) router;
-* ``"remoe"``: ``MoELayer`` with the ReMoE (ReLU) router (``config.moe_relu_routing``).
+* ``"remoe"``: ``MoELayer`` with the ReMoE (ReLU) router.
 
 Which layers are MoE follows ``config.moe_layer_freq`` with Megatron's semantics: an int
 ``N`` makes layer ``i`` (0-based) an expert layer when ``i % N == 0``; a list gives one
 0/1 entry per layer. Layers without experts (``num_moe_experts`` unset) are all dense. An
-expert layer is MoPE when ``config.moe_router_load_balancing_type == "otep"``.
+expert layer's kind is its router kind's statistics tag (:mod:`mpmoe.megatron.routers`);
+its router is the registry's class for that kind.
 
 Three backends (all through megatron's ``BackendSpecProvider`` protocol):
 
@@ -48,6 +49,7 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
+from mpmoe.megatron import routers
 from mpmoe.megatron.attention import SDPAttention
 from mpmoe.megatron.compat import mlp_spec_for_backend, moe_submodules, replace_experts
 
@@ -148,24 +150,19 @@ def moe_layer_pattern(config: TransformerConfig) -> List[int]:
 
 
 def _is_mope(config: TransformerConfig) -> bool:
-    return getattr(config, "moe_router_load_balancing_type", None) == "otep"
+    return routers.kind_of(config) == "mope"
 
 
 def layer_kinds(config: TransformerConfig) -> List[str]:
-    """``"dense"``/``"moe"``/``"mope"`` for every decoder layer of the model (all stages)."""
-    expert_kind = MOPE if _is_mope(config) else REMOE if getattr(config, "moe_relu_routing", False) else MOE
+    """``"dense"`` or the router kind's statistics tag (``"moe"``, ``"mope"``, ``"remoe"``)
+    for every decoder layer of the model (all stages)."""
+    expert_kind = routers.KINDS[routers.kind_of(config)].stats_tag
     return [expert_kind if p else DENSE for p in moe_layer_pattern(config)]
 
 
 def default_router_classes():
-    """``(moe_router, mope_router)``: the routers of :mod:`mpmoe.megatron.router`.
-
-    Imported lazily: the router module imports the config, which imports this one's
-    callers; keeping the import here avoids a cycle.
-    """
-    from mpmoe.megatron import router as _router
-
-    return _router.TopKStatsRouter, _router.MoPERouter
+    """``(moe_router, mope_router)``: the registry's top-k and MoPE router classes."""
+    return routers.router_class("topk"), routers.router_class("mope")
 
 
 def _attention_spec(backend: BackendSpecProvider, config: TransformerConfig) -> ModuleSpec:
@@ -204,19 +201,17 @@ def _mlp_spec(
         return mlp_spec_for_backend(backend, config, num_experts=None)
     spec = mlp_spec_for_backend(backend, config, num_experts=config.num_moe_experts)
     moe = moe_submodules(spec)
-    if kind == REMOE:
-        from mpmoe.megatron.balancing import ReMoERouter
-
-        moe.router = ReMoERouter
-    elif kind == MOPE:
+    if kind == MOPE:
         if mope_router is None:
             raise ValueError(
                 "moe_router_load_balancing_type='otep' needs the MoPE router "
                 "(mpmoe.megatron.router.MoPERouter), which is not available"
             )
         moe.router = mope_router
-    else:
+    elif kind == MOE:
         moe.router = moe_router
+    else:
+        moe.router = routers.router_class(routers.kind_of(config))
     if config.moe_shared_expert_intermediate_size is None:
         moe.shared_experts = None
     from mpmoe.megatron.hetero import HeteroSequentialMLP, layer_expert_sizes

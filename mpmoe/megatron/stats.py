@@ -10,7 +10,7 @@ are summed over the ranks that see different tokens and written, by one rank, as
 
     {moe_stats_dir}/layer{L}_seg{S}_{moe|mope|remoe}.npz
 
-with keys ``expert_counts`` (int64 [E], tokens routed to each expert),
+(the format: :mod:`mpmoe.megatron.statsfile`) with keys ``expert_counts`` (int64 [E], tokens routed to each expert),
 ``cooccurrence_matrix`` (int64 [E, E], tokens routed to both i and j; diagonal =
 ``expert_counts``), ``num_tokens`` (int64, tokens counted), ``experts_per_token`` (int64
 [E+1], tokens routed to 0, 1, ..., E experts: a spike at k for top-k and MoPE, spread
@@ -28,8 +28,6 @@ This copies to the host (evaluation only, never in training).
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -37,56 +35,9 @@ import numpy as np
 import torch
 
 from mpmoe.megatron.router import TopKStatsRouter, iter_routers
+from mpmoe.megatron.statsfile import load_layer_cooccurrence, read_stats_file, stats_file_name, write_stats_file
 
-__all__ = [
-    "RoutingStatsTracker",
-    "stats_file_name",
-    "load_layer_cooccurrence",
-    "read_stats_file",
-    "write_eval_dump",
-]
-
-_FILE_RE = re.compile(r"^layer(\d+)_seg(\d+)_(moe|mope|remoe)\.npz$")
-
-
-def stats_file_name(layer: int, segment: int, kind: str) -> str:
-    """``layer{L}_seg{S}_{kind}.npz`` (kind "moe" or "mope")."""
-    return f"layer{layer}_seg{segment}_{kind}.npz"
-
-
-def read_stats_file(path) -> dict:
-    """Load one statistics file into a dict of numpy arrays."""
-    with np.load(path) as data:
-        return {k: data[k] for k in data.files}
-
-
-def load_layer_cooccurrence(stats_dir, layer: int, prefer: str = "moe", latest_only: bool = False) -> np.ndarray:
-    """Co-occurrence counts of ``layer`` summed over all its windows in ``stats_dir``
-    (``latest_only``: the highest-numbered window alone, as the reference code reads).
-
-    Uses the files of kind ``prefer`` ("moe" or "mope") when there are any, otherwise
-    the other kind. Raises ``ValueError`` when the layer has no file.
-    """
-    if layer is None:
-        raise ValueError("dynamic mask: the router has no layer number (set_layer_number was not called)")
-    root = Path(stats_dir)
-    if not root.is_dir():
-        raise ValueError(f"moe_cooccurrence_stats_dir: {str(root)!r} is not a directory")
-    by_kind: dict[str, list[Path]] = {"moe": [], "mope": [], "remoe": []}
-    for path in root.iterdir():
-        m = _FILE_RE.match(path.name)
-        if m and int(m.group(1)) == layer:
-            by_kind[m.group(3)].append(path)
-    files = by_kind.get(prefer) or [p for kind, paths in by_kind.items() if kind != prefer for p in paths]
-    if not files:
-        raise ValueError(f"moe_cooccurrence_stats_dir: no layer{layer}_seg*_{{moe,mope}}.npz in {str(root)!r}")
-    if latest_only:
-        files = [max(files, key=lambda p: int(_FILE_RE.match(p.name).group(2)))]
-    total = None
-    for path in sorted(files):
-        c = read_stats_file(path)["cooccurrence_matrix"].astype(np.float64)
-        total = c if total is None else total + c
-    return total
+__all__ = ["RoutingStatsTracker", "stats_file_name", "load_layer_cooccurrence", "read_stats_file"]
 
 
 def _is_writer(router: TopKStatsRouter) -> bool:
@@ -158,28 +109,6 @@ class RoutingStatsTracker:
                 arrays["experts_per_token"] = np.rint(router.last_window_experts_per_token.cpu().numpy()).astype(np.int64)
             if sigma is not None:
                 arrays["cov_matrix"] = sigma.detach().to(torch.float32).cpu().numpy()
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             path = self.out_dir / stats_file_name(router.layer_number, segment, router.stats_kind)
-            tmp = path.with_name(path.name + ".tmp.npz")
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
-            written.append(path)
+            written.append(write_stats_file(path, arrays))
         return written
-
-
-@torch.no_grad()
-def write_eval_dump(router: TopKStatsRouter, probs: torch.Tensor, routing_map: torch.Tensor, index: int) -> Path:
-    """Write one eval forward's routed experts and weights for ``router`` (host copy)."""
-    out_dir = Path(router.config.moe_eval_dump_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dist = torch.distributed
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    k = min(getattr(router, "max_experts_per_token", router.topk), routing_map.shape[1])
-    weights = probs.detach().to(torch.float32).masked_fill(~routing_map, -float("inf"))
-    vals, idx = weights.topk(k, dim=1)
-    valid = torch.isfinite(vals)
-    experts = torch.where(valid, idx, torch.full_like(idx, -1))
-    vals = torch.where(valid, vals, torch.zeros_like(vals))
-    path = out_dir / f"layer{router.layer_number}_rank{rank}_fwd{index:06d}.npz"
-    np.savez(path, experts=experts.cpu().numpy().astype(np.int64), weights=vals.cpu().numpy())
-    return path

@@ -10,50 +10,25 @@ import argparse
 import sys
 from typing import Callable, Optional
 
-from mpmoe.megatron.config import MOPE_ROUTING_TYPE
+from mpmoe.errors import UserError, run_verb
+from mpmoe.megatron import routers, settings
 
 __all__ = ["SPEC", "add_mpmoe_args", "args_provider", "check_args", "uses_mpmoe"]
 
 #: ``--spec`` value of mpmoe's layer spec (module, function).
 SPEC = ["mpmoe.megatron_lm.spec", "gpt_block_spec"]
 
-_LBT_FLAG = "--moe-router-load-balancing-type"
+PROG = "pretrain_gpt.py"
 
 
 def add_mpmoe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the MoPE / statistics / mask flags (``otep`` itself is a choice patched into
-    Megatron-LM's parser: ``inprocess_restart`` and ``ft_integration`` parse the command
-    line early without extra providers)."""
-    g = parser.add_argument_group(title="mpmoe (MoPE routing)")
-    g.add_argument("--moe-otep-warmup-fraction", type=float, default=0.01,
-                   help="MoPE: fraction of --train-iters routed with plain top-k before OTEP.")
-    g.add_argument("--moe-sigma-update-every", type=int, default=1,
-                   help="MoPE: rebuild the expert covariance Sigma every this many forwards.")
-    g.add_argument("--moe-otep-eps", type=float, default=1e-12,
-                   help="MoPE: floor for Sigma's diagonal and the Schur complements.")
-    g.add_argument("--moe-otep-inference-topk", action="store_true",
-                   help="MoPE: route with plain top-k outside training.")
-    g.add_argument("--moe-stats-dir", default=None,
-                   help="Write layer{L}_seg{S}_{moe|mope}.npz routing statistics here.")
-    g.add_argument("--moe-plot-every", type=int, default=200,
-                   help="Routing-statistics window in iterations (--moe-stats-dir).")
-    g.add_argument("--moe-stats-layers", default=None,
-                   help="Comma-separated MoE layers (1-based) to track; default all.")
-    g.add_argument("--moe-mask-experts", default=None,
-                   help='Static expert knock-out: JSON {"layer": [expert ids]} or a JSON file.')
-    g.add_argument("--moe-mask-experts-semantics", choices=["mpmoe", "reference"], default="mpmoe",
-                   help="MoPE and knocked-out experts: never picked (mpmoe), or pickable by OTEP "
-                        "with gate weight 0 (reference: the MP-MoE authors' code).")
-    g.add_argument("--moe-dynamic-mask-mode", choices=["cooccurrence", "random"], default=None,
-                   help="Dynamic k -> k-1 expert mask.")
-    g.add_argument("--moe-cooccurrence-stats-dir", default=None,
-                   help="Statistics npz directory read by --moe-dynamic-mask-mode cooccurrence.")
-    g.add_argument("--moe-dynamic-mask-layers", default=None,
-                   help="Comma-separated layers (1-based) of the dynamic mask; default all.")
-    g.add_argument("--moe-dynamic-mask-seed", type=int, default=1234,
-                   help="Seed of --moe-dynamic-mask-mode random.")
-    g.add_argument("--moe-eval-dump-dir", default=None,
-                   help="Outside training, dump each token's routed experts here.")
+    """mpmoe's routing flags, generated from the settings table and the router registry
+    (same names and defaults as ``mpmoe train``; Megatron-LM's own routing flags are its
+    parser's). ``otep`` itself is a choice patched into Megatron-LM's parser:
+    ``inprocess_restart`` and ``ft_integration`` parse the command line early without extra
+    providers."""
+    routers.add_arguments(parser, megatron_lm=True)
+    settings.add_arguments(parser, megatron_lm=True)
     return parser
 
 
@@ -68,51 +43,59 @@ def args_provider(then: Optional[Callable] = None) -> Callable:
 
 
 def uses_mpmoe(args) -> bool:
-    """Whether the run needs mpmoe's config and routers: MoPE, statistics or masks.
+    """Whether the run needs mpmoe's config and routers: a router other than top-k, softmax
+    expert bias, statistics or masks.
 
     ``args`` may come from another script of the patched tree, whose parser has none of
     mpmoe's flags (``core_transformer_config_from_args`` asks for every script).
     """
     if getattr(args, "num_experts", None) is None:
         return False
-    return getattr(args, "moe_router_load_balancing_type", None) == MOPE_ROUTING_TYPE or any(
+    try:
+        kind = routers.kind_of(args)
+    except ValueError:
+        return True  # two routers named: check_args reports it
+    return kind != routers.DEFAULT or any(
         getattr(args, name, None) is not None
         for name in ("moe_stats_dir", "moe_mask_experts", "moe_dynamic_mask_mode", "moe_eval_dump_dir")
     )
 
 
-def _fail(message: str) -> None:
-    print(f"pretrain_gpt.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def check_args(args) -> None:
-    """After Megatron-LM's own validation: mpmoe's spec and a config check (exit 2 on error).
+    """After Megatron-LM's own validation: mpmoe's spec and a config check (one line, exit 2).
 
     Runs that use none of mpmoe's features are left exactly as they are.
     """
+    code = run_verb(PROG, lambda _: _check_args(args), [])
+    if code:
+        sys.exit(code)
+
+
+def _check_args(args) -> None:
     lbt = getattr(args, "moe_router_load_balancing_type", None)
-    if isinstance(lbt, list) and MOPE_ROUTING_TYPE in lbt:
-        _fail(f"{_LBT_FLAG} otep cannot be combined with other types")
-    if lbt == MOPE_ROUTING_TYPE and args.num_experts is None:
-        _fail(f"{_LBT_FLAG} otep (MoPE) needs --num-experts")
+    mope = routers.KINDS["mope"].marks["moe_router_load_balancing_type"]
+    if isinstance(lbt, list) and mope in lbt:
+        raise UserError(f"--moe-router-load-balancing-type {mope} cannot be combined with other types")
+    if lbt == mope and args.num_experts is None:
+        raise UserError(f"--moe-router-load-balancing-type {mope} (MoPE) needs --num-experts")
     if not uses_mpmoe(args):
         return
-    if lbt == MOPE_ROUTING_TYPE and args.moe_otep_warmup_fraction > 0 and args.train_iters is None:
-        _fail("--moe-otep-warmup-fraction is a fraction of --train-iters: give --train-iters, "
-              "or --moe-otep-warmup-fraction 0 with --train-samples")
+    if lbt == mope and args.moe_otep_warmup_fraction > 0 and args.train_iters is None:
+        raise UserError("--moe-otep-warmup-fraction is a fraction of --train-iters: give --train-iters, "
+                        "or --moe-otep-warmup-fraction 0 with --train-samples")
     for flag, on in (("--multi-latent-attention", args.multi_latent_attention),
                      ("--heterogeneous-layers-config-path", args.heterogeneous_layers_config_path),
                      ("--yaml-cfg", args.yaml_cfg)):
         if on:
-            _fail(f"{flag} is not supported with mpmoe's routers (MoPE, --moe-stats-dir, masks)")
+            raise UserError(f"{flag} is not supported with mpmoe's routers (MoPE, ReMoE, --moe-stats-dir, masks)")
     if args.spec is None:
         args.spec = list(SPEC)
     from megatron.training.argument_utils import core_transformer_config_from_args
 
     from mpmoe.megatron.config import MoPEConfig
 
-    try:
+    try:  # MoPEConfig validates the routing settings (mpmoe.megatron.settings.check)
+        settings.check_files(vars(args))
         core_transformer_config_from_args(args, MoPEConfig)
     except ValueError as exc:
-        _fail(str(exc))
+        raise UserError(str(exc)) from None

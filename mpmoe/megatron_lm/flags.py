@@ -1,20 +1,21 @@
 """mpmoe's presets (``configs/*.toml``) as Megatron-LM ``pretrain_gpt.py`` flags.
 
-    python -m mpmoe.megatron_lm.flags PRESET [--router mope|moe] [--train-iters N]
+    python -m mpmoe.megatron_lm.flags PRESET [--router mope|topk|remoe] [--train-iters N]
         [--world-size W] [--mock-data]
 
-prints one flag or value per line (the launch script reads them into an array). The
-presets are the single source of the model shapes: ``mpmoe train --preset`` and
-``pretrain_gpt.py`` get the same model. Preset keys are Megatron-LM argument names with
-underscores; the few that Megatron-LM spells otherwise are translated here:
+prints one flag or value per line (the launch script reads them into an array). The flags
+are what ``mpmoe train --preset PRESET [--router R]`` resolves (the preset over
+``mpmoe train``'s defaults): the model shape, routing, optimizer, schedule and batch of the
+two launchers are the same (``tests/test_megatron_lm_flags.py`` compares them in
+Megatron-LM's parser). The options whose names differ are translated:
 
-* ``lr_wsd_decay_fraction`` -> ``--lr-wsd-decay-iters`` (fraction of ``--train-iters``,
-  rounded down: :func:`mpmoe.train.presets.fraction_of_iters`);
+* ``lr_wsd_decay_fraction`` -> ``--lr-wsd-decay-iters`` (as ``mpmoe train`` computes it);
 * ``vocab_size`` -> ``--vocab-size`` with ``--tokenizer-type NullTokenizer`` only for
   ``--mock-data`` (with real data the tokenizer sets the vocabulary);
+* ``router`` -> its marks (``--moe-router-load-balancing-type otep``, ``--moe-relu-routing``);
 * ``--disable-bias-linear`` always (mpmoe's models have no linear biases);
-* MoPE-only keys (``moe_otep_*``, ``moe_sigma_update_every``) only for MoPE, so that a
-  top-k run's flags are stock Megatron-LM flags.
+* routing settings only where they apply to the router (:mod:`mpmoe.megatron.settings`), so
+  that a top-k run's flags are stock Megatron-LM flags.
 
 ``--world-size`` adds ``--expert-model-parallel-size``: the largest divisor of the
 expert count that also divides the world size (as ``scripts/train.sh`` chooses).
@@ -22,23 +23,25 @@ expert count that also divides the world size (as ``scripts/train.sh`` chooses).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Optional, Sequence
 
-from mpmoe.train.presets import PresetError, fraction_of_iters, load_preset
+from mpmoe.errors import ArgumentParser, UserError, run_verb
+from mpmoe.megatron import routers, settings
 
-__all__ = ["ROUTER_TYPES", "expert_parallel_size", "preset_flags"]
+__all__ = ["HYPERPARAMETER_GROUPS", "ROUTER_ALIASES", "expert_parallel_size", "preset_flags"]
 
-#: launch-script router name -> --moe-router-load-balancing-type
-ROUTER_TYPES = {"mope": "otep", "moe": "aux_loss"}
+#: older launch-script router names -> router kind
+ROUTER_ALIASES = {"moe": "topk"}
 
-# Preset keys that are not Megatron-LM flags of the same name (handled below).
-_SPECIAL = {"vocab_size", "lr_wsd_decay_fraction", "train_iters"}
+#: ``mpmoe train``'s option groups that make the model and its optimisation
+HYPERPARAMETER_GROUPS = ("model", "mixture of experts", "router", "training",
+                         *dict.fromkeys(s.group for s in settings.SETTINGS if s.config))
 
-
-def _mope_only(key: str) -> bool:
-    return key.startswith("moe_otep_") or key == "moe_sigma_update_every"
+#: ``mpmoe train`` options that are not Megatron-LM flags of the same name (handled below, or
+#: mpmoe-only: ``--last-trainable-layers`` needs mpmoe's model builder)
+_NOT_FLAGS = {"vocab_size", "lr_wsd_decay_fraction", "lr_wsd_decay_iters", "train_iters", "router",
+              "last_trainable_layers", "preset"}
 
 
 def expert_parallel_size(num_experts: int, world_size: int) -> int:
@@ -53,6 +56,10 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+def _hyperparameters(parser) -> list:
+    return [a.dest for g in parser._action_groups if g.title in HYPERPARAMETER_GROUPS for a in g._group_actions]
+
+
 def preset_flags(
     name: str,
     router: Optional[str] = None,
@@ -60,59 +67,75 @@ def preset_flags(
     world_size: Optional[int] = None,
     mock_data: bool = False,
 ) -> list[str]:
-    """Megatron-LM flags of a preset (raises :class:`PresetError` / ValueError)."""
+    """Megatron-LM flags of a preset (raises :class:`UserError`)."""
+    from mpmoe.train.args import build_parser, fill_defaults, parse_args
+    from mpmoe.train.optim import schedule_lengths
+    from mpmoe.train.presets import load_preset
+
     preset = load_preset(name)
+    argv = ["--preset", name]
     if router is not None:
-        if router not in ROUTER_TYPES:
-            raise ValueError(f"unknown router {router!r} (choose from {', '.join(ROUTER_TYPES)})")
-        preset["moe_router_load_balancing_type"] = ROUTER_TYPES[router]
-    if train_iters is None:
-        train_iters = preset.get("train_iters")
-    mope = preset.get("moe_router_load_balancing_type") == ROUTER_TYPES["mope"]
+        argv += ["--router", ROUTER_ALIASES.get(router, router)]
+    if train_iters is not None:
+        argv += ["--train-iters", str(train_iters)]
+    args = parse_args(argv, check=False)
+    fill_defaults(args)
+    kind = routers.kind_of(args) if args.num_experts is not None else None
+    values = vars(args)
     out = ["--disable-bias-linear"]
-    for key, value in preset.items():
-        if key in _SPECIAL or (_mope_only(key) and not mope):
+    keys = list(dict.fromkeys([*_hyperparameters(build_parser()), *preset]))
+    for key in keys:
+        value = values.get(key)
+        setting = settings.SETTINGS_BY_NAME.get(key)
+        if key in _NOT_FLAGS or value is None:
             continue
+        if setting is not None and value == setting.default and not setting.megatron:
+            continue  # mpmoe's own flags at their defaults: a top-k run's flags stay stock
         if isinstance(value, bool):
             if value:
                 out.append(_flag(key))
         elif isinstance(value, list):  # moe_layer_freq: Megatron-LM takes a Python list
             out += [_flag(key), "[" + ",".join(str(v) for v in value) + "]"]
+        elif isinstance(value, dict):
+            out += [_flag(key), ";".join(f"{k}:{','.join(map(str, v))}" for k, v in value.items())]
         else:
             out += [_flag(key), str(value)]
-    if train_iters is not None:
-        out += ["--train-iters", str(train_iters)]
-        fraction = preset.get("lr_wsd_decay_fraction")
-        if fraction is not None:
-            out += ["--lr-wsd-decay-iters", str(fraction_of_iters(fraction, train_iters))]
-    elif preset.get("lr_wsd_decay_fraction") is not None:
-        raise ValueError(f"preset {name!r} decays over a fraction of the run: give --train-iters")
+    if args.train_iters is not None:
+        out += ["--train-iters", str(args.train_iters)]
+        if args.lr_decay_style == "WSD":
+            out += ["--lr-wsd-decay-iters", str(schedule_lengths(args)["wsd_decay"])]
+    elif args.lr_decay_style == "WSD" and args.lr_wsd_decay_iters is None:
+        raise UserError(f"preset {name!r} decays over a fraction of the run: give --train-iters")
+    if args.num_query_groups is not None:
+        out.append("--group-query-attention")  # Megatron-LM reads --num-query-groups only with it
     if mock_data:
-        out += ["--mock-data", "--tokenizer-type", "NullTokenizer",
-                "--vocab-size", str(preset["vocab_size"])]
-    if world_size is not None and preset.get("num_experts"):
-        out += ["--expert-model-parallel-size",
-                str(expert_parallel_size(int(preset["num_experts"]), world_size))]
+        out += ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(preset["vocab_size"])]
+    if world_size is not None and args.num_experts:
+        out += ["--expert-model-parallel-size", str(expert_parallel_size(int(args.num_experts), world_size))]
     return out
 
 
+PROG = "python -m mpmoe.megatron_lm.flags"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mpmoe.megatron_lm.flags",
+    """The command line (user errors: one line, exit 2)."""
+    return run_verb(PROG, _main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list) -> int:
+    p = ArgumentParser(prog=PROG,
                                 description="Print a preset's Megatron-LM flags, one per line.")
     p.add_argument("preset", help="configs/*.toml name (tiny-cpu, flame-moe-38m, ...) or a .toml path")
-    p.add_argument("--router", choices=sorted(ROUTER_TYPES), default=None,
-                   help="mope (otep) or moe (aux_loss top-k); default: the preset's")
+    p.add_argument("--router", choices=[*routers.KINDS, *ROUTER_ALIASES], default=None,
+                   help="router kind (moe = topk); default: the preset's")
     p.add_argument("--train-iters", type=int, default=None)
     p.add_argument("--world-size", type=int, default=None,
                    help="number of processes: adds --expert-model-parallel-size")
     p.add_argument("--mock-data", action="store_true",
                    help="add --mock-data with a NullTokenizer of the preset's vocabulary")
     args = p.parse_args(argv)
-    try:
-        flags = preset_flags(args.preset, args.router, args.train_iters, args.world_size, args.mock_data)
-    except (PresetError, ValueError) as exc:
-        print(f"{p.prog}: error: {exc}", file=sys.stderr)
-        return 2
+    flags = preset_flags(args.preset, args.router, args.train_iters, args.world_size, args.mock_data)
     print("\n".join(flags))
     return 0
 

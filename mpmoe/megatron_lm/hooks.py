@@ -18,7 +18,8 @@ from __future__ import annotations
 import weakref
 from typing import Optional
 
-from mpmoe.megatron.config import MOPE_ROUTING_TYPE, MoPEConfig
+from mpmoe.megatron import routers
+from mpmoe.megatron.config import MoPEConfig
 from mpmoe.megatron.router import iter_routers, set_training_progress, sync_routing_state
 from mpmoe.megatron_lm.args import uses_mpmoe
 
@@ -45,13 +46,13 @@ def _state(model) -> dict:
     key = chunks[0]
     state = _STATE.get(key)
     if state is None:
-        routers = list(iter_routers(chunks))
+        found = list(iter_routers(chunks))
         tracker = None
-        if routers and getattr(routers[0].config, "moe_stats_dir", None) is not None:
+        if found and getattr(found[0].config, "moe_stats_dir", None) is not None:
             from mpmoe.megatron.stats import RoutingStatsTracker
 
             tracker = RoutingStatsTracker(chunks)
-        state = _STATE[key] = {"chunks": chunks, "routers": bool(routers), "tracker": tracker}
+        state = _STATE[key] = {"chunks": chunks, "routers": bool(found), "tracker": tracker}
     return state
 
 
@@ -63,8 +64,14 @@ def before_train_step(model, iteration: int, train_iters: Optional[int]) -> None
 
 
 def after_train_step(model, iteration: int) -> None:
-    """``iteration`` steps done: close a routing-statistics window when one ends."""
-    tracker = _state(model)["tracker"]
+    """``iteration`` steps done: ReMoE's coefficient update (collective; a no-op without
+    ReMoE layers), and close a routing-statistics window when one ends."""
+    state = _state(model)
+    if state["routers"]:
+        from mpmoe.megatron.remoe import update_balancing_state
+
+        update_balancing_state(state["chunks"])
+    tracker = state["tracker"]
     if tracker is not None:
         tracker.on_optimizer_step(iteration)
 
@@ -83,6 +90,6 @@ def before_evaluate(model) -> None:
 
 def moe_track_names(args) -> list:
     """Extra MoE metrics for ``training_log``: MoPE's aux loss (``load_balancing_loss``)."""
-    if args.moe_router_load_balancing_type == MOPE_ROUTING_TYPE:
+    if getattr(args, "num_experts", None) is not None and routers.kind_of(args) == "mope":
         return ["load_balancing_loss"]
     return []

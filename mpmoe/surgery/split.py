@@ -28,9 +28,10 @@ int64 tensors ``[F]`` with values in ``0..E-1``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -42,11 +43,13 @@ __all__ = [
     "check_ilp_inputs",
     "contiguous_partition",
     "expert_of_neuron",
+    "format_expert_sizes",
     "ilp_size_bounds",
     "module_scores",
     "moefication_partition",
     "neuron_scores",
     "normalize_importance",
+    "parse_expert_sizes",
     "random_heterogeneous",
     "random_homogeneous",
     "solve_split_ilp",
@@ -384,3 +387,54 @@ def split_ffn(fc1_weight: torch.Tensor, fc2_weight: torch.Tensor, labels: torch.
         rows = torch.cat([idx, idx + f]) if gated else idx
         out.append((fc1_weight[rows].clone(), fc2_weight[:, idx].clone()))
     return out
+
+
+# --------------------------------------------------------------------------- recorded sizes
+def parse_expert_sizes(value: Any, num_experts: Optional[int] = None) -> Optional[Dict[int, Tuple[int, ...]]]:
+    """``None``/``""`` -> None; text (``"L:s,s,...;L:..."`` or JSON) or a mapping -> ``{layer: sizes}``.
+
+    One-line ValueError for a malformed value, a layer number < 1, a size < 1 or a layer
+    with other than ``num_experts`` sizes.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"moe_expert_ffn_sizes: not valid JSON ({exc.msg})") from None
+        else:
+            parsed = {}
+            for part in filter(None, (p.strip() for p in text.split(";"))):
+                layer, sep, sizes = part.partition(":")
+                if not sep:
+                    raise ValueError(f"moe_expert_ffn_sizes: expected 'LAYER:SIZE,SIZE,...', got {part!r}")
+                parsed[layer.strip()] = [s.strip() for s in sizes.split(",") if s.strip()]
+            value = parsed
+    if not isinstance(value, Mapping):
+        raise ValueError(f"moe_expert_ffn_sizes: expected a mapping layer -> sizes, got {value!r}")
+    out: Dict[int, Tuple[int, ...]] = {}
+    for layer, sizes in value.items():
+        try:
+            layer_i = int(layer)
+            sizes_t = tuple(int(s) for s in sizes)
+        except (TypeError, ValueError):
+            raise ValueError(f"moe_expert_ffn_sizes: layer {layer!r}: expected int sizes, got {sizes!r}") from None
+        if layer_i < 1:
+            raise ValueError(f"moe_expert_ffn_sizes: layer numbers are 1-based, got {layer_i}")
+        if not sizes_t or min(sizes_t) < 1:
+            raise ValueError(f"moe_expert_ffn_sizes: layer {layer_i}: sizes must be >= 1, got {list(sizes_t)}")
+        if num_experts is not None and len(sizes_t) != num_experts:
+            raise ValueError(f"moe_expert_ffn_sizes: layer {layer_i} has {len(sizes_t)} sizes, "
+                             f"num_moe_experts is {num_experts}")
+        out[layer_i] = sizes_t
+    return out or None
+
+
+def format_expert_sizes(sizes: Optional[Mapping[int, Tuple[int, ...]]]) -> Optional[str]:
+    """The text form of :func:`parse_expert_sizes` (None for None)."""
+    if not sizes:
+        return None
+    return ";".join(f"{layer}:{','.join(str(s) for s in sizes[layer])}" for layer in sorted(sizes))

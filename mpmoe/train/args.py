@@ -1,20 +1,24 @@
 """``mpmoe train`` options: Megatron-LM flag names, presets, validation with one-line errors.
 
 Precedence: argparse defaults < preset (``--preset``, a ``configs/*.toml`` name or a
-``.toml`` path) < flags given on the command line. :func:`parse_args` returns an
-``argparse.Namespace`` after :func:`validate`; errors raise :class:`ConfigError`, which the
-CLI prints as ``mpmoe train: error: ...`` with exit code 2.
+``.toml`` path) < flags given on the command line. The routing flags are generated from
+the router registry and the settings table (:mod:`mpmoe.megatron.routers`,
+:mod:`mpmoe.megatron.settings`; the router rule is :func:`resolve_routing`).
+:func:`parse_args` returns an ``argparse.Namespace`` after :func:`validate`; errors raise
+:class:`ConfigError`, which the CLI prints as ``mpmoe train: error: ...`` (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import math
 import os
+import sys
 from typing import Optional, Sequence
 
-from mpmoe.errors import UserError
+from mpmoe.megatron import routers, settings
+from mpmoe.megatron.routers import ConfigError
+from mpmoe.megatron.settings import Range
 from mpmoe.train.presets import PresetError, list_presets, load_preset, preset_path
 
 __all__ = ["ConfigError", "DEFAULT_PRESET", "build_parser", "parse_args", "validate",
@@ -23,57 +27,9 @@ __all__ = ["ConfigError", "DEFAULT_PRESET", "build_parser", "parse_args", "valid
 DEFAULT_PRESET = "tiny-cpu"
 
 
-class ConfigError(UserError, ValueError):
-    """A bad configuration (the message is one line)."""
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors: same one-line format, exit 2
         raise ConfigError(message)
-
-
-class Range:
-    """argparse ``type=`` for a number in a range; ``validate`` and preset loading reuse its
-    :meth:`check`, so a flag declared with a ``Range`` is range-checked from every source
-    (command line, preset, a checkpoint's recorded flags)::
-
-        g.add_argument("--num-layers", type=Range(int, 1))             # >= 1
-        g.add_argument("--hidden-dropout", type=Range(float, 0, 1, hi_open=True))  # [0, 1)
-    """
-
-    def __init__(self, kind: type, lo=None, hi=None, *, lo_open: bool = False, hi_open: bool = False):
-        self.kind, self.lo, self.hi, self.lo_open, self.hi_open = kind, lo, hi, lo_open, hi_open
-        self.__name__ = kind.__name__  # argparse names the type in its messages
-
-    def describe(self) -> str:
-        if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {self.lo}"
-        if self.lo is None:
-            return f"{'<' if self.hi_open else '<='} {self.hi}"
-        return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
-
-    def check(self, value) -> Optional[str]:
-        """None if ``value`` is a number of this kind in range, else what is wrong."""
-        wanted = (int,) if self.kind is int else (int, float)
-        if isinstance(value, bool) or not isinstance(value, wanted):
-            what = "an integer" if self.kind is int else "a number"
-            return f"must be {what}, got {type(value).__name__} {value!r}"
-        if self.kind is float and not math.isfinite(value):
-            return f"must be a finite number, got {value}"
-        low = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
-        high = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
-        return f"must be {self.describe()}, got {value}" if low or high else None
-
-    def __call__(self, text):
-        try:
-            value = self.kind(text)
-        except ValueError:
-            what = "an integer" if self.kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        problem = self.check(value)
-        if problem:
-            raise argparse.ArgumentTypeError(problem)
-        return value
 
 
 POSITIVE = Range(int, 1)
@@ -140,9 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action=B, default=True)
     g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="rope")
-    g.add_argument("--rotary-base", type=POSITIVE_FLOAT, default=10000.0, help="RoPE base (theta)")
-    g.add_argument("--add-qkv-bias", action=B, default=False,
-                   help="biases on the query/key/value projections only (Qwen2)")
     g.add_argument("--untie-embeddings-and-output-weights", action=B, default=True)
     g.add_argument("--init-method-std", type=NON_NEGATIVE_FLOAT, default=0.02)
     g.add_argument("--hidden-dropout", type=PROBABILITY, default=0.0)
@@ -151,77 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("mixture of experts")
     g.add_argument("--num-experts", type=POSITIVE)
     g.add_argument("--moe-router-topk", type=POSITIVE, default=2)
-    g.add_argument("--moe-router-load-balancing-type",
-                   choices=["aux_loss", "seq_aux_loss", "none", "otep"], default="aux_loss",
-                   help="otep = MoPE routing; the others are megatron's top-k routing")
     g.add_argument("--moe-aux-loss-coeff", type=NON_NEGATIVE_FLOAT, default=0.01)
     g.add_argument("--moe-z-loss-coeff", type=NON_NEGATIVE_FLOAT, default=None)
     g.add_argument("--moe-layer-freq", type=_layer_freq, default=1)
     g.add_argument("--moe-ffn-hidden-size", type=POSITIVE)
     g.add_argument("--moe-shared-expert-intermediate-size", type=POSITIVE)
-    g.add_argument("--moe-shared-expert-gate", action=B, default=False,
-                   help="scale the shared expert by sigmoid(w . x), a learned per-token gate (Qwen2-MoE)")
     g.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall", "flex"],
                    default="alltoall")
     g.add_argument("--moe-grouped-gemm", action=B, default=False)
     g.add_argument("--moe-router-dtype", choices=["fp32", "fp64"], default="fp32")
-    g.add_argument("--moe-expert-capacity-factor", type=POSITIVE_FLOAT, default=None)
-    g.add_argument("--moe-otep-warmup-fraction", type=FRACTION, default=0.01,
-                   help="MoPE: fraction of iterations routed top-k first")
-    g.add_argument("--moe-sigma-update-every", type=POSITIVE, default=1)
-    g.add_argument("--moe-plot-every", type=POSITIVE, default=200,
-                   help="routing-statistics window (iterations) for --moe-stats-dir")
-    g.add_argument("--moe-stats-dir", default=None,
-                   help="write layer{L}_seg{S}_{moe|mope|remoe}.npz routing statistics here")
-    g.add_argument("--moe-relu-routing", action=B, default=False,
-                   help="ReMoE: ReLU gates + adaptive load-balanced L1 instead of top-k (docs/routing.md)")
-    g.add_argument("--moe-relu-l1-reg-coeff-init", type=float, default=1e-8,
-                   help="ReMoE: initial L1 coefficient")
-    g.add_argument("--moe-relu-l1-reg-coeff-multiplier", type=float, default=1.2,
-                   help="ReMoE: the coefficient is multiplied/divided by this every iteration")
-    g.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"], default="softmax")
-    g.add_argument("--moe-router-enable-expert-bias", action=B, default=False,
-                   help="aux-loss-free balancing: per-expert bias on the scores for selection only")
-    g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3,
-                   help="expert bias step per iteration (sign of the load offset times this)")
-    g.add_argument("--moe-router-expert-bias-mode", choices=["prob", "logit", "prob-scaled"],
-                   default="prob",
-                   help="expert bias with softmax scores: added to the probabilities (prob), to "
-                        "the logits (logit; MoPE: p = softmax(logits + b)), or to the "
-                        "probabilities times 4/E (prob-scaled: the rate scaled by E); docs/routing.md")
-    g.add_argument("--moe-router-pre-softmax", action=B, default=False,
-                   help="softmax over all experts before the top-k (gate weights sum to the "
-                        "top-k probability mass; megatron's semantics). Off: softmax over the k "
-                        "chosen logits (weights sum to 1). MoPE after warm-up is unaffected")
-    g.add_argument("--moe-sigma-shrinkage", type=float, default=0.0,
-                   help="MoPE Sigma prior: shrink toward mean(diag) * I by this weight in [0, 1) "
-                        "(bounds the pull of experts never routed yet; 0 = the reference)")
-    g.add_argument("--moe-sigma-decay-rate", type=float, default=0.0,
-                   help="MoPE: multiply the co-occurrence counts by (1 - rate) before each "
-                        "training forward's update (0 = cumulative counts)")
-    g.add_argument("--moe-expert-ffn-sizes", default=None,
-                   help="experts of different sizes (HEMoE split, written by `mpmoe experts split`): "
-                        "per MoE layer, one FFN size per expert, 'LAYER:S,S,...;LAYER:...' (1-based)")
-    g.add_argument("--moe-router-unit-gates", action=B, default=False,
-                   help="HEMoE gates: weight 1 for every routed expert (straight-through gradient)")
-    g.add_argument("--moe-size-aux-loss-coeff", type=NON_NEGATIVE_FLOAT, default=0.0,
-                   help="HEMoE's balance loss, each expert weighted by its size (0 = off)")
-    g.add_argument("--trainable-params", choices=["all", "routers"], default="all",
-                   help="routers: train only the MoE routers (e.g. after `mpmoe experts split`)")
-    g.add_argument("--moe-expert-groups", default=None, metavar="LAYER:LABELS;...",
-                   help="merged experts (written by `mpmoe experts merge`): per MoE layer, the group "
-                        "of each router expert (-1: dropped); the router selects over them, then "
-                        "folds into --num-experts experts (docs/experts.md)")
-    g.add_argument("--moe-expert-compression", default=None, metavar="RANK:KEEP",
-                   help="compressed experts (written by `mpmoe experts compress`): every expert "
-                        "weight is low rank RANK + KEEP of its residual rows (docs/experts.md)")
-    g.add_argument("--last-trainable-layers", type=int, default=None,
-                   help="train only the last N transformer layers (+ final norm and output "
-                        "layer); -1 or unset: everything (the demo's flag)")
-
-    from mpmoe.train import ablation
-
-    ablation.add_arguments(p)
+    routers.add_arguments(p)
+    settings.add_arguments(p)
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=POSITIVE, default=1)
@@ -311,10 +204,11 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, check: bool = True) -> a
     world size; raises :class:`ConfigError`."""
     argv = list(argv or [])
     parser = build_parser()
-    first, _ = parser.parse_known_args(argv)
+    explicit = routers.explicit_dests(parser, argv)
+    preset_name = explicit.get("preset", DEFAULT_PRESET)
     try:
-        preset = load_preset(first.preset)
-        where = preset_path(first.preset)
+        preset = load_preset(preset_name)
+        where = preset_path(preset_name)
     except PresetError as exc:
         raise ConfigError(str(exc)) from None
     check_preset(parser, preset, where)
@@ -322,9 +216,25 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, check: bool = True) -> a
     args = parser.parse_args(argv)
     if isinstance(args.moe_layer_freq, str):
         args.moe_layer_freq = _layer_freq(args.moe_layer_freq)
+    resolve_routing(args, explicit, preset)
     if check:
         validate(args)
     return args
+
+
+def resolve_routing(args: argparse.Namespace, explicit: dict, preset: dict, *, prog: str = "mpmoe train",
+                    environ=None) -> None:
+    """The router (:func:`mpmoe.megatron.routers.resolve`), the demo's environment variables,
+    and the routing settings checked once (:func:`mpmoe.megatron.settings.check`): a setting
+    given on the command line that cannot apply is an error, one from the preset is dropped."""
+    values = vars(args)
+    kind = routers.resolve(values, explicit, preset)
+    for note in settings.apply_env(values, explicit, prog, os.environ if environ is None else environ):
+        print(note, file=sys.stderr)
+    checked = settings.check(values, kind if args.num_experts is not None else None, explicit=set(explicit),
+                             flags=True, num_experts=args.num_experts, topk=args.moe_router_topk)
+    for name, value in checked.items():
+        setattr(args, name, settings.recorded(value))
 
 
 _BOOL_ACTIONS = (argparse.BooleanOptionalAction, argparse._StoreTrueAction, argparse._StoreFalseAction)
@@ -420,15 +330,12 @@ def validate(args: argparse.Namespace, world_size: Optional[int] = None) -> None
         if getattr(args, name) is None:
             raise ConfigError(f"--{name.replace('_', '-')} is required (not set by preset {args.preset!r})")
     check_ranges(args)
-    if args.max_position_embeddings is None:
-        args.max_position_embeddings = args.seq_length
+    fill_defaults(args)
     if args.seq_length > args.max_position_embeddings and args.position_embedding_type != "rope":
         raise ConfigError("--seq-length exceeds --max-position-embeddings")
     if args.hidden_size % args.num_attention_heads:
         raise ConfigError(f"--hidden-size {args.hidden_size} is not divisible by "
                           f"--num-attention-heads {args.num_attention_heads}")
-    if args.ffn_hidden_size is None:
-        args.ffn_hidden_size = 4 * args.hidden_size
     if args.pipeline_model_parallel_size != 1:
         raise ConfigError("--pipeline-model-parallel-size > 1 is not supported by mpmoe train yet")
     tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
@@ -444,16 +351,11 @@ def validate(args: argparse.Namespace, world_size: Optional[int] = None) -> None
         if world_size % (ep * tp) and ep > 1:
             raise ConfigError(f"world size {world_size} is not divisible by expert x tensor "
                               f"parallel size {ep}*{tp}")
-        if args.moe_ffn_hidden_size is None:
-            args.moe_ffn_hidden_size = args.ffn_hidden_size
         freq = args.moe_layer_freq
         if isinstance(freq, list) and len(freq) != args.num_layers:
             raise ConfigError(f"--moe-layer-freq has {len(freq)} entries for --num-layers {args.num_layers}")
     elif ep > 1:
         raise ConfigError("--expert-model-parallel-size > 1 needs --num-experts")
-    elif args.moe_router_load_balancing_type == "otep":
-        raise ConfigError("--moe-router-load-balancing-type otep (MoPE) needs --num-experts")
-    _validate_balancing(args)
     per_step = args.micro_batch_size * dp
     if args.global_batch_size % per_step:
         raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by "
@@ -481,61 +383,25 @@ def validate(args: argparse.Namespace, world_size: Optional[int] = None) -> None
     if args.bf16 and not _cuda_available():
         raise ConfigError("--bf16 needs a GPU (the CPU optimizer keeps no fp32 master weights); "
                           "pass --no-bf16 on CPU")
-    _validate_mpmoe_extras(args)
-    if args.recompute_granularity == "full" and args.recompute_method is None:
-        args.recompute_method = "uniform"
-    if args.recompute_method is not None and args.recompute_num_layers is None:
-        args.recompute_num_layers = 1
-
-
-def _validate_balancing(args: argparse.Namespace) -> None:
-    """ReMoE / expert-bias flags (one-line errors before a model is built)."""
-    if args.moe_relu_routing:
-        if args.num_experts is None:
-            raise ConfigError("--moe-relu-routing (ReMoE) needs --num-experts")
-        if args.moe_router_load_balancing_type == "otep":
-            raise ConfigError("--moe-relu-routing (ReMoE) and --moe-router-load-balancing-type otep "
-                              "(MoPE) exclude each other")
-        if args.moe_router_enable_expert_bias:
-            raise ConfigError("--moe-router-enable-expert-bias does not apply to --moe-relu-routing "
-                              "(ReMoE balances with its L1 penalty)")
-        if args.moe_expert_capacity_factor is not None:
-            raise ConfigError("--moe-expert-capacity-factor does not apply to --moe-relu-routing")
-        if not args.moe_relu_l1_reg_coeff_init > 0:
-            raise ConfigError(f"--moe-relu-l1-reg-coeff-init must be > 0, got {args.moe_relu_l1_reg_coeff_init}")
-        if not args.moe_relu_l1_reg_coeff_multiplier >= 1:
-            raise ConfigError("--moe-relu-l1-reg-coeff-multiplier must be >= 1, got "
-                              f"{args.moe_relu_l1_reg_coeff_multiplier}")
-    if args.moe_router_enable_expert_bias and not args.moe_router_bias_update_rate >= 0:
-        raise ConfigError(f"--moe-router-bias-update-rate must be >= 0, got {args.moe_router_bias_update_rate}")
-    if args.moe_router_load_balancing_type == "otep" and args.moe_router_score_function != "softmax":
-        raise ConfigError("--moe-router-load-balancing-type otep (MoPE) needs --moe-router-score-function softmax")
-
-
-def _validate_mpmoe_extras(args: argparse.Namespace) -> None:
-    """Sigma prior / decay, layer freezing and the routing ablations (mpmoe.train.ablation)."""
-    from mpmoe.train import ablation
-
-    for name in ("moe_sigma_shrinkage", "moe_sigma_decay_rate"):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
     n = args.last_trainable_layers
     if n is not None and not -1 <= n <= args.num_layers:
         raise ConfigError(f"--last-trainable-layers must be -1 (all) or 0..--num-layers "
                           f"{args.num_layers}, got {n}")
-    if getattr(args, "trainable_params", "all") == "routers" and args.num_experts is None:
-        raise ConfigError("--trainable-params routers needs a model with experts (--num-experts)")
-    if getattr(args, "moe_expert_ffn_sizes", None):
-        from mpmoe.megatron.hetero import parse_expert_sizes
+    settings.check_files(vars(args))
 
-        try:
-            parse_expert_sizes(args.moe_expert_ffn_sizes, args.num_experts)
-        except ValueError as exc:
-            raise ConfigError(f"--{exc}".replace("moe_expert_ffn_sizes", "moe-expert-ffn-sizes", 1)) from None
-    try:
-        ablation.validate(args, args.num_experts, args.moe_router_topk)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    """The values that default to others (as Megatron-LM derives them)."""
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.ffn_hidden_size is None and args.hidden_size is not None:
+        args.ffn_hidden_size = 4 * args.hidden_size
+    if args.num_experts is not None and args.moe_ffn_hidden_size is None:
+        args.moe_ffn_hidden_size = args.ffn_hidden_size
+    if args.recompute_granularity == "full" and args.recompute_method is None:
+        args.recompute_method = "uniform"
+    if args.recompute_method is not None and args.recompute_num_layers is None:
+        args.recompute_num_layers = 1
 
 
 def _cuda_available() -> bool:
@@ -560,7 +426,6 @@ def model_config_kwargs(args: argparse.Namespace) -> dict:
         gated_linear_unit=args.swiglu,
         activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
         add_bias_linear=False,
-        add_qkv_bias=bool(getattr(args, "add_qkv_bias", False)),
         init_method_std=args.init_method_std,
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
@@ -583,53 +448,22 @@ def model_config_kwargs(args: argparse.Namespace) -> dict:
     if args.recompute_modules is not None:
         kw["recompute_modules"] = list(args.recompute_modules)
     if args.num_experts is not None:
+        kind = routers.kind_of(args)
         kw.update(
             num_moe_experts=args.num_experts,
             moe_router_topk=args.moe_router_topk,
-            moe_router_load_balancing_type=args.moe_router_load_balancing_type,
             moe_aux_loss_coeff=args.moe_aux_loss_coeff,
             moe_z_loss_coeff=args.moe_z_loss_coeff,
             moe_layer_freq=args.moe_layer_freq,
             moe_ffn_hidden_size=args.moe_ffn_hidden_size,
             moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
-            moe_shared_expert_gate=bool(getattr(args, "moe_shared_expert_gate", False)),
             moe_token_dispatcher_type=args.moe_token_dispatcher_type,
             moe_grouped_gemm=args.moe_grouped_gemm,
             moe_router_dtype=args.moe_router_dtype,
-            moe_expert_capacity_factor=args.moe_expert_capacity_factor,
-            moe_otep_warmup_fraction=args.moe_otep_warmup_fraction,
-            moe_sigma_update_every=args.moe_sigma_update_every,
-            moe_plot_every=args.moe_plot_every,
-            moe_stats_dir=args.moe_stats_dir,
-            moe_router_pre_softmax=getattr(args, "moe_router_pre_softmax", False),
-            moe_sigma_shrinkage=getattr(args, "moe_sigma_shrinkage", 0.0),
-            moe_sigma_decay_rate=getattr(args, "moe_sigma_decay_rate", 0.0),
-            moe_expert_groups=getattr(args, "moe_expert_groups", None),
-            moe_expert_compression=getattr(args, "moe_expert_compression", None),
+            **{name: getattr(args, name, default) for name, default in routers.MARKS.items()},
+            **settings.config_kwargs(settings.from_record(vars(args)), kind),
         )
-        kw.update(moe_expert_ffn_sizes=getattr(args, "moe_expert_ffn_sizes", None),
-                  moe_router_unit_gates=bool(getattr(args, "moe_router_unit_gates", False)),
-                  moe_size_aux_loss_coeff=getattr(args, "moe_size_aux_loss_coeff", 0.0))
-        kw.update(_balancing_kwargs(args))
-        from mpmoe.train.ablation import config_kwargs
-
-        kw.update(config_kwargs(args))
     return kw
-
-
-def _balancing_kwargs(args: argparse.Namespace) -> dict:
-    """ReMoE / expert-bias config fields (defaults for options a saved run lacks)."""
-    get = lambda name, default: getattr(args, name, default)  # noqa: E731
-    return dict(
-        moe_relu_routing=bool(get("moe_relu_routing", False)),
-        moe_relu_l1_reg_coeff_init=get("moe_relu_l1_reg_coeff_init", 1e-8),
-        moe_relu_l1_reg_coeff_multiplier=get("moe_relu_l1_reg_coeff_multiplier", 1.2),
-        moe_router_score_function=get("moe_router_score_function", "softmax"),
-        moe_router_enable_expert_bias=bool(get("moe_router_enable_expert_bias", False)),
-        moe_router_bias_update_rate=get("moe_router_bias_update_rate", 1e-3),
-        # a run saved before the option existed used "prob"
-        moe_router_expert_bias_mode=get("moe_router_expert_bias_mode", "prob"),
-    )
 
 
 def args_from_saved(saved: Optional[dict], flags: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -650,11 +484,10 @@ def args_from_saved(saved: Optional[dict], flags: Optional[Sequence[str]] = None
                           "stored them); give the `mpmoe train` flags that built it")
     args = parse_args(["--preset", str(saved.get("preset", "tiny-cpu")), "--train-iters", "1"], check=False)
     known = vars(args)
-    # options a run saved before they existed ran with (their defaults may have changed since)
-    args.moe_router_expert_bias_mode = "prob"
-    for key, value in saved.items():
+    for key, value in settings.from_record(saved, old_run=True).items():
         if key in known:
             setattr(args, key, value)
+    routers.select(known, routers.kind_of(known))
     if isinstance(args.moe_layer_freq, str):
         args.moe_layer_freq = _layer_freq(args.moe_layer_freq)
     return args

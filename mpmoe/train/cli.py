@@ -16,14 +16,6 @@ from typing import Optional
 __all__ = ["main"]
 
 
-def _error(message: str) -> int:
-    from mpmoe.errors import one_line
-
-    first = message.strip().splitlines()[0] if message.strip() else "failed"
-    print(f"mpmoe train: error: {one_line(first, 280)}", file=sys.stderr)
-    return 2
-
-
 class _Terminated(Exception):
     """SIGTERM outside the iterations (set-up): end like Ctrl-C, with one line."""
 
@@ -33,9 +25,11 @@ def _raise_terminated(signum, frame):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from mpmoe.errors import run_verb
+
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return _main(argv)
+        return run_verb("mpmoe train", _main, list(sys.argv[1:] if argv is None else argv))
     except (KeyboardInterrupt, _Terminated) as exc:
         code = 130 if isinstance(exc, KeyboardInterrupt) else 143
         if os.environ.get("RANK", "0") == "0":
@@ -46,14 +40,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _main(argv: Optional[list[str]] = None) -> int:
+def _main(argv: list) -> int:
+    from mpmoe.errors import UserError
     from mpmoe.train.args import ConfigError, parse_args
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)
-    except ConfigError as exc:
-        return _error(str(exc))
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     from mpmoe.deps import missing
@@ -64,26 +56,24 @@ def _main(argv: Optional[list[str]] = None) -> int:
             (["wandb"], "--wandb-project", bool(args.wandb_project))):
         problem = missing(modules, purpose) if wanted else None
         if problem:
-            return _error(problem)
+            raise UserError(problem)
     warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
     warnings.filterwarnings("ignore", message=".*Apex.*")
     from mpmoe.train.faults import NonFiniteLoss, TrainingStopped
     from mpmoe.train.loop import train
 
-    from megatron.core.dist_checkpointing.core import CheckpointingException
-
     try:
         result = train(args)
-    except (ConfigError, CheckpointingException, NonFiniteLoss) as exc:
-        return _error(str(exc))
+    except NonFiniteLoss as exc:
+        raise UserError(str(exc)) from None
     except TrainingStopped as exc:
         if os.environ.get("RANK", "0") == "0":
             print(f"mpmoe train: {exc}", file=sys.stderr)
         return exc.exit_code
-    except ValueError as exc:  # megatron / mpmoe config validation: one line
-        if len(str(exc).splitlines()) <= 1:
-            return _error(str(exc))
-        raise
+    except ValueError as exc:  # megatron's own config validation: one line
+        if isinstance(exc, UserError) or len(str(exc).splitlines()) > 1:
+            raise
+        raise ConfigError(str(exc)) from None
     if os.environ.get("RANK", "0") != "0":
         return 0
     if result["train_loss"] != result["train_loss"]:  # NaN: no iteration ran

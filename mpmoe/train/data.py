@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-__all__ = ["DataSpec", "resolve_data", "build_datasets", "micro_batches", "batch_to_model_inputs"]
+__all__ = ["DataSpec", "resolve_data", "build_datasets", "micro_batches"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,10 +154,6 @@ def micro_batches(dataset, consumed_samples: int, global_batch_size: int, micro_
         samples = [dataset[i] for i in idx]
         yield {k: torch.stack([torch.as_tensor(np.asarray(s[k])) for s in samples])
                for k in ("tokens", "labels", "loss_mask", "position_ids")}
-
-
-def batch_to_model_inputs(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def describe(spec: DataSpec) -> str:

@@ -158,7 +158,7 @@ def _broadcast_str(text: str) -> str:
 def train(args) -> dict:
     """Run training as configured by ``args`` (see :mod:`mpmoe.train.args`); returns a summary."""
     from mpmoe.megatron import destroy_distributed, init_distributed
-    from mpmoe.megatron.balancing import balancing_scalars, discard_balancing_state, update_balancing_state
+    from mpmoe.megatron.remoe import balancing_scalars, discard_balancing_state, update_balancing_state
     from mpmoe.megatron.router import set_training_progress
     from mpmoe.train import checkpoint as ckpt
     from mpmoe.train.args import validate

@@ -1,23 +1,21 @@
-"""ReMoE routing and aux-loss-free (expert-bias) balancing for softmax top-k and MoPE.
+"""ReMoE (``--router remoe``; thu-ml/ReMoE's ``--moe-relu-routing``) and the balancing
+state updates after each optimizer step.
 
 The math is :mod:`mpmoe.routing.balancing` (pure PyTorch); this module plugs it into
 megatron-core:
 
-* :class:`ReMoERouter` (``moe_relu_routing=True``, thu-ml/ReMoE's flag): ReLU gates, a
-  variable number of experts per token, the load-balanced L1 penalty attached to the gates
-  with megatron's ``MoEAuxLossAutoScaler`` (so it is added to the loss's gradient like the
-  aux loss), and the adaptive coefficient ``relu_l1_coeff`` - a persistent float64 buffer,
-  so it is in every checkpoint and resumes exactly. The trainer calls
-  :func:`update_balancing_state` after each optimizer step: one all-reduce of the step's
-  routed-pair and token counts, then every ReMoE layer's coefficient takes the same
-  multiplicative step from the mean sparsity over the MoE layers (ReMoE's rule).
-* :func:`softmax_bias_routing`: ``moe_router_enable_expert_bias`` with softmax scores.
-  Megatron-core keeps the bias only for sigmoid scores; mpmoe's routers select on
-  ``softmax + bias`` and take the gate weights, the aux loss and MoPE's Sigma from the
-  unbiased routing (docs/routing.md). The ``expert_bias`` buffer, its token counts and its
-  update after each step are megatron's own (``finalize_model_grads`` sums the counts over
-  TP x CP x DP and applies ``bias += u * sign(mean - n)``), so top-k + bias has megatron's
-  semantics exactly; :func:`mpmoe.routing.balancing.expert_bias_update` is that rule.
+* :class:`ReMoERouter`: ReLU gates, a variable number of experts per token, the
+  load-balanced L1 penalty attached to the gates with megatron's ``MoEAuxLossAutoScaler``
+  (so it is added to the loss's gradient like the aux loss), and the adaptive coefficient
+  ``relu_l1_coeff`` - a persistent float64 buffer, so it is in every checkpoint and resumes
+  exactly. The trainer calls :func:`update_balancing_state` after each optimizer step: one
+  all-reduce of the step's routed-pair and token counts, then every ReMoE layer's
+  coefficient takes the same multiplicative step from the mean sparsity over the MoE
+  layers (ReMoE's rule).
+* The expert bias (softmax top-k and MoPE, :mod:`mpmoe.megatron.router`) needs nothing
+  here: its buffer, token counts and update are megatron's own (``finalize_model_grads``
+  sums the counts over TP x CP x DP and applies ``bias += u * sign(mean - n)``);
+  :func:`balancing_scalars` logs it.
 """
 
 from __future__ import annotations
@@ -25,104 +23,24 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core.transformer.moe.moe_utils import (
-    MoEAuxLossAutoScaler,
-    apply_router_token_dropping,
-    compute_routing_scores_for_aux_loss,
-)
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
+from mpmoe.megatron import routers
 from mpmoe.megatron.router import TopKStatsRouter, iter_routers
-from mpmoe.routing.balancing import (
-    EXPERT_BIAS_MODES,
-    biased_softmax_topk,
-    relu_gates,
-    relu_l1_coeff_update,
-    relu_l1_loss,
-    relu_sparsity,
-    target_sparsity,
-)
+from mpmoe.routing.balancing import relu_gates, relu_l1_coeff_update, relu_l1_loss, relu_sparsity, target_sparsity
 
-__all__ = [
-    "ReMoERouter",
-    "balancing_scalars",
-    "discard_balancing_state",
-    "softmax_bias_routing",
-    "update_balancing_state",
-    "validate_balancing_config",
-]
-
-
-def validate_balancing_config(cfg) -> None:
-    """One-line ``ValueError`` for ReMoE / expert-bias combinations mpmoe does not run."""
-    mode = getattr(cfg, "moe_router_expert_bias_mode", "prob")
-    if mode not in EXPERT_BIAS_MODES:
-        raise ValueError(f"moe_router_expert_bias_mode must be one of {', '.join(EXPERT_BIAS_MODES)}, got {mode!r}")
-    if cfg.moe_router_enable_expert_bias:
-        rate = cfg.moe_router_bias_update_rate
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate >= 0:
-            raise ValueError(f"moe_router_bias_update_rate must be a number >= 0, got {rate!r}")
-    if not cfg.moe_relu_routing:
-        return
-    if cfg.num_moe_experts is None:
-        raise ValueError("moe_relu_routing needs num_moe_experts")
-    if cfg.moe_router_load_balancing_type == "otep":
-        raise ValueError("moe_relu_routing (ReMoE) and moe_router_load_balancing_type='otep' (MoPE) exclude each other")
-    for name, why in (("moe_router_enable_expert_bias", "ReMoE balances with its L1 penalty"),
-                      ("moe_expert_capacity_factor", "ReLU routing has no fixed k per token"),
-                      ("moe_dynamic_mask_mode", "the k -> k-1 mask assumes top-k routing")):
-        if getattr(cfg, name, None):
-            raise ValueError(f"{name} is not supported with moe_relu_routing ({why})")
-    init, mult = cfg.moe_relu_l1_reg_coeff_init, cfg.moe_relu_l1_reg_coeff_multiplier
-    if isinstance(init, bool) or not isinstance(init, (int, float)) or not init > 0:
-        raise ValueError(f"moe_relu_l1_reg_coeff_init must be > 0, got {init!r}")
-    if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not mult >= 1:
-        raise ValueError(f"moe_relu_l1_reg_coeff_multiplier must be >= 1, got {mult!r}")
-
-
-# --------------------------------------------------------------------------- expert bias
-def softmax_bias_routing(router: TopKStatsRouter, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
-    """Megatron's top-k routing steps with the selection on ``softmax(logits) + expert_bias``.
-
-    z-loss, capacity/dropping and the aux losses as megatron's ``TopKRouter.routing`` (aux
-    loss from the unbiased probabilities and the unbiased top-k map, as megatron counts it). Token counts for the bias
-    update are added by the router on counted forwards.
-    """
-    cfg = router.config
-    seq_length, bsz = logits.shape[:2]
-    logits = logits.reshape(-1, router.num_experts)
-    if padding_mask is not None:
-        padding_mask = padding_mask.reshape(-1)
-    logits = router.apply_z_loss(logits, padding_mask=padding_mask)
-    bias, space = router.selection_bias()
-    probs, routing_map = biased_softmax_topk(
-        logits, bias, router.topk, space=space,
-        pre_softmax=cfg.moe_router_pre_softmax, scaling_factor=cfg.moe_router_topk_scaling_factor,
-    )
-    if cfg.moe_expert_capacity_factor is not None:
-        probs, routing_map = apply_router_token_dropping(
-            probs, routing_map, router_topk=router.topk, capacity_factor=cfg.moe_expert_capacity_factor,
-            drop_policy=cfg.moe_token_drop_policy, pad_to_capacity=cfg.moe_pad_expert_input_to_capacity,
-        )
-    if router.training and torch.is_grad_enabled() and router.is_aux_loss_enabled():
-        # as megatron's TopKRouter.routing with expert bias: the aux loss counts the tokens of
-        # the *unbiased* top-k map, before capacity dropping
-        aux_map, scores = compute_routing_scores_for_aux_loss(
-            logits, router.topk, "softmax", fused=False, padding_mask=padding_mask)
-        with_pad = padding_mask is not None
-        probs = router._apply_aux_loss(probs, scores, aux_map, with_padding_mask=with_pad)
-        probs = router._apply_seq_aux_loss(probs, scores, aux_map, seq_length, bsz, with_padding_mask=with_pad)
-    return probs, routing_map
+__all__ = ["ReMoERouter", "balancing_scalars", "discard_balancing_state", "update_balancing_state"]
 
 
 # --------------------------------------------------------------------------- ReMoE
 class ReMoERouter(TopKStatsRouter):
     """ReMoE: ``ReLU(x W)`` gates, adaptive load-balanced L1 (see module doc)."""
 
-    stats_kind = "remoe"
+    stats_kind = routers.KINDS["remoe"].stats_tag
 
     def __init__(self, config, pg_collection=None, **kwargs) -> None:
         # kwargs: what MoELayer passes besides (is_mtp_layer from megatron-core 0.17).
-        if not getattr(config, "moe_relu_routing", False):
+        if routers.kind_of(config) != "remoe":
             raise ValueError("ReMoERouter needs an MoPEConfig with moe_relu_routing=True")
         super().__init__(config=config, pg_collection=pg_collection, **kwargs)
         f64 = dict(dtype=torch.float64, device=self.weight.device)
