@@ -284,7 +284,9 @@ def get_gpt_layer_specs(
     if config.num_moe_experts:
         check_expert_parallel(config)
     kinds = layer_kinds(config)
-    sizes = getattr(config, "moe_expert_ffn_sizes", None) or {}
+    from mpmoe.surgery.split import parse_expert_sizes
+
+    sizes = parse_expert_sizes(getattr(config, "moe_expert_ffn_sizes", None)) or {}
     bad = sorted(layer for layer in sizes if layer > len(kinds) or kinds[layer - 1] == DENSE)
     if bad:
         raise ValueError(f"moe_expert_ffn_sizes names layers {bad} that have no experts")
