@@ -216,7 +216,7 @@ def cases(fx: Fixture) -> list[Case]:
     for flag, value in [("--num-layers", "0"), ("--hidden-size", "-1"), ("--lr", "-0.1"), ("--lr", "nan"),
                         ("--adam-beta1", "1.0"), ("--adam-beta2", "2"), ("--hidden-dropout", "1.5"),
                         ("--moe-router-topk", "0"), ("--moe-router-topk", "9"), ("--num-experts", "8.5"),
-                        ("--micro-batch-size", "3"), ("--global-batch-size", "0"), ("--train-iters", "-5"),
+                        ("--micro-batch-size", "0"), ("--global-batch-size", "0"), ("--train-iters", "-5"),
                         ("--clip-grad", "-1"), ("--seed", "-1"), ("--seq-length", "x"), ("--save-interval", "0"),
                         ("--expert-model-parallel-size", "3"), ("--moe-otep-warmup-fraction", "2"),
                         ("--lr-warmup-fraction", "1"), ("--weight-decay", "inf")]:

@@ -239,6 +239,16 @@ def load_model(
         info = saved_run_info(it_dir)
     except CheckpointingException as exc:
         raise StoreError(str(exc)) from None
+    megatron_lm = None
+    if not info.get("args"):  # a Megatron-LM pretrain_gpt.py checkpoint? (its args, mapped)
+        from mpmoe.megatron_lm.checkpoint import run_info
+
+        try:
+            megatron_lm = run_info(it_dir)
+        except ValueError as exc:
+            raise StoreError(f"{it_dir}: {exc}") from None
+        if megatron_lm is not None:
+            info = megatron_lm
     args = _flags_namespace(info.get("args"), model_flags)
     for key, value in _LAYOUT.items():
         setattr(args, key, value)
@@ -252,7 +262,15 @@ def load_model(
                          "use --routing auto")
 
     data = info.get("data") or {}
-    tok_path = _find_tokenizer(tokenizer, root, it_dir, args)
+    if megatron_lm is not None:  # Megatron-LM saves no tokenizer: --tokenizer, or its local folder
+        tok_path = Path(tokenizer) if tokenizer is not None else megatron_lm["tokenizer"]
+        if tok_path is None and megatron_lm["tokenizer_type"] != "NullTokenizer":
+            raise StoreError(f"{it_dir}: a Megatron-LM checkpoint ({megatron_lm['tokenizer_type']}) "
+                             "holds no tokenizer; pass --tokenizer (a folder with tokenizer.json)")
+        if tok_path is not None:
+            data.pop("eod_id", None)  # the tokenizer's own
+    else:
+        tok_path = _find_tokenizer(tokenizer, root, it_dir, args)
     tok_info = None
     if tok_path is not None:
         try:
@@ -292,7 +310,12 @@ def load_model(
         setattr(build_args, key, value)
     _, model, module = build_model(build_args, padded, initialize=False)  # every tensor is loaded below
     try:
-        load_checkpoint(root, model, None, None, load_optim=False, load_rng=False, iteration=iteration)
+        if megatron_lm is not None:
+            from mpmoe.megatron_lm.checkpoint import load_weights
+
+            load_weights(it_dir, model)
+        else:
+            load_checkpoint(root, model, None, None, load_optim=False, load_rng=False, iteration=iteration)
     except Exception as exc:  # noqa: BLE001 - one line for a model/checkpoint mismatch
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StoreError(f"{it_dir}: cannot load into the model its flags describe "
