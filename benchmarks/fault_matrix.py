@@ -216,7 +216,7 @@ def cases(fx: Fixture) -> list[Case]:
     for flag, value in [("--num-layers", "0"), ("--hidden-size", "-1"), ("--lr", "-0.1"), ("--lr", "nan"),
                         ("--adam-beta1", "1.0"), ("--adam-beta2", "2"), ("--hidden-dropout", "1.5"),
                         ("--moe-router-topk", "0"), ("--moe-router-topk", "9"), ("--num-experts", "8.5"),
-                        ("--micro-batch-size", "3"), ("--global-batch-size", "0"), ("--train-iters", "-5"),
+                        ("--micro-batch-size", "0"), ("--global-batch-size", "0"), ("--train-iters", "-5"),
                         ("--clip-grad", "-1"), ("--seed", "-1"), ("--seq-length", "x"), ("--save-interval", "0"),
                         ("--expert-model-parallel-size", "3"), ("--moe-otep-warmup-fraction", "2"),
                         ("--lr-warmup-fraction", "1"), ("--weight-decay", "inf")]:
@@ -931,6 +931,20 @@ def cases(fx: Fixture) -> list[Case]:
     add("experts compress --rank 0", err("--rank"), X("compress", "--load", fx.ckpt, "--save", "o", "--rank", "0"))
     add("experts compress --sparse-keep 2", err("--sparse-keep"),
         X("compress", "--load", fx.ckpt, "--save", "o", "--sparse-keep", "2"))
+
+    # -- experts split (HEMoE) ----------------------------------------------------------------
+    S = lambda *a, **kw: mpmoe("experts", "split", "--save", "o", *a, **kw)  # noqa: E731
+    add("experts split an MoE checkpoint", err("already has experts"), S("--load", fx.ckpt))
+    add("experts split k > E", err("--moe-router-topk"), S("--load", fx.ckpt, "--num-experts", "4",
+                                                          "--moe-router-topk", "5"))
+    add("experts split E > modules", err("--num-modules"), S("--load", fx.ckpt, "--num-experts", "16",
+                                                            "--num-modules", "8"))
+    add("experts split size ratio < 1", err("--size-ratio"), S("--load", fx.ckpt, "--size-ratio", "0.5"))
+    add("experts split --domain-data missing", err("/nonexistent/dom"),
+        S("--load", fx.ckpt, "--domain-data", "/nonexistent/dom"))
+    add("experts split --domain-data empty file", err("is empty"), lambda d: (d / "dom").mkdir() or (
+        d / "dom" / "a.txt").write_text(" ") and sh([*MPMOE, "experts", "split", "--load", str(fx.ckpt), "--save",
+                                                     "o", "--domain-data", str(d / "dom")], d))
     return C
 
 

@@ -239,6 +239,16 @@ def load_model(
         info = saved_run_info(it_dir)
     except CheckpointingException as exc:
         raise StoreError(str(exc)) from None
+    megatron_lm = None
+    if not info.get("args"):  # a Megatron-LM pretrain_gpt.py checkpoint? (its args, mapped)
+        from mpmoe.megatron_lm.checkpoint import run_info
+
+        try:
+            megatron_lm = run_info(it_dir)
+        except ValueError as exc:
+            raise StoreError(f"{it_dir}: {exc}") from None
+        if megatron_lm is not None:
+            info = megatron_lm
     args = _flags_namespace(info.get("args"), model_flags)
     for key, value in _LAYOUT.items():
         setattr(args, key, value)
@@ -259,7 +269,15 @@ def load_model(
             raise StoreError(str(exc)) from None
 
     data = info.get("data") or {}
-    tok_path = _find_tokenizer(tokenizer, root, it_dir, args)
+    if megatron_lm is not None:  # Megatron-LM saves no tokenizer: --tokenizer, or its local folder
+        tok_path = Path(tokenizer) if tokenizer is not None else megatron_lm["tokenizer"]
+        if tok_path is None and megatron_lm["tokenizer_type"] != "NullTokenizer":
+            raise StoreError(f"{it_dir}: a Megatron-LM checkpoint ({megatron_lm['tokenizer_type']}) "
+                             "holds no tokenizer; pass --tokenizer (a folder with tokenizer.json)")
+        if tok_path is not None:
+            data.pop("eod_id", None)  # the tokenizer's own
+    else:
+        tok_path = _find_tokenizer(tokenizer, root, it_dir, args)
     tok_info = None
     if tok_path is not None:
         try:
@@ -313,8 +331,13 @@ def load_model(
     except ValueError as exc:  # megatron's / mpmoe's config checks: the flags describe no model
         raise StoreError(f"model flags: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") from None
     try:
-        load_checkpoint(root, model, None, None, load_optim=False, load_rng=False, iteration=iteration,
-                        run_args=vars(build_args), opt_in="the model flags must describe it")
+        if megatron_lm is not None:
+            from mpmoe.megatron_lm.checkpoint import load_weights
+
+            load_weights(it_dir, model)
+        else:
+            load_checkpoint(root, model, None, None, load_optim=False, load_rng=False, iteration=iteration,
+                            run_args=vars(build_args), opt_in="the model flags must describe it")
     except Exception as exc:  # noqa: BLE001 - one line for a model/checkpoint mismatch
         from mpmoe.train.checkpoint import ModelMismatch
 

@@ -322,10 +322,22 @@ SETTINGS: tuple = (
     Setting("moe_expert_compression", Spec("mpmoe.surgery.compress:parse_compression"), None,
             "compressed experts (written by `mpmoe experts compress`): every expert weight is low rank "
             "RANK + KEEP of its residual rows (docs/experts.md)", group="experts"),
+    Setting("moe_expert_ffn_sizes", Spec("mpmoe.surgery.split:parse_expert_sizes"), None,
+            "experts of different sizes (written by `mpmoe experts split`): per MoE layer, one FFN size "
+            "per expert, 'LAYER:S,S,...;LAYER:...' (1-based layers; docs/experts.md)", group="experts"),
+    Setting("moe_router_unit_gates", Flag(), False,
+            "HEMoE's gates: weight 1 for every routed expert, straight-through gradient of the softmax "
+            "probability (any selection rule but ReMoE's)", routers=_NOT_REMOE, group="experts"),
+    Setting("moe_size_aux_loss_coeff", Range(float, 0), 0.0,
+            "HEMoE's balance loss: megatron's aux loss with each expert's term weighted by its share of "
+            "the layer's FFN neurons (0: off)", routers=_NOT_REMOE, group="experts"),
     # a run option beside the routing (not a config field)
     Setting("last_trainable_layers", Range(int, -1, none=True), None,
             "train only the last N transformer layers (+ final norm and output layer); -1 or unset: "
             "everything (the demo's flag)", config=False, group="training"),
+    Setting("trainable_params", Choice("all", "routers"), "all",
+            "routers: train only the MoE routers (HEMoE trains its gates with the experts frozen, "
+            "e.g. after `mpmoe experts split`)", config=False, group="training"),
 )
 
 _BY_NAME = SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
@@ -470,6 +482,21 @@ def _check_across(v: Mapping, spell: Callable, num_experts, topk, moe_layers: Op
             if len(labels) < num_experts or max(labels) >= num_experts:
                 raise ConfigError(f"{spell(_BY_NAME['moe_expert_groups'])}: layer {layer} maps {len(labels)} "
                                   f"experts into groups up to {max(labels)}, the model has {num_experts} experts")
+    sizes = v.get("moe_expert_ffn_sizes")
+    if sizes:
+        from mpmoe.surgery.split import parse_expert_sizes
+
+        if num_experts is not None:
+            try:
+                parse_expert_sizes(sizes, num_experts)
+            except ValueError as exc:
+                raise ConfigError(f"{spell(_BY_NAME['moe_expert_ffn_sizes'])}: "
+                                  f"{str(exc).split(': ', 1)[-1]}") from None
+        if groups or v.get("moe_expert_compression"):
+            raise ConfigError(f"{spell(_BY_NAME['moe_expert_ffn_sizes'])} (split experts) cannot be combined "
+                              "with merged or compressed experts")
+    if v.get("trainable_params", "all") == "routers" and num_experts is None:
+        raise ConfigError(f"{spell(_BY_NAME['trainable_params'])} routers needs a model with experts")
     mode = v.get("moe_dynamic_mask_mode")
     if mode is not None:
         if topk is not None and topk < 2:

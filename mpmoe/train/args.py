@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from mpmoe.layout import fit_micro_batch
 from mpmoe.megatron import routers, settings
 from mpmoe.megatron.routers import ConfigError
 from mpmoe.megatron.settings import Range
@@ -404,10 +405,12 @@ def validate(args: argparse.Namespace, world_size: Optional[int] = None) -> None
             raise ConfigError(f"--moe-layer-freq has {len(freq)} entries for --num-layers {args.num_layers}")
     elif ep > 1:
         raise ConfigError("--expert-model-parallel-size > 1 needs --num-experts")
-    per_step = args.micro_batch_size * dp
-    if args.global_batch_size % per_step:
-        raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by "
-                          f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
+    try:  # a micro-batch that does not fit this data-parallel size is lowered (log line)
+        args.micro_batch_size, note = fit_micro_batch(args.global_batch_size, args.micro_batch_size, dp)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if note is not None and os.environ.get("RANK", "0") == "0":
+        print(f"mpmoe train: {note}", file=sys.stderr, flush=True)
     if args.data_path is not None:
         if not args.data_path:
             raise ConfigError("--data-path needs at least one prefix")

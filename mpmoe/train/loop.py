@@ -182,7 +182,7 @@ def train(args) -> dict:
     from mpmoe.train.faults import NonFiniteLoss, StopSignals, TrainingStopped, agree, local_nonfinite
     from mpmoe.train.metrics import ExpertLoadMonitor, RunLogger, Throughput, environment_summary
     from mpmoe.train.optim import (build_optimizer, build_scheduler, freeze_all_but_last_layers,
-                                   schedule_lengths, wrap_model)
+                                   freeze_all_but_routers, schedule_lengths, wrap_model)
 
     # 1. processes and parallel groups ------------------------------------------------
     info = init_distributed(
@@ -205,6 +205,7 @@ def train(args) -> dict:
         # 3. model ----------------------------------------------------------------------
         config, model, module = build_model(args, vocab)
         freeze_all_but_last_layers(model, getattr(args, "last_trainable_layers", None))
+        freeze_all_but_routers(model, getattr(args, "trainable_params", "all"))
 
         # 4. data parallelism, optimizer, LR schedule ------------------------------------
         wrapped, finalize_grads = wrap_model(module, config, args)
