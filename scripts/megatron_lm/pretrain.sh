@@ -30,10 +30,14 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-if [[ $# -lt 3 || "$1" == "-h" || "$1" == "--help" ]]; then
-    sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
-    [[ $# -lt 3 && "${1:-}" != "-h" && "${1:-}" != "--help" ]] && exit 2
+usage() { sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+if [[ $# -ge 1 && ( "$1" == "-h" || "$1" == "--help" ) ]]; then
+    usage
     exit 0
+fi
+if [[ $# -lt 3 ]]; then  # missing arguments: usage on stderr, exit 2
+    usage >&2
+    exit 2
 fi
 PRESET="$1"; ROUTER="$2"; MEGATRON_LM_DIR="$3"; shift 3
 case "$ROUTER" in
