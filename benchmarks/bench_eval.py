@@ -76,6 +76,11 @@ def main(argv=None) -> int:
     p.add_argument("--embedded-cache-dir", default=None)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
+    for name in ("train_iters", "batch_size", "ll_docs", "gen_docs", "max_gen_toks", "rounds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.load is not None and not Path(args.load).is_dir():
+        p.error(f"--load {args.load}: no such checkpoint folder")
 
     import torch
     from lm_eval.api.instance import Instance

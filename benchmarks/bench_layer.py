@@ -66,15 +66,19 @@ def build(config, router_cls, seed):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--topk", type=int, default=8)
-    ap.add_argument("--ffn", type=int, default=176)
-    ap.add_argument("--iters", type=int, default=15)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
+    from mpmoe.train.args import NON_NEGATIVE, POSITIVE
+
+    ap.add_argument("--tokens", type=POSITIVE, default=8192)
+    ap.add_argument("--hidden", type=POSITIVE, default=256)
+    ap.add_argument("--experts", type=POSITIVE, default=64)
+    ap.add_argument("--topk", type=POSITIVE, default=8)
+    ap.add_argument("--ffn", type=POSITIVE, default=176)
+    ap.add_argument("--iters", type=POSITIVE, default=15)
+    ap.add_argument("--warmup", type=NON_NEGATIVE, default=3)
+    ap.add_argument("--threads", type=NON_NEGATIVE, default=0, help="torch threads (0: leave default)")
     args = ap.parse_args()
+    if args.topk > args.experts:
+        ap.error(f"--topk {args.topk} > --experts {args.experts}")
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -144,8 +144,10 @@ def timeit(fns: dict, repeats: int, burst: int = 5, cuda: bool = False) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated TxExK (default: %(default)s)")
-    ap.add_argument("--repeats", type=int, default=7, help="rounds (each function runs --burst calls per round)")
-    ap.add_argument("--burst", type=int, default=5)
+    from mpmoe.train.args import POSITIVE
+
+    ap.add_argument("--repeats", type=POSITIVE, default=7, help="rounds (each function runs --burst calls per round)")
+    ap.add_argument("--burst", type=POSITIVE, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--skip-demo", action="store_true", help="do not time the demo formulation")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -168,7 +170,12 @@ def main(argv=None) -> int:
     print("-" * len(header))
     rows = []
     for shape in args.shapes.split(","):
-        tokens, num_experts, k = (int(x) for x in shape.lower().split("x"))
+        try:
+            tokens, num_experts, k = (int(x) for x in shape.lower().split("x"))
+        except ValueError:
+            ap.error(f"--shapes: expected TxExK like 4096x64x8, got {shape!r}")
+        if min(tokens, num_experts, k) < 1 or k > num_experts:
+            ap.error(f"--shapes {shape}: T, E, K must be >= 1 and K <= E")
         probs = router_probs(tokens, num_experts).to(args.device)
         sigma = learned_sigma(num_experts, k).to(args.device)
         fns = {

@@ -123,6 +123,10 @@ def main(argv=None) -> int:
     p.add_argument("--remoe-warmup", type=int, default=40, help="warm-up steps of ReMoE (sparsity)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more mpmoe train flags after --")
     ns = p.parse_args(argv)
+    for name in ("steps", "warmup", "threads", "remoe_warmup"):
+        value = getattr(ns, name)
+        if value is not None and value < (1 if name == "steps" else 0):
+            p.error(f"--{name.replace('_', '-')} must be >= {1 if name == 'steps' else 0}, got {value}")
     if ns.threads:
         torch.set_num_threads(ns.threads)
     extra = [a for a in ns.extra if a != "--"]

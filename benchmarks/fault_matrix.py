@@ -216,7 +216,7 @@ def cases(fx: Fixture) -> list[Case]:
     for flag, value in [("--num-layers", "0"), ("--hidden-size", "-1"), ("--lr", "-0.1"), ("--lr", "nan"),
                         ("--adam-beta1", "1.0"), ("--adam-beta2", "2"), ("--hidden-dropout", "1.5"),
                         ("--moe-router-topk", "0"), ("--moe-router-topk", "9"), ("--num-experts", "8.5"),
-                        ("--micro-batch-size", "3"), ("--global-batch-size", "0"), ("--train-iters", "-5"),
+                        ("--micro-batch-size", "0"), ("--global-batch-size", "0"), ("--train-iters", "-5"),
                         ("--clip-grad", "-1"), ("--seed", "-1"), ("--seq-length", "x"), ("--save-interval", "0"),
                         ("--expert-model-parallel-size", "3"), ("--moe-otep-warmup-fraction", "2"),
                         ("--lr-warmup-fraction", "1"), ("--weight-decay", "inf")]:
@@ -569,6 +569,351 @@ def cases(fx: Fixture) -> list[Case]:
     add("flags --router bogus", err("--router"), lambda d: sh([PY, "-m", "mpmoe.megatron_lm.flags", "tiny-cpu",
                                                             "--router", "bogus"], d))
 
+    # == round 3 (issue 28): the features added since, configuration changes, supervision ==
+    R3 = "r3 "  # -k r3 runs this family
+
+    # -- ReMoE, expert bias, the paper's knobs, --on-nan, MPMOE_OTEP_BACKEND, --split ---------
+    remoe = ("--moe-relu-routing", "--moe-router-load-balancing-type", "none")
+    bias = ("--moe-router-enable-expert-bias", "--moe-router-load-balancing-type", "none",
+            "--moe-router-score-function", "sigmoid")
+    for label, flags, needle in [
+            ("ReMoE L1 init inf", (*remoe, "--moe-relu-l1-reg-coeff-init", "inf"), "--moe-relu-l1-reg-coeff-init"),
+            ("ReMoE L1 multiplier nan", (*remoe, "--moe-relu-l1-reg-coeff-multiplier", "nan"),
+             "--moe-relu-l1-reg-coeff-multiplier"),
+            ("ReMoE L1 init -1", (*remoe, "--moe-relu-l1-reg-coeff-init", "-1"), "--moe-relu-l1-reg-coeff-init"),
+            ("bias update rate inf", (*bias, "--moe-router-bias-update-rate", "inf"), "--moe-router-bias-update-rate"),
+            ("bias update rate nan", (*bias, "--moe-router-bias-update-rate", "nan"), "--moe-router-bias-update-rate"),
+            ("Sigma shrinkage 1.5", ("--moe-sigma-shrinkage", "1.5"), "--moe-sigma-shrinkage"),
+            ("Sigma decay nan", ("--moe-sigma-decay-rate", "nan"), "--moe-sigma-decay-rate"),
+            ("OTEP warm-up nan", ("--moe-otep-warmup-fraction", "nan"), "--moe-otep-warmup-fraction"),
+            ("--on-nan bogus", ("--on-nan", "bogus"), "--on-nan"),
+            ("--split 0,0,0", ("--split", "0,0,0"), "--split"),
+            ("--split a,b", ("--split", "a,b"), "--split"),
+            ("--allow-model-change without --no-load-optim", ("--load", str(fx.ckpt), "--allow-model-change"),
+             "--no-load-optim")]:
+        add(f"{R3}train {label}", err(needle), T(*flags))
+    add(f"{R3}train --split on the embedded corpus", err("--split"),
+        mpmoe("train", *MODEL, "--train-iters", "1", "--split", "1,0,0"))
+    add(f"{R3}train bad MPMOE_OTEP_BACKEND at start", err("MPMOE_OTEP_BACKEND", max_s=60),
+        T(env={"MPMOE_OTEP_BACKEND": "bogus"}))
+    add(f"{R3}train ReMoE tiny run", ("exit 0", exit_ok("done at iteration 2")), T(*remoe))
+    add(f"{R3}train expert bias tiny run", ("exit 0", exit_ok("done at iteration 2")), T(*bias))
+
+    # -- masks naming layers without experts (train: flags and variables) -----------------
+    for label, flags, env, needle in [
+            ("--moe-mask-experts on a missing layer", ("--moe-mask-experts", "9:0"), None, "--moe-mask-experts"),
+            ("--moe-mask-experts on a dense layer", ("--moe-layer-freq", "[0,1]", "--moe-mask-experts", "1:0"), None,
+             "--moe-mask-experts"),
+            ("MOE_MASK_EXPERTS on a missing layer", (), {"MOE_MASK_EXPERTS": "9:0"}, "MOE_MASK_EXPERTS"),
+            ("--moe-dynamic-mask-layers on a missing layer", ("--moe-dynamic-mask", "random",
+                                                             "--moe-dynamic-mask-layers", "5"), None,
+             "--moe-dynamic-mask-layers"),
+            ("MOE_DYNAMIC_MASK_LAYERS on a dense layer", ("--moe-layer-freq", "[0,1]", "--moe-dynamic-mask", "random"),
+             {"MOE_DYNAMIC_MASK_LAYERS": "1"}, "MOE_DYNAMIC_MASK_LAYERS")]:
+        add(f"{R3}train {label}", err(needle), T(*flags, env=env))
+
+    # -- resume with a changed configuration, in each direction ---------------------------
+    def resume_changed(*flags):
+        return lambda d: sh([*MPMOE, "train", *fx.train_flags(), "--train-iters", "6", "--load", str(fx.ckpt),
+                             "--run-dir", str(d / "run"), *flags], d)
+    for label, flags, needles in [  # the fixture's layers are alike: megatron stacks them (one shape)
+            ("fewer layers", ("--num-layers", "1"), ("--num-layers 2 -> 1", "shapes")),
+            ("more layers", ("--num-layers", "3"), ("--num-layers 2 -> 3", "shapes")),
+            ("more layers, not alike", ("--num-layers", "3", "--moe-layer-freq", "[1,1,0]"), ("--num-layers 2 -> 3",)),
+            ("MoPE -> top-k", ("--moe-router-load-balancing-type", "aux_loss"),
+             ("--moe-router-load-balancing-type", "--allow-model-change")),
+            ("MoPE -> ReMoE", remoe, ("--moe-relu-routing", "--allow-model-change")),
+            ("MoPE -> top-k + expert bias", bias, ("--moe-router-enable-expert-bias", "--allow-model-change")),
+            ("MoPE -> MoPE + expert bias", ("--moe-router-enable-expert-bias", "--moe-aux-loss-coeff", "0"),
+             ("--moe-router-enable-expert-bias", "--allow-model-change"))]:
+        add(f"{R3}train resume {label}", err(*needles), resume_changed(*flags))
+    add(f"{R3}train resume MoPE -> top-k, explicit", ("exit 0, resumes, names what is dropped",
+                                                     exit_ok("resum", "--allow-model-change")),
+        resume_changed("--moe-router-load-balancing-type", "aux_loss", "--no-load-optim", "--allow-model-change"))
+
+    def other_tokenizer(d):  # same vocabulary size, other merges
+        (d / "text").mkdir()
+        for f in sorted(fx.text.iterdir())[::2]:
+            shutil.copy(f, d / "text" / f.name)
+        r = sh([*MPMOE, "data", "tokenizer", "--input", str(d / "text"), "--vocab-size", "300", "--output-dir",
+                str(d / "tok3"), "--no-progress"], d)
+        if r.rc != 0:
+            raise RuntimeError(f"tokenizer: {r.err[-300:]}")
+        return d / "tok3"
+
+    def resume_new_save_other_tokenizer(d):
+        tok3 = other_tokenizer(d)
+        data = copy_data(fx, d)  # no manifest
+        r = sh([*MPMOE, "train", *fx.train_flags(data=data, tok=tok3), "--train-iters", "6", "--load", str(fx.ckpt),
+                "--save", str(d / "new"), "--run-dir", str(d / "run")], d)
+        r.note = f"new save has a tokenizer: {(d / 'new' / 'tokenizer').exists()}"
+        return r
+    add(f"{R3}train resume into a new --save, other same-size tokenizer, no manifest", err("tokenizer"),
+        resume_new_save_other_tokenizer)
+
+    def damaged_manifest(d):
+        data = copy_data(fx, d)
+        (d / "d.manifest.json").write_text('{"outputs": {"train": {"prefix": "d"}}, "tokenizer": []}')
+        return sh([*MPMOE, "train", *fx.train_flags(data=data), "--train-iters", "1"], d)
+    add(f"{R3}train damaged manifest beside the data", err("manifest"), damaged_manifest)
+
+    # -- eval: masks, tokenizers, routing of other routers, damaged checkpoints, outputs ----
+    add(f"{R3}eval --moe-mask-experts on a missing layer", err("--moe-mask-experts"), E(*task, "--moe-mask-experts", "9:0"))
+    add(f"{R3}eval MOE_MASK_EXPERTS on a missing layer", err("MOE_MASK_EXPERTS"),
+        E(*task, env={"MOE_MASK_EXPERTS": "9:0"}))
+    add(f"{R3}eval --moe-dynamic-mask-layers on a missing layer", err("--moe-dynamic-mask-layers"),
+        E(*task, "--moe-dynamic-mask", "random", "--moe-dynamic-mask-layers", "7"))
+
+    def eval_mask_recorded(d):
+        r = sh([*MPMOE, "eval", "--load", str(fx.ckpt), "--no-progress", "--output-path", "out", *task,
+                "--moe-mask-experts", "1:0"], d)
+        try:
+            meta = json.loads((d / "out" / "results.json").read_text())["mpmoe"]
+            r.note = f"recorded {meta.get('routing_ablation', {}).get('moe_mask_experts')}"
+        except (OSError, ValueError, KeyError) as exc:
+            r.note = f"no record ({type(exc).__name__})"
+        return r
+    add(f"{R3}eval results.json records the masks", ("exit 0, mask in results.json",
+                                                     lambda r: (r.rc == 0 and "recorded {'1': [0]}" in r.note,
+                                                                f"rc={r.rc} {r.note}")), eval_mask_recorded)
+    add(f"{R3}eval --output-path is a file (before the work)", err("--output-path", max_s=60),
+        lambda d: (d / "f").write_text("x") and sh([*MPMOE, "eval", "--load", str(fx.ckpt), *task,
+                                                    "--output-path", str(d / "f"), "--no-progress"], d))
+    add(f"{R3}eval bad MPMOE_OTEP_BACKEND at start", err("MPMOE_OTEP_BACKEND", max_s=150),
+        E(*task, env={"MPMOE_OTEP_BACKEND": "bogus"}))
+
+    def lone_iter_other_tokenizer(d):
+        tok3 = other_tokenizer(d)
+        shutil.copytree(fx.ckpt / "iter_0000004", d / "iter_0000004")
+        return sh([*MPMOE, "eval", "--load", str(d / "iter_0000004"), *task, "--tokenizer", str(tok3),
+                   "--output-path", "out", "--no-progress"], d)
+    add(f"{R3}eval lone iter_ folder, other same-size tokenizer", err("tokenizer"), lone_iter_other_tokenizer)
+
+    def truncated_common(d):
+        shutil.copytree(fx.ckpt, d / "ck")
+        common = d / "ck" / "iter_0000004" / "common.pt"
+        common.write_bytes(common.read_bytes()[:40])
+        return sh([*MPMOE, "eval", "--load", str(d / "ck"), *task, "--output-path", "out", "--no-progress"], d)
+    add(f"{R3}eval truncated common.pt", err("iter_0000004"), truncated_common)
+
+    def truncated_distcp(d):
+        shutil.copytree(fx.ckpt, d / "ck")
+        for f in (d / "ck" / "iter_0000004").glob("*.distcp"):
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+        return sh([*MPMOE, "eval", "--load", str(d / "ck"), *task, "--output-path", "out", "--no-progress"], d)
+    add(f"{R3}eval truncated .distcp", err("iter_0000004"), truncated_distcp)
+
+    def remoe_eval(*flags):
+        def run(d):
+            r = sh([*MPMOE, "train", *fx.train_flags(), *remoe, "--train-iters", "2", "--save", str(d / "ck")], d)
+            if r.rc != 0:
+                return r
+            return sh([*MPMOE, "eval", "--load", str(d / "ck"), *task, "--output-path", "out", "--no-progress",
+                       *flags], d)
+        return run
+    add(f"{R3}eval ReMoE checkpoint --routing mope", err("--routing auto"), remoe_eval("--routing", "mope"))
+    add(f"{R3}eval ReMoE checkpoint with a dynamic mask", err("--moe-dynamic-mask"),
+        remoe_eval("--moe-dynamic-mask", "random"))
+    add(f"{R3}eval --model-flags that build no model", err("moe_layer_freq"),
+        E(*task, "--model-flags", "--num-layers 1"))
+    add(f"{R3}eval --model-flags with fewer layers", err("--num-layers"),
+        E(*task, "--model-flags", " ".join([*MODEL[:MODEL.index("--global-batch-size")], "--num-layers", "1"])))
+    add(f"{R3}analyze checkpoint with fewer layers", err("--num-layers"),
+        A("checkpoint", "--load", fx.ckpt, "--out", "o", "--no-progress", *fx.train_flags(), "--num-layers", "1"))
+
+    # -- damaged data outside train ---------------------------------------------------------
+    for label, body in (("[]", "[]"), ("wrong fields", '{"outputs": {"train": {"name": "d"}}}')):
+        add(f"{R3}data inspect manifest {label}", err("manifest"), lambda d, body=body: (
+            d / "x.manifest.json").write_text(body) and sh([*MPMOE, "data", "inspect", str(d / "x.manifest.json")], d))
+
+    def corrupt_ids(d):
+        p = copy_data(fx, d)
+        with open(p + ".bin", "r+b") as f:
+            f.seek(10)
+            f.write(b"\xff\xfe" * 4)  # token ids ~65000 in a 300-token vocabulary
+        return sh([*MPMOE, "data", "inspect", p, "--tokenizer-model", str(fx.tok)], d)
+    add(f"{R3}data inspect corrupt token ids", err("outside"), corrupt_ids)
+
+    # -- signals outside train: one line, 130/143, no traceback, no orphans ----------------
+    def timed_signal(argv_of, sig, after_s):
+        def run(d):
+            argv = argv_of(d)
+            start = time.perf_counter()
+            log = d / "out.log"
+            with open(log, "w") as fh:
+                # as from a terminal: a matrix started in the background (`&`) passes SIGINT ignored
+                p = subprocess.Popen([*map(str, argv)], cwd=d, env=ENV, stdout=fh, stderr=subprocess.STDOUT,
+                                     start_new_session=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            time.sleep(after_s)
+            sent = p.poll() is None
+            if sent:
+                os.kill(p.pid, sig)
+            try:
+                rc = p.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                rc = p.wait()
+            time.sleep(2)
+            survivors = session_members(p.pid)
+            for pid in survivors:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            return Result(rc, "", log.read_text(errors="replace"), time.perf_counter() - start,
+                          f"signal {'sent' if sent else 'NOT sent (finished first)'}; {len(survivors)} orphan(s)")
+        return run
+
+    def stopped(rc):
+        def judge(r):
+            lines = [ln for ln in r.err.strip().splitlines() if ln.strip() and not _WARNING.search(ln)]
+            ok = (r.rc == rc and "Traceback" not in r.err and "0 orphan" in r.note and "signal sent" in r.note
+                  and lines and re.search(r"stopped by|interrupted", lines[-1]) is not None)
+            return ok, f"rc={r.rc}; {r.note}; {lines[-1][:80] if lines else ''}"
+        return f"exit {rc}, one line, no traceback, no orphans", judge
+
+    def big_text(d):
+        (d / "big").mkdir()
+        words = (fx.text / sorted(p.name for p in fx.text.iterdir())[0]).read_text()
+        for i in range(6):
+            (d / "big" / f"{i}.txt").write_text(words * 200)
+        return d / "big"
+    for sig, rc in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        name = signal.Signals(sig).name
+        add(f"{R3}eval {name}", stopped(rc), timed_signal(lambda d: [*MPMOE, "eval", "--load", fx.ckpt, "--tasks",
+                                                                     "mpmoe_docs_ppl", "--no-progress",
+                                                                     "--output-path", "out"], sig, 12))
+        add(f"{R3}data prepare {name} (2 workers)", stopped(rc), timed_signal(lambda d: [
+            *MPMOE, "data", "prepare", "--input", big_text(d), "--tokenizer-model", fx.tok, "--output-prefix", "o",
+            "--workers", "2", "--no-progress"], sig, 6))
+    add(f"{R3}analyze checkpoint SIGINT", stopped(130), timed_signal(lambda d: [
+        *MPMOE, "analyze", "checkpoint", "--load", fx.ckpt, "--out", "o", "--no-progress"], signal.SIGINT, 8))
+
+    # -- torchrun: the agent or one rank killed; two runs in the same second ----------------
+    def descendants(pid: int) -> list[int]:
+        kids, todo = [], [pid]
+        while todo:
+            parent = todo.pop()
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    try:
+                        stat = (entry / "stat").read_text()
+                        if int(stat[stat.rindex(")") + 2:].split()[1]) == parent:
+                            kids.append(int(entry.name))
+                            todo.append(int(entry.name))
+                    except (OSError, ValueError, IndexError):
+                        continue
+        return kids
+
+    def alive(pid: int) -> bool:
+        try:
+            stat = (Path("/proc") / str(pid) / "stat").read_text()
+            return stat[stat.rindex(")") + 2:].split()[0] != "Z"
+        except OSError:
+            return False
+
+    def cmdline(pid: int) -> str:
+        try:
+            return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def torchrun_kill(target: str):
+        def run(d):
+            argv = [PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                    "--master-port", str(closed_port()), "-m", "mpmoe", "train", *fx.train_flags(),
+                    "--global-batch-size", "8", "--train-iters", "400", "--save", str(d / "ck"), "--save-interval", "2",
+                    "--run-dir", str(d / "run")]
+            start = time.perf_counter()
+            log = d / "out.log"
+            with open(log, "w") as fh:
+                p = subprocess.Popen(argv, cwd=d, env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=fh,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+            tracker = d / "ck" / "latest_checkpointed_iteration.txt"
+            while time.perf_counter() - start < 300 and p.poll() is None and not tracker.is_file():
+                time.sleep(0.1)
+            workers = [c for c in descendants(p.pid) if "mpmoe" in cmdline(c)] if p.poll() is None else []
+            try:
+                if target == "agent" and workers:
+                    os.kill(p.pid, signal.SIGKILL)
+                elif workers:
+                    os.kill(workers[-1], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                rc = p.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                rc = p.wait()
+            complete = sorted(x.name for x in (d / "ck").glob("iter_*") if not x.name.endswith(".tmp"))
+            time.sleep(5)
+            later = sorted(x.name for x in (d / "ck").glob("iter_*") if not x.name.endswith(".tmp"))
+            survivors = [w for w in workers if alive(w)]
+            for w in survivors:
+                os.kill(w, signal.SIGKILL)
+            return Result(rc, "", log.read_text(errors="replace"), time.perf_counter() - start,
+                          f"{len(workers)} worker(s), {len(survivors)} survived; checkpoints after the kill: "
+                          f"{'none new' if later == complete else 'NEW ' + str(sorted(set(later) - set(complete)))}")
+        return run
+    ok_kill = ("no worker survives, no checkpoint after the kill",
+               lambda r: (r.note.startswith("2 worker") and "0 survived" in r.note and "none new" in r.note,
+                          f"rc={r.rc}; {r.note}"))
+    add(f"{R3}torchrun agent SIGKILL", ok_kill, torchrun_kill("agent"))
+    add(f"{R3}torchrun one rank SIGKILL", ok_kill, torchrun_kill("rank"))
+
+    def two_runs_same_second(d):
+        argv = [*MPMOE, "train", *fx.train_flags(), "--train-iters", "2"]
+        procs = [subprocess.Popen([*map(str, argv)], cwd=d, env=ENV, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True, start_new_session=True) for _ in range(2)]
+        errs = [p.communicate(timeout=400)[1] for p in procs]
+        runs = sorted(x.name for x in (d / "runs").iterdir()) if (d / "runs").is_dir() else []
+        configs = sum((d / "runs" / x / "config.json").is_file() for x in runs)
+        return Result(max(p.returncode for p in procs), "", "\n".join(errs), 0.0,
+                      f"{len(runs)} run folder(s), {configs} config.json")
+    add(f"{R3}two trains at once without --run-dir", ("two run folders, each with its config",
+                                                     lambda r: (r.rc == 0 and r.note.startswith("2 run folder(s), 2 "),
+                                                                f"rc={r.rc}; {r.note}")), two_runs_same_second)
+
+    # -- scripts: arguments and environment ----------------------------------------------
+    train_sh = str(ROOT / "scripts/train.sh")
+    for var, value in (("NPROC_PER_NODE", "0"), ("NPROC_PER_NODE", "abc"), ("NPROC_PER_NODE", "-1"),
+                       ("NNODES", "0"), ("NNODES", "x"), ("NODE_RANK", "5"), ("MASTER_PORT", "99999"),
+                       ("MASTER_PORT", "0")):
+        add(f"{R3}script train.sh {var}={value!r}", err(var),
+            lambda d, var=var, value=value: sh(["bash", train_sh, "tiny-cpu"], d, env={var: value}))
+    paper = str(ROOT / "scripts/reproduce/paper_tiny.sh")
+    for label, argv, needle in (("OUT is a file", ["f", "--quick"], "f"), ("--seeds abc", ["o", "--seeds", "abc"], "--seeds"),
+                                ("--iters 0", ["o", "--iters", "0"], "--iters"),
+                                ("--iters -5", ["o", "--iters", "-5"], "--iters"),
+                                ("unknown preset", ["o", "--preset", "no-such"], "no-such")):
+        add(f"{R3}script paper_tiny.sh {label}", err(needle),
+            lambda d, argv=argv: (d / "f").write_text("x") and sh(["bash", paper, *argv], d))
+
+    def pretrain(*argv, env=None):
+        def run(d):
+            (d / "mlm").mkdir()
+            (d / "mlm" / "pretrain_gpt.py").write_text("# mpmoe_megatron_lm (fault_matrix stub)\n")
+            return sh(["bash", str(ROOT / "scripts/megatron_lm/pretrain.sh"), "tiny-cpu", "mope", str(d / "mlm"),
+                       *argv], d, env=env)
+        return run
+    add(f"{R3}script pretrain.sh --train-iters abc", err("--train-iters"), pretrain("--train-iters", "abc"))
+    add(f"{R3}script pretrain.sh --train-iters (no value)", err("--train-iters"), pretrain("--train-iters"))
+    add(f"{R3}script pretrain.sh NPROC_PER_NODE=0", err("NPROC_PER_NODE"), pretrain(env={"NPROC_PER_NODE": "0"}))
+    add(f"{R3}script pretrain.sh usage on stderr", ("usage on stderr, nothing on stdout, exit 2",
+                                                   lambda r: (r.rc == 2 and not r.out.strip() and "set -e" not in r.err,
+                                                              f"rc={r.rc} stdout {len(r.out)} chars")),
+        lambda d: sh(["bash", str(ROOT / "scripts/megatron_lm/pretrain.sh")], d))
+
+    # -- the benchmarks' own arguments: exit 2, no traceback --------------------------------
+    bench = lambda name, *a: lambda d: sh([PY, str(ROOT / "benchmarks" / name), *a], d)  # noqa: E731
+    for label, run, needle in (("bench_layer k > E", bench("bench_layer.py", "--topk", "9", "--experts", "4"), "--topk"),
+                               ("bench_otep K > E", bench("bench_otep.py", "--shapes", "8x4x9"), "--shapes"),
+                               ("bench_eval missing --load", bench("bench_eval.py", "--load", "/nonexistent/ck"),
+                                "/nonexistent/ck"),
+                               ("bench_train --steps 0", bench("bench_train.py", "--steps", "0"), "--steps")):
+        add(f"{R3}{label}", ("exit 2, no traceback", exit_ok(needle, rc=2)), run)
+
     # -- experts (issue 26): bad inputs leave nothing behind -------------------------------
     X = lambda *a, **kw: mpmoe("experts", *a, **kw)  # noqa: E731
     add("experts no subcommand", ("exit 2", exit_ok(rc=2)), X())
@@ -586,6 +931,20 @@ def cases(fx: Fixture) -> list[Case]:
     add("experts compress --rank 0", err("--rank"), X("compress", "--load", fx.ckpt, "--save", "o", "--rank", "0"))
     add("experts compress --sparse-keep 2", err("--sparse-keep"),
         X("compress", "--load", fx.ckpt, "--save", "o", "--sparse-keep", "2"))
+
+    # -- experts split (HEMoE) ----------------------------------------------------------------
+    S = lambda *a, **kw: mpmoe("experts", "split", "--save", "o", *a, **kw)  # noqa: E731
+    add("experts split an MoE checkpoint", err("already has experts"), S("--load", fx.ckpt))
+    add("experts split k > E", err("--moe-router-topk"), S("--load", fx.ckpt, "--num-experts", "4",
+                                                          "--moe-router-topk", "5"))
+    add("experts split E > modules", err("--num-modules"), S("--load", fx.ckpt, "--num-experts", "16",
+                                                            "--num-modules", "8"))
+    add("experts split size ratio < 1", err("--size-ratio"), S("--load", fx.ckpt, "--size-ratio", "0.5"))
+    add("experts split --domain-data missing", err("/nonexistent/dom"),
+        S("--load", fx.ckpt, "--domain-data", "/nonexistent/dom"))
+    add("experts split --domain-data empty file", err("is empty"), lambda d: (d / "dom").mkdir() or (
+        d / "dom" / "a.txt").write_text(" ") and sh([*MPMOE, "experts", "split", "--load", str(fx.ckpt), "--save",
+                                                     "o", "--domain-data", str(d / "dom")], d))
     return C
 
 

@@ -18,12 +18,15 @@
 #   3. bench_train  flame-moe-38m step time, MoPE vs top-k, bf16, one GPU, alltoall
 #                   dispatcher, TE layer spec when Transformer Engine imports, else local
 #   4. bench_eval   MoPE vs top-k generated tokens/s at batch 1 and 32 (needs lm-eval)
+#   5. megatron_lm  Megatron-LM's pretrain_gpt.py on the patched tree: flame-moe-38m MoPE vs
+#                   top-k, 20 iterations each, bf16, --mock-data (needs the upstream scripts:
+#                   ../shared/upstream or shared/upstream; git)
 # A step whose requirement is missing is recorded as skipped with the reason.
 # Wheels in .whl/ (megatron-core 0.19.x for cp312, lm-eval and the few of its needs the
 # image lacks) are installed first into /tmp/mpmoe-site, nothing else is installed.
 set -u -o pipefail
 
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
 
 DRY=0
 FETCH=0
@@ -189,6 +192,9 @@ step bench_train 180 cuda,megatron_core \
 
 step bench_eval 150 cuda,megatron_core,lm_eval \
   "$PY benchmarks/bench_eval.py --batch-size 32 --rounds 2 --gen-docs 32 --ll-docs 16 --max-gen-toks 24 --json \$FIG"
+
+step megatron_lm 200 cuda,megatron_core \
+  "$PY benchmarks/bench_megatron_lm.py --preset flame-moe-38m --iters 20 --json \$FIG"
 
 say "done in $(( $(date +%s) - START ))s: $JSON"
 "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print(*(f'  {k}: {v[\"status\"]}' + (f' ({v[\"reason\"]})' if v['reason'] else '') for k, v in d['steps'].items()), sep='\n')" "$JSON"

@@ -32,7 +32,25 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``mpmoe <verb>``; a signal while the verb's modules import (seconds) also ends in one line."""
+    from mpmoe.errors import Terminated, debug_enabled, install_stop_handlers, stop_signals_received
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    verb = argv[0] if argv and argv[0] in VERBS else ""
+    install_stop_handlers(f"mpmoe {verb}" if verb else "mpmoe")  # at once: the imports take seconds
+    try:
+        code = _main(argv)
+        received = stop_signals_received()  # one a library swallowed while the verb imported
+        return 128 + received[0] if received and code == 0 else code
+    except (KeyboardInterrupt, Terminated) as exc:
+        if debug_enabled():
+            raise
+        name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
+        print(f"mpmoe{' ' + verb if verb else ''}: stopped by {name}", file=sys.stderr)
+        return 130 if name == "SIGINT" else 143
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -46,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mpmoe: unknown command {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     from mpmoe.errors import debug_enabled, run_verb
+    from mpmoe.supervise import die_with_launcher
+
+    die_with_launcher()  # under torchrun: end with the agent (no unsupervised workers)
 
     if not debug_enabled():  # megatron's notes on missing optional fused kernels, at import
         import warnings
@@ -53,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
         # a CUDA build of torch on a machine without CUDA notes it at import (cpp_extension)
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        # megatron's note on a CUDA-graph scope name, raised while a preset is applied
+        warnings.filterwarnings("ignore", message=r".*full scope is deprecated")
     if not {"-h", "--help"} & set(rest):
         from mpmoe.deps import VERB_NEEDS, missing
 

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from typing import Callable, Optional
 
-__all__ = ["MAX_CHARS", "ArgumentParser", "UserError", "debug_enabled", "one_line", "innermost_error", "run_verb", "user_message"]
+__all__ = ["MAX_CHARS", "STOP_GRACE_S", "ArgumentParser", "Terminated", "UserError", "debug_enabled",
+           "innermost_error", "install_stop_handlers", "one_line", "run_verb", "stop_signals_received",
+           "user_message"]
 
 #: Longest error line printed (longer messages are cut with "...").
 MAX_CHARS = 300
@@ -88,12 +92,80 @@ def user_message(exc: BaseException) -> Optional[str]:
     return None
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
+
+
+#: Stop signals received by this process (by :func:`install_stop_handlers`' handler), and
+#: the verb to name when a swallowed one has to end the process.
+_STOP = {"received": [], "prog": "mpmoe", "timer": None}
+#: Seconds a verb has, after a stop signal, to end by itself (a library may swallow Ctrl-C)
+#: before the process ends with the one line anyway.
+STOP_GRACE_S = 15.0
+
+
+def _force_exit(signum: int) -> None:
+    sys.stderr.write(f"{_STOP['prog']}: stopped by {signal.Signals(signum).name}\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+def _stop_handler(signum, frame):
+    first = not _STOP["received"]
+    _STOP["received"].append(signum)
+    if first:
+        timer = threading.Timer(STOP_GRACE_S, _force_exit, args=(signum,))
+        timer.daemon = True
+        timer.start()
+        _STOP["timer"] = timer
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated()
+
+
+def stop_signals_received() -> list:
+    """The stop signals this process has received so far (numbers, in order)."""
+    return [int(x) for x in _STOP["received"]]
+
+
+def install_stop_handlers(prog: Optional[str] = None) -> dict:
+    """SIGINT / SIGTERM raise ``KeyboardInterrupt`` / :class:`Terminated` in the main thread,
+    are remembered (a library that swallows them does not hide them from the exit status), and
+    end the process within :data:`STOP_GRACE_S` seconds whatever the verb does. Main thread only;
+    handlers a verb installs itself (``mpmoe train``'s step-boundary stop) take over."""
+    if prog:
+        _STOP["prog"] = prog
+    previous = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL):
+            previous[sig] = signal.signal(sig, _stop_handler)
+    return previous
+
+
 def run_verb(prog: str, main: Callable[[list], Optional[int]], argv: list) -> int:
-    """``main(argv)`` with every user error printed as one line (exit 2)."""
+    """``main(argv)`` with every user error printed as one line (exit 2).
+
+    Ctrl-C (SIGINT) and SIGTERM end the verb with one line, ``<prog>: stopped by SIGINT``,
+    exit 130 / 143, no traceback (a verb may handle them itself, as ``mpmoe train`` does);
+    a signal that a library swallowed still sets the exit status (:func:`install_stop_handlers`)."""
+    before = len(_STOP["received"])
+    previous = install_stop_handlers(prog)
+    received = _STOP["received"]
     try:
-        return int(main(argv) or 0)
+        code = int(main(argv) or 0)
+        return 128 + int(received[before]) if len(received) > before and code == 0 else code
+    except (KeyboardInterrupt, Terminated) as exc:
+        if debug_enabled():
+            raise
+        signum = (int(received[before]) if len(received) > before
+                  else signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM)
+        sys.stderr.write(f"{prog}: stopped by {signal.Signals(signum).name}\n")
+        sys.stderr.flush()
+        return 128 + signum
     except BaseException as exc:  # noqa: BLE001 - torch's CheckpointException is a BaseException
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)) or debug_enabled():
+        if isinstance(exc, SystemExit) or debug_enabled():
             raise
         message = user_message(exc)
         if message is None:
@@ -102,3 +174,10 @@ def run_verb(prog: str, main: Callable[[list], Optional[int]], argv: list) -> in
         sys.stderr.write(f"{prog}: error: {one_line(message, MAX_CHARS - len(prog) - 9)}\n")
         sys.stderr.flush()
         return 2
+    finally:  # the verb has ended: no forced exit for it; handlers run_verb installed go back
+        if _STOP["timer"] is not None:
+            _STOP["timer"].cancel()
+            _STOP["timer"] = None
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+

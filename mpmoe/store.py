@@ -239,6 +239,16 @@ def load_model(
         info = saved_run_info(it_dir)
     except CheckpointingException as exc:
         raise StoreError(str(exc)) from None
+    megatron_lm = None
+    if not info.get("args"):  # a Megatron-LM pretrain_gpt.py checkpoint? (its args, mapped)
+        from mpmoe.megatron_lm.checkpoint import run_info
+
+        try:
+            megatron_lm = run_info(it_dir)
+        except ValueError as exc:
+            raise StoreError(f"{it_dir}: {exc}") from None
+        if megatron_lm is not None:
+            info = megatron_lm
     args = _flags_namespace(info.get("args"), model_flags)
     for key, value in _LAYOUT.items():
         setattr(args, key, value)
@@ -246,13 +256,28 @@ def load_model(
     trained = trained_routing(args)
     if routing == "mope" and trained != "mope":
         raise StoreError(f"{it_dir} was trained with {trained} routing: it has no Sigma to route "
-                         "with; use --routing topk (or auto)")
+                         f"with; use --routing {'auto' if trained == 'remoe' else 'topk (or auto)'}")
     if routing == "topk" and trained == "remoe":
         raise StoreError(f"{it_dir} was trained with ReMoE (ReLU) routing, which has no top-k rule; "
                          "use --routing auto")
+    if trained == "mope" and routing != "topk":  # a bad MPMOE_OTEP_BACKEND: now, not at the first forward
+        from mpmoe.train.args import ConfigError, check_otep_backend
+
+        try:
+            check_otep_backend(args)
+        except ConfigError as exc:
+            raise StoreError(str(exc)) from None
 
     data = info.get("data") or {}
-    tok_path = _find_tokenizer(tokenizer, root, it_dir, args)
+    if megatron_lm is not None:  # Megatron-LM saves no tokenizer: --tokenizer, or its local folder
+        tok_path = Path(tokenizer) if tokenizer is not None else megatron_lm["tokenizer"]
+        if tok_path is None and megatron_lm["tokenizer_type"] != "NullTokenizer":
+            raise StoreError(f"{it_dir}: a Megatron-LM checkpoint ({megatron_lm['tokenizer_type']}) "
+                             "holds no tokenizer; pass --tokenizer (a folder with tokenizer.json)")
+        if tok_path is not None:
+            data.pop("eod_id", None)  # the tokenizer's own
+    else:
+        tok_path = _find_tokenizer(tokenizer, root, it_dir, args)
     tok_info = None
     if tok_path is not None:
         try:
@@ -267,6 +292,11 @@ def load_model(
     if tok_info is not None and tok_info.vocab_size != vocab:  # a different tokenizer
         raise StoreError(f"tokenizer {tok_path} has {tok_info.vocab_size} tokens, the model was "
                          f"trained with {vocab}{' (--tokenizer)' if tokenizer is not None else ''}")
+    recorded_sha = data.get("tokenizer_sha256")  # the checkpoint's own record (lone iter_ folders too)
+    if tok_info is not None and recorded_sha and recorded_sha != tok_info.sha256:
+        raise StoreError(f"tokenizer {tok_path} (sha256 {tok_info.sha256[:12]}) is not the one {it_dir} was "
+                         f"trained with (sha256 {str(recorded_sha)[:12]})"
+                         f"{' (--tokenizer)' if tokenizer is not None else ''}")
     own = root / TOKENIZER_DIR
     if tokenizer is not None and (own / "tokenizer.json").is_file():
         try:
@@ -280,9 +310,15 @@ def load_model(
 
     try:
         resolved = settings.evaluation_values(routing_ablation, None if trained == "dense" else trained,
-                                              num_experts=args.num_experts, topk=args.moe_router_topk)
+                                              num_experts=args.num_experts, topk=args.moe_router_topk,
+                                              moe_layers=settings.moe_layer_numbers(
+                                                  args.num_layers, getattr(args, "moe_layer_freq", 1),
+                                                  args.num_experts))
     except ValueError as exc:
         raise StoreError(str(exc)) from None
+    if trained == "remoe" and resolved.get("moe_dynamic_mask_mode"):
+        raise StoreError(f"--moe-dynamic-mask drops one of the k experts a top-k router picked; {it_dir} "
+                         "routes with ReMoE (ReLU gates, no k): leave the dynamic mask out")
     for key, value in resolved.items():
         setattr(args, key, value)
     if routing_dump_dir is not None:
@@ -290,10 +326,23 @@ def load_model(
     build_args = copy.copy(args)
     for key, value in _BUILD_ONLY.items():
         setattr(build_args, key, value)
-    _, model, module = build_model(build_args, padded, initialize=False)  # every tensor is loaded below
     try:
-        load_checkpoint(root, model, None, None, load_optim=False, load_rng=False, iteration=iteration)
+        _, model, module = build_model(build_args, padded, initialize=False)  # every tensor is loaded below
+    except ValueError as exc:  # megatron's / mpmoe's config checks: the flags describe no model
+        raise StoreError(f"model flags: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") from None
+    try:
+        if megatron_lm is not None:
+            from mpmoe.megatron_lm.checkpoint import load_weights
+
+            load_weights(it_dir, model)
+        else:
+            load_checkpoint(root, model, None, None, load_optim=False, load_rng=False, iteration=iteration,
+                            run_args=vars(build_args), opt_in="the model flags must describe it")
     except Exception as exc:  # noqa: BLE001 - one line for a model/checkpoint mismatch
+        from mpmoe.train.checkpoint import ModelMismatch
+
+        if isinstance(exc, ModelMismatch):  # names the changed flags already
+            raise StoreError(str(exc)) from None
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StoreError(f"{it_dir}: cannot load into the model its flags describe "
                          f"({type(exc).__name__}: {msg[:300]})") from None
@@ -439,7 +488,8 @@ def save_model(
     run_info = {
         "args": recorded,
         "data": {"source": "data-path" if getattr(args, "data_path", None) else "embedded",
-                 "vocab_size": vocab, "padded_vocab": padded, "eod_id": eod},
+                 "vocab_size": vocab, "padded_vocab": padded, "eod_id": eod,
+                 "tokenizer_sha256": _tokenizer_sha256(loaded, tokenizer_dir)},
     }
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
@@ -477,6 +527,19 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _tokenizer_sha256(loaded: Optional[LoadedModel], tokenizer_dir) -> Optional[str]:
+    """The identity of the tokenizer a saved model goes with (recorded in the checkpoint)."""
+    if tokenizer_dir is not None:
+        from mpmoe.data import load_tokenizer
+        from mpmoe.data.errors import DataError
+
+        try:
+            return load_tokenizer(tokenizer_dir).sha256
+        except DataError:
+            return None
+    return None
 
 
 def _vocabulary(loaded: Optional[LoadedModel], tokenizer_dir, args) -> tuple[int, int]:

@@ -9,8 +9,10 @@
 #           --moe-relu-routing), topk-bias / mope-bias (aux-loss-free expert bias instead of
 #           the aux loss, docs/routing.md); default: the preset's own choice
 #
-# GPUs: counted with nvidia-smi (or torch). Expert parallelism is set to the largest
-# divisor of the preset's expert count that is <= the total number of GPUs (and divides it).
+# GPUs: nvidia-smi's count as torch sees it (CUDA_VISIBLE_DEVICES). Expert parallelism:
+# the largest divisor of the expert count and of world/(TP x PP x CP), EP x ETP x PP
+# dividing the world (mpmoe.layout). mpmoe train lowers the micro-batch (log line) when
+# micro x data-parallel size does not divide the global batch.
 # No GPU: one CPU process with gloo (NPROC_PER_NODE=N to run N CPU processes).
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (torchrun's rendezvous);
 # under SLURM they default to SLURM_NNODES, SLURM_NODEID and the first host of the job.
@@ -24,11 +26,11 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ $# -ge 1 && ( "$1" == "-h" || "$1" == "--help" ) ]]; then
-    sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 if [[ $# -lt 1 ]]; then  # missing arguments: usage on stderr, exit 2
-    sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 PRESET="$1"; shift
@@ -68,25 +70,26 @@ else
 fi
 WORLD=$(( NPROC * NNODES ))
 
-# --- expert parallelism: the largest divisor of the expert count that divides the world size
-EXPERTS=$("$PYTHON" - "$PRESET" "$@" <<'PY'
+# --- expert parallelism: the largest size dividing the expert count and world/(TP x PP x CP)
+# with EP x ETP x PP dividing the world (mpmoe.layout.expert_parallel_size)
+EP=$("$PYTHON" - "$PRESET" "$WORLD" "$@" <<'PY'
 import sys
+from mpmoe.layout import expert_parallel_size
+from mpmoe.megatron_lm.launch import _int
 from mpmoe.train.presets import load_preset
-argv = sys.argv[2:]
-n = load_preset(sys.argv[1]).get("num_experts") or 0
-if "--num-experts" in argv:
-    n = int(argv[argv.index("--num-experts") + 1])
-print(n)
+preset, world, argv = load_preset(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+get = lambda flag, key, default: _int(argv, flag, preset.get(key, default))
+experts = get("--num-experts", "num_experts", 0) or 0
+if "--expert-model-parallel-size" in argv or not experts:
+    print(0)
+else:
+    print(expert_parallel_size(experts, world, get("--tensor-model-parallel-size", "tensor_model_parallel_size", 1),
+                               get("--pipeline-model-parallel-size", "pipeline_model_parallel_size", 1),
+                               get("--context-parallel-size", "context_parallel_size", 1),
+                               get("--expert-tensor-parallel-size", "expert_tensor_parallel_size", None)))
 PY
-)
-EP=1
-case " $* " in *" --expert-model-parallel-size "*) EP=0 ;; esac   # given explicitly: keep it
-if [[ "$EP" -eq 1 && "$EXPERTS" -gt 0 ]]; then
-    for (( d=WORLD; d>=1; d-- )); do
-        if (( EXPERTS % d == 0 && WORLD % d == 0 )); then EP=$d; break; fi
-    done
-    EXTRA+=(--expert-model-parallel-size "$EP")
-fi
+) || { echo "train.sh: error: cannot choose the expert-parallel size for world size $WORLD" >&2; exit 2; }
+if [[ "$EP" -gt 0 ]]; then EXTRA+=(--expert-model-parallel-size "$EP"); fi
 
 echo "train.sh: preset $PRESET, $NNODES node(s) x $NPROC process(es) ($([[ $GPUS -gt 0 ]] && echo "$GPUS GPU(s)" || echo CPU/gloo)), EP=${EP/#0/given}" >&2
 cd "$ROOT"

@@ -139,4 +139,4 @@ def test_checkpoint_errors(runs, tmp_path, capsys):
     bad = _model_flags(runs["prefix"], tmp_path / "x", "otep") + ["--num-experts", "16"]
     assert analyze(["checkpoint", "--load", str(runs["root"] / "ckpt-otep"), "--out", str(tmp_path / "o")] + bad) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("mpmoe analyze: error:") and "cannot load" in err[-1]
+    assert err[-1].startswith("mpmoe analyze: error:") and "holds another model (--num-experts 8 -> 16" in err[-1]

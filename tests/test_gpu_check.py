@@ -56,12 +56,13 @@ def test_dry_run_writes_json_and_skips_what_is_absent(tmp_path):
     assert doc["environment"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert doc["environment"]["lm_eval"] is None
     steps = doc["steps"]
-    assert list(steps) == ["cuda_tests", "bench_otep", "bench_train", "bench_eval"]
+    assert list(steps) == ["cuda_tests", "bench_otep", "bench_train", "bench_eval", "megatron_lm"]
     assert steps["bench_eval"]["status"] == "skipped" and "lm_eval" in steps["bench_eval"]["reason"]
     assert steps["bench_otep"]["status"] == "dry-run"
     assert "16384x64x8,4096x128x8,1x64x8,8x64x8,64x64x8" in steps["bench_otep"]["command"]
     assert "flame-moe-38m" in steps["bench_train"]["command"] and "alltoall" in steps["bench_train"]["command"]
     assert all(s["limit_s"] <= 530 for s in steps.values())
+    assert "bench_megatron_lm.py --preset flame-moe-38m --iters 20" in steps["megatron_lm"]["command"]
     assert "bench_eval: skipped" in (out / "gpu_check.log").read_text()
 
 

@@ -1,5 +1,6 @@
 """Presets as Megatron-LM flags (mpmoe.megatron_lm.flags) and the launcher that uses them."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -109,6 +110,120 @@ def test_launcher_refuses_an_unpatched_checkout(tmp_path):
     (tmp_path / "pretrain_gpt.py").write_text("# stock\n")
     proc = _launch(tmp_path, "tiny-cpu", "mope", str(tmp_path))
     assert proc.returncode == 2 and "not patched" in proc.stderr
+
+
+# --------------------------------------------------------------------------- the launch plan
+from mpmoe.layout import expert_parallel_size as ep_size, fit_micro_batch, visible_gpus  # noqa: E402
+from mpmoe.megatron_lm.args import run_checks  # noqa: E402
+from mpmoe.megatron_lm.launch import main as launch_main, plan  # noqa: E402
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, 8), ("", 0), ("-1", 0), ("0,1", 2), ("3,1,0", 3), ("0,1,-1,2", 2), ("0,0", 0),
+    ("1,9,2", 1),  # ordinal 9 does not exist on an 8-GPU node: the list stops there
+    ("3gpu,4", 2), ("GPU-aa,GPU-bb", 2), ("MIG-a,MIG-a", 0), ("x", 0),
+])
+def test_visible_gpus_counts_as_torch_does(value, expected):
+    env = {} if value is None else {"CUDA_VISIBLE_DEVICES": value}
+    assert visible_gpus(env, 8) == expected
+
+
+def test_expert_parallel_size_leaves_room_for_model_parallelism():
+    assert ep_size(64, 8, tp=2) == 4  # was 8: EP 8 x ETP 2 = 16 ranks > 8
+    assert ep_size(64, 8, tp=2, etp=1) == 4  # within the data-parallel size
+    assert ep_size(64, 16, pp=2) == 8 and ep_size(64, 16, cp=4) == 4
+    assert ep_size(8, 6, cp=3) == 2
+    for ep, kw in ((ep_size(64, 8, tp=2), {"tp": 2}), (ep_size(64, 16, pp=2), {"pp": 2})):
+        etp, pp = kw.get("tp", 1), kw.get("pp", 1)
+        assert (8 if "tp" in kw else 16) % (ep * etp * pp) == 0
+    with pytest.raises(ValueError, match="not divisible by TP x PP x CP = 4 x 1 x 1"):
+        ep_size(8, 6, tp=4)
+
+
+def test_fit_micro_batch_lowers_to_the_largest_that_divides():
+    assert fit_micro_batch(960, 16, 8) == (15, "--micro-batch-size 16 -> 15: --global-batch-size 960 "
+                                                "is not divisible by 16 x data-parallel size 8")
+    assert fit_micro_batch(960, 16, 4)[0] == 16 and fit_micro_batch(960, 16, 4)[1] is None
+    assert fit_micro_batch(8, 8, 2)[0] == 4
+    for gbs, mbs, dp in ((960, 16, 16), (100, 7, 5), (8, 8, 8)):
+        m, _ = fit_micro_batch(gbs, mbs, dp)
+        assert gbs % (m * dp) == 0 and all(gbs % (k * dp) for k in range(m + 1, mbs + 1))
+    with pytest.raises(ValueError, match="--global-batch-size 9 is not divisible by the data-parallel size 2"):
+        fit_micro_batch(9, 4, 2)
+
+
+def test_plan_mp_moe_38m_on_8_and_16_gpus_lowers_the_micro_batch():
+    for world in (8, 16):
+        p = plan("mp-moe-38m", "mope", ["--train-iters", "100"], {}, world)
+        flags = _pairs(p.args)
+        assert (p.nproc, p.gpus) == (world, world)
+        assert flags["--micro-batch-size"] == "15" and flags["--global-batch-size"] == "960"
+        assert p.notes == [f"--micro-batch-size 16 -> 15: --global-batch-size 960 is not divisible by "
+                           f"16 x data-parallel size {world}"]
+        assert "--distributed-backend" not in flags
+
+
+def test_plan_honours_cuda_visible_devices_tp_and_the_users_flags():
+    p = plan("tiny-cpu", "mope", ["--tensor-model-parallel-size", "2", "--micro-batch-size", "3"],
+             {"CUDA_VISIBLE_DEVICES": "2,3,5,7"}, 8)
+    flags = _pairs(p.args)
+    assert (p.nproc, p.gpus) == (4, 4)
+    assert flags["--expert-model-parallel-size"] == "2"  # dp = 4 / TP 2
+    assert flags["--micro-batch-size"] == "2"  # the user's 3 x dp 2 does not divide 8
+    assert p.args.count("--micro-batch-size") == 2  # the preset's, then the fitted one last
+    assert p.args[-2:] == ["--micro-batch-size", "2"]
+    cpu = plan("tiny-cpu", "moe", [], {"NPROC_PER_NODE": "2"}, 0)
+    assert cpu.nproc == 2 and _pairs(cpu.args)["--distributed-backend"] == "gloo"
+    assert _pairs(cpu.args)["--micro-batch-size"] == "4"
+
+
+@pytest.mark.parametrize("data", [["--data-path", "d"], ["--train-data-path", "t", "--valid-data-path", "v"],
+                                  ["--mock-data"], ["--per-split-data-args-path=x.json"]])
+def test_plan_adds_mock_data_only_without_a_data_source(data):
+    p = plan("tiny-cpu", "mope", data, {}, 0)
+    assert p.args.count("--mock-data") == data.count("--mock-data")
+    assert "NullTokenizer" not in p.args
+    assert "--mock-data" in plan("tiny-cpu", "mope", [], {}, 0).args
+
+
+def test_launch_cli_prints_the_plan_and_one_line_errors(capsys, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert launch_main(["tiny-cpu", "mope", "--physical-gpus", "8", "--", "--lr", "1e-3"]) == 0
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert lines[:2] == ["2", "2"] and lines[-4:] == ["--lr", "1e-3", "--micro-batch-size", "4"]
+    assert out.err.splitlines() == ["pretrain.sh: --micro-batch-size 8 -> 4: --global-batch-size 8 is not "
+                                    "divisible by 8 x data-parallel size 2"]
+    assert launch_main(["tiny-cpu", "mope", "--physical-gpus", "8", "--",
+                        "--tensor-model-parallel-size", "3"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "pretrain.sh: error: world size 2 is not divisible by TP x PP x CP = 3 x 1 x 1")
+
+
+def _ns(**kw):
+    base = dict(cuda_graph_impl="none", cuda_graph_modules=[], rerun_mode="validate_results")
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+@pytest.mark.parametrize("impl, modules", [("local", []), ("transformer_engine", ["moe_router"]),
+                                           ("local", ["attn", "moe"]), ("full_iteration", []),
+                                           ("transformer_engine", ["moe_preprocess", "moe_router"])])
+def test_cuda_graphs_that_capture_the_router_are_refused(impl, modules):
+    with pytest.raises(ValueError, match=f"--cuda-graph-impl {impl} .*captures the router"):
+        run_checks(_ns(cuda_graph_impl=impl, cuda_graph_modules=modules))
+
+
+def test_cuda_graphs_of_attention_only_and_the_rerun_state_machine():
+    class Module:  # megatron's CudaGraphModule members have a .name
+        name = "attn"
+
+    args = _ns(cuda_graph_impl="transformer_engine", cuda_graph_modules=[Module()])
+    assert run_checks(args) == [
+        "mpmoe: --rerun-mode validate_results -> disabled (a re-run iteration would count the routing "
+        "statistics twice; NaN/inf losses still stop the run)"]
+    assert args.rerun_mode == "disabled"
+    assert run_checks(args) == []  # already off: nothing to say
 
 
 # ---------------------------------------------------------------- one preset, one model and optimizer

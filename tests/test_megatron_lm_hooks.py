@@ -68,3 +68,51 @@ def test_hooks_drive_mope_routers_and_leave_other_models_alone(tmp_path):
     hooks.after_train_step(plain, 1)
     hooks.before_evaluate(plain)
     assert not any(isinstance(m, TopKStatsRouter) for m in plain[0].modules())
+
+
+def test_every_entry_point_building_an_otep_model_gets_mpmoes_spec_or_stops(capsys):
+    """core_transformer_config_from_args (text generation, converters, --use-checkpoint-args)
+    asks transformer_config_class: mpmoe's --spec when none is given, a foreign one refused."""
+    from mpmoe.megatron_lm.args import SPEC
+
+    args = _args(lbt="otep")
+    args.spec = None
+    assert hooks.transformer_config_class(args) is MoPEConfig and args.spec == SPEC
+    args.spec = ["mpmoe.megatron_lm.spec", "gpt_block_spec"]
+    assert hooks.transformer_config_class(args) is MoPEConfig
+    args.spec = ["megatron.core.models.gpt.gpt_layer_specs", "get_gpt_layer_local_spec"]
+    with pytest.raises(SystemExit) as exc:
+        hooks.transformer_config_class(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "builds megatron's routers, not mpmoe's" in err[0]
+    topk = _args()
+    topk.spec = None
+    assert hooks.transformer_config_class(topk) is None and topk.spec is None  # untouched
+
+
+def test_hooks_module_imports_nothing_heavy():
+    """megatron/training/training.py imports it for every script of the patched tree."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import mpmoe.megatron_lm.hooks; "
+            "print(sorted(m for m in ('torch', 'megatron', 'mpmoe.megatron') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_routing_metrics_per_layer(tmp_path):
+    config = tiny_config(MoPEConfig, moe_router_load_balancing_type="otep", moe_layer_freq=[0, 1])
+    model = build_gpt_model(config, vocab_size=128, max_sequence_length=16)
+    chunks = [model]
+    hooks.before_train_step(chunks, 0, 100)  # warm-up: top-k
+    tokens = torch.randint(0, 128, (2, 16))
+    model(tokens, torch.arange(16).expand_as(tokens), None, labels=tokens).mean().backward()
+    m = hooks.routing_metrics(chunks)
+    k = config.moe_router_topk
+    assert m["moe/experts_per_token/layer_2"] == pytest.approx(k)  # exactly k per token
+    assert m["mope/otep/layer_2"] == 0.0  # still in the warm-up
+    assert m["moe/load_max_over_mean/layer_2"] >= 1.0
+    assert {"mope/sigma_offdiag_abs_mean/layer_2", "mope/sigma_max_corr/layer_2"} <= set(m)
+    assert hooks.routing_metrics(chunks)["moe/load_min/layer_2"] == 0.0  # window reset: no tokens

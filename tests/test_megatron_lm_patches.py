@@ -7,73 +7,25 @@ wheel's ``megatron/`` (0.19.2 ships ``megatron.training`` identical to Megatron-
 megatron-core 0.19 environment; skipped elsewhere.
 """
 
-import importlib.util
 import json
-import os
-import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from megatron_lm_testing import CPU_FLAGS, SERIES, assemble_trees, git, skip_reason, tree_env
 from mpmoe.megatron_lm.flags import preset_flags
 
-ROOT = Path(__file__).resolve().parents[1]
-SERIES = sorted((ROOT / "patches" / "megatron-lm" / "core_r0.19.0").glob("*.patch"))
-UPSTREAM = ROOT.parent / "shared" / "upstream" / "megatron-lm-core_r0.19.0"
 PROBE = Path(__file__).with_name("megatron_lm_probe.py")
-SCRIPTS = ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py", "LICENSE")
 
-
-def _skip_reason():
-    if importlib.util.find_spec("megatron.training") is None:
-        return "needs megatron-core 0.19 (megatron.training; Python 3.12: make test-megatron-latest)"
-    from megatron.core.package_info import __version__
-
-    if not __version__.startswith("0.19."):
-        return f"the series targets Megatron-LM core_r0.19.0; megatron-core {__version__} is installed"
-    if not all((UPSTREAM / name).is_file() for name in SCRIPTS):
-        return f"upstream scripts not found in {UPSTREAM}"
-    if shutil.which("git") is None:
-        return "git not found"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
-
-GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "-c", "core.autocrlf=false"]
-
-# What a CPU run needs on top of a preset: no Transformer Engine / Apex fusions, CPU init.
-CPU_FLAGS = ["--transformer-impl", "local", "--distributed-backend", "gloo", "--no-rope-fusion",
-             "--use-cpu-initialization", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
-             "--no-bias-dropout-fusion", "--no-bias-swiglu-fusion", "--no-gradient-accumulation-fusion"]
-
-
-def _git(cwd, *args):
-    return subprocess.run([*GIT, *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
 
 
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory):
     """``{"base": unpatched tree, "patched": tree with the series applied by git am}``."""
-    import megatron
-
-    root = tmp_path_factory.mktemp("megatron-lm")
-    base = root / "base"
-    shutil.copytree(Path(megatron.__path__[0]), base / "megatron",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    for name in SCRIPTS:
-        shutil.copy(UPSTREAM / name, base / name)
-    _git(base, "init", "-q")
-    _git(base, "add", "-A")
-    _git(base, "commit", "-qm", "upstream")
-    patched = root / "patched"
-    _git(base, "worktree", "add", "-q", str(patched))
-    _git(patched, "apply", "--check", *map(str, SERIES))
-    _git(patched, "am", "-q", *map(str, SERIES))
-    return {"base": base, "patched": patched}
+    return assemble_trees(tmp_path_factory.mktemp("megatron-lm"))
 
 
 def _tiny_flags(router, tmp_path, **extra):
@@ -85,11 +37,7 @@ def _tiny_flags(router, tmp_path, **extra):
 
 
 def _env(tree, site=None):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (site, str(tree), env.get("PYTHONPATH")) if p)
-    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return env
+    return tree_env(tree, site)
 
 
 def _probe(tree, flags, tmp_path, name):
@@ -102,9 +50,9 @@ def _probe(tree, flags, tmp_path, name):
 
 def test_series_is_small_and_applies_in_order(trees):
     assert [p.name[:4] for p in SERIES] == [f"{i:04d}" for i in range(1, len(SERIES) + 1)]
-    log = _git(trees["patched"], "log", "--format=%s", f"-{len(SERIES)}").splitlines()
+    log = git(trees["patched"], "log", "--format=%s", f"-{len(SERIES)}").splitlines()
     assert len(log) == len(SERIES)
-    stat = _git(trees["patched"], "diff", "--numstat", "HEAD~%d" % len(SERIES))
+    stat = git(trees["patched"], "diff", "--numstat", "HEAD~%d" % len(SERIES))
     files = {line.split("\t")[2] for line in stat.splitlines()}
     assert files == {"pretrain_gpt.py", "megatron/training/arguments.py",
                      "megatron/training/argument_utils.py", "megatron/training/training.py"}
@@ -160,51 +108,32 @@ def test_invalid_mope_flags_are_one_line_errors(trees, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_pretrain_gpt_runs_until_megatron_training_requires_cuda(trees, tmp_path):
-    """The patched pretrain_gpt.py, as a user runs it, on CPU (mpmoe's CPU compatibility
-    enabled by a sitecustomize of this test, not by the patch).
-
-    megatron.training cannot train without CUDA: ``initialize_megatron`` asserts
-    ``torch.cuda.is_available()`` and ``pretrain()`` gives no way around it (and past that,
-    ``_initialize_distributed`` builds the model-parallel groups only when
-    ``torch.cuda.device_count() > 0``; ``get_batch`` moves batches with ``Tensor.cuda()``).
-    Everything before it - mpmoe's arguments, Megatron-LM's validation, mpmoe's check and
-    MoPE config - runs; model building and the hooks are covered by the probe tests.
-    """
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("checks the CPU path; test_pretrain_gpt_trains_on_gpu covers CUDA")
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        "from mpmoe.megatron import cpu_compat\ncpu_compat.enable()\n")
-    flags = _tiny_flags("mope", tmp_path, moe_otep_warmup_fraction=0.25)
-    proc = subprocess.run([sys.executable, "pretrain_gpt.py", *flags], cwd=trees["patched"],
-                          env=_env(trees["patched"], str(site)), capture_output=True, text=True,
-                          timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert re.search(r"moe_router_load_balancing_type \.+ otep\n", out)  # parsed and validated
-    assert re.search(r"moe_otep_warmup_fraction \.+ 0\.25\n", out)
-    assert "AssertionError: Megatron requires CUDA." in out, out[-3000:]
+# Run in a patched tree with mpmoe made unimportable (as if it were not installed).
+_WITHOUT_MPMOE = """
+import sys
+sys.modules["mpmoe"] = None  # import mpmoe -> ModuleNotFoundError
+import pretrain_gpt
+from megatron.training import training, argument_utils
+from megatron.training.arguments import parse_and_validate_args
+assert pretrain_gpt.mpmoe_megatron_lm is None and training.mpmoe_hooks is None
+args = parse_and_validate_args(args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
+config = argument_utils.core_transformer_config_from_args(args)
+print("CONFIG", type(config).__name__, args.spec)
+"""
 
 
-@pytest.mark.cuda
-def test_pretrain_gpt_trains_on_gpu(trees, tmp_path):
-    import torch
+def test_a_patched_tree_without_mpmoe_runs_topk_and_refuses_otep_in_one_line(trees, tmp_path):
+    """Top-k needs no mpmoe (the patches' imports are optional); otep says what is missing."""
+    def run(*extra):  # (mpmoe's own flags do not exist without it: otep alone)
+        flags = preset_flags("tiny-cpu", "moe", train_iters=4, mock_data=True) + CPU_FLAGS + list(extra)
+        return subprocess.run([sys.executable, "-c", _WITHOUT_MPMOE, *flags], cwd=trees["patched"],
+                              env=_env(trees["patched"]), capture_output=True, text=True, timeout=600)
 
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    flags = preset_flags("tiny-cpu", "mope", train_iters=3, mock_data=True)
-    flags += [f for f in CPU_FLAGS if f not in ("--distributed-backend", "gloo", "--use-cpu-initialization")]
-    flags += ["--log-interval", "1",
-              "--eval-iters", "1", "--eval-interval", "2", "--moe-stats-dir", str(tmp_path / "s"),
-              "--moe-plot-every", "1", "--save", str(tmp_path / "ckpt"), "--save-interval", "2"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
-                           "pretrain_gpt.py", *flags], cwd=trees["patched"],
-                          env=_env(trees["patched"]), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert "load_balancing_loss" in proc.stdout
-    assert sorted(os.listdir(tmp_path / "s"))
-    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").is_file()
+    topk = run()
+    assert topk.returncode == 0, topk.stderr[-3000:]
+    assert "CONFIG TransformerConfig None" in topk.stdout
+    mope = run("--moe-router-load-balancing-type", "otep")
+    assert mope.returncode != 0
+    last = mope.stderr.strip().splitlines()[-1]
+    assert last == "error: --moe-router-load-balancing-type otep (MoPE) needs mpmoe: pip install mpmoe"
+    assert "Traceback" not in mope.stderr

@@ -40,10 +40,10 @@ def dataset(tmp_path_factory):
 class Trainer:
     """``mpmoe train`` in a subprocess; remembers every descendant it was seen with."""
 
-    def __init__(self, flags, tmp_path, env=None):
+    def __init__(self, flags, tmp_path, env=None, launcher=()):
         self.stderr_path = tmp_path / f"stderr-{time.monotonic_ns()}.txt"
         self._err = open(self.stderr_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mpmoe", "train", *flags],
+        self.proc = subprocess.Popen([sys.executable, *(launcher or ["-m"]), "mpmoe", "train", *flags],
                                      env={**_env(), **(env or {})},
                                      stdout=subprocess.DEVNULL, stderr=self._err)
         self.seen: dict[int, float] = {}  # pid -> create time
@@ -310,6 +310,42 @@ def test_nan_loss_skip_keeps_the_model_finite(tmp_path, dataset, monkeypatch, ca
     assert metrics[5]["lr"] == pytest.approx(_lr_after(dataset, tmp_path, 3))
 
 
+def test_a_run_that_only_skipped_nan_steps_is_not_done_nor_nothing_to_do(tmp_path, dataset, monkeypatch, capsys):
+    from mpmoe.train.cli import main
+
+    _nan_at(monkeypatch, {1, 2})
+    rc = main(tiny_flags(dataset, tmp_path / "run", **{"train-iters": 2, "eval-interval": 100, "on-nan": "skip",
+                                                      "no-progress": True, "split": "100,0,0"}))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("mpmoe train: error: iteration 2: the run ended with train loss nan"), last
+    assert "2 of 2 updates skipped" in last
+
+
+def test_a_non_finite_expert_bias_stops_naming_its_flag(tmp_path, dataset, monkeypatch, capsys):
+    """The bias is driven to inf (as --moe-router-bias-update-rate inf did): the run stops
+    before saving, names the flag, whatever --on-nan says."""
+    from mpmoe.megatron import remoe as balancing
+    from mpmoe.train.cli import main
+
+    real = balancing.update_balancing_state
+
+    def poisoned(models):
+        real(models)
+        for r in balancing.iter_routers(models):
+            if getattr(r, "expert_bias", None) is not None:
+                r.expert_bias.fill_(float("inf"))
+
+    monkeypatch.setattr(balancing, "update_balancing_state", poisoned)
+    ck = tmp_path / "ck"
+    rc = main(tiny_flags(dataset, tmp_path / "run", save=str(ck), **{
+        "train-iters": 3, "eval-interval": 100, "no-progress": True, "on-nan": "skip",
+        "moe-router-enable-expert-bias": True, "moe-router-score-function": "sigmoid",
+        "moe-router-load-balancing-type": "none"}))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "iteration 1: the expert bias of layer" in last and "--moe-router-bias-update-rate" in last, last
+    assert not (ck / TRACKER).exists()
+
+
 def _lr_after(dataset, tmp_path, steps: int) -> float:
     from mpmoe.train.cli import main
 
@@ -454,3 +490,54 @@ def test_a_present_but_broken_psutil_counts_as_missing(monkeypatch):
     assert missing(["psutil"], "mpmoe train") is None
     monkeypatch.setitem(sys.modules, "psutil", None)  # present on disk, fails to import
     assert "psutil" in missing(["psutil"], "mpmoe train")
+
+
+@pytest.mark.slow  # two ranks under torchrun on 2 CPU cores: ~40 s
+def test_workers_die_with_their_torchrun_agent(tmp_path, dataset):
+    """SIGKILL to the torchrun agent (gloo, 127.0.0.1): both workers end within seconds,
+    no checkpoint appears after the kill, and the last complete one stays loadable."""
+    from mpmoe.megatron.parallel import find_free_port
+
+    ck, run = tmp_path / "ck", tmp_path / "run"
+    flags = tiny_flags(dataset, run, save=str(ck), **{"train-iters": 2000, "no-progress": True,
+                                                      "eval-interval": 1000, "save-interval": 3})
+    agent = Trainer(flags, tmp_path, launcher=[
+        "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+        "--master-port", str(find_free_port()), "-m"])
+    try:
+        def checkpoint_and_workers():
+            agent.watch()
+            return (ck / TRACKER).is_file() and len(agent.seen) >= 2
+        _wait_until(agent, checkpoint_and_workers)
+        agent.watch()
+        os.kill(agent.proc.pid, signal.SIGKILL)
+        agent.proc.wait(timeout=30)
+        time.sleep(0.5)
+        complete = sorted(p.name for p in ck.glob("iter_*") if not p.name.endswith(".tmp"))
+        tracked = (ck / TRACKER).read_text()
+        alive = agent.survivors(wait=10.0)
+        assert not alive, [p.cmdline() for p in alive]
+        time.sleep(2)
+        assert sorted(p.name for p in ck.glob("iter_*") if not p.name.endswith(".tmp")) == complete
+        assert (ck / TRACKER).read_text() == tracked
+        assert f"iter_{int(tracked):07d}" in complete
+    finally:
+        agent.cleanup()
+
+
+def test_default_run_directories_are_claimed_once(tmp_path, monkeypatch):
+    """Two runs started in the same second without --run-dir get two folders (mkdir claims
+    a name atomically); ranks other than 0 claim nothing."""
+    import argparse
+
+    from mpmoe.train import loop
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loop.time, "strftime", lambda fmt: "20260101-000000")
+    args = argparse.Namespace(preset="tiny-cpu")
+    first, second, third = (loop._default_run_dir(args) for _ in range(3))
+    assert [first, second, third] == ["runs/tiny-cpu-20260101-000000", "runs/tiny-cpu-20260101-000000-2",
+                                      "runs/tiny-cpu-20260101-000000-3"]
+    assert all((tmp_path / d).is_dir() for d in (first, second, third))
+    assert loop._default_run_dir(args, rank=1) == ""
+    assert len(list((tmp_path / "runs").iterdir())) == 3

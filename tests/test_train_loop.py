@@ -148,4 +148,4 @@ def test_loading_a_checkpoint_of_another_shape_is_a_one_line_error(tmp_path, dat
     rc = main(tiny_flags(dataset, tmp_path / "b", **{"train-iters": 1, "hidden-size": 48}) + ["--load", str(ckpt)])
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("mpmoe train: error:") and "does not fit this model" in err[-1], err[-3:]
+    assert err[-1].startswith("mpmoe train: error:") and "holds another model (--hidden-size 32 -> 48" in err[-1], err[-3:]

@@ -116,16 +116,30 @@ def test_tiny_cpu_preset_is_mope():
 @pytest.mark.parametrize("argv, message", [
     (["--moe-router-topk", "9"], "--moe-router-topk 9 must be between 1 and --num-experts 8"),
     (["--expert-model-parallel-size", "3"], "--num-experts 8 is not divisible by --expert-model-parallel-size 3"),
-    (["--global-batch-size", "10", "--micro-batch-size", "4"], "--global-batch-size 10 is not divisible"),
     (["--data-path", "/nonexistent/prefix", "--vocab-size", "100"], "/nonexistent/prefix.bin/.idx not found"),
     (["--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
     (["--load", "/nonexistent/ckpt"], "--load: /nonexistent/ckpt is not a directory"),
-    (["--preset", "flame-moe-38m", "--train-iters", "1", "--global-batch-size", "1023"],
-     "--global-batch-size 1023 is not divisible by --micro-batch-size 4"),
 ])
 def test_config_errors(argv, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_args(argv)
+
+
+def test_micro_batch_is_lowered_to_fit_the_global_batch(capsys):
+    from mpmoe.train.args import validate
+
+    args = parse_args(["--global-batch-size", "10", "--micro-batch-size", "4"])
+    assert args.micro_batch_size == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "mpmoe train: --micro-batch-size 4 -> 2: --global-batch-size 10 is not divisible by "
+        "4 x data-parallel size 1"]
+    # torchrun --nproc-per-node 2 -m mpmoe train: tiny-cpu's 8 x 2 does not divide 8
+    args = parse_args([], check=False)
+    validate(args, world_size=2)
+    assert (args.global_batch_size, args.micro_batch_size) == (8, 4)
+    args = parse_args(["--global-batch-size", "9"], check=False)
+    with pytest.raises(ConfigError, match="--global-batch-size 9 is not divisible by the data-parallel size 2"):
+        validate(args, world_size=2)
 
 
 def test_cli_error_is_one_line_exit_2():

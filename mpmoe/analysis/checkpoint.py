@@ -89,8 +89,18 @@ def _expert_weights(experts) -> Optional[np.ndarray]:
     local = getattr(experts, "local_experts", None)
     if local is None:
         return None  # grouped GEMM layouts: not flattened per expert here
+    if len({sum(p.numel() for p in e.parameters()) for e in local}) > 1:
+        return None  # experts of different sizes (a split model): no common weight space
     return np.stack([np.concatenate([p.detach().float().cpu().numpy().ravel() for p in e.parameters()])
                      for e in local])
+
+
+def _expert_sizes(experts) -> Optional[list[int]]:
+    """Each local expert's FFN size (they differ in a split model), or None (grouped GEMM)."""
+    local = getattr(experts, "local_experts", None)
+    if local is None:
+        return None
+    return [int(e.linear_fc2.weight.shape[-1]) for e in local]
 
 
 def collect_expert_outputs(model, tokens, position_ids, *, layers: Optional[list[int]] = None,
@@ -146,7 +156,7 @@ def collect_expert_outputs(model, tokens, position_ids, *, layers: Optional[list
             layer=n, kind=getattr(router, "stats_kind", "moe"), outputs=outputs,
             cooccurrence=rmap.T @ rmap, num_tokens=int(rmap.shape[0]),
             sigma=None if sigma is None else sigma.detach().double().cpu().numpy(),
-            weights=_expert_weights(m.experts))
+            weights=_expert_weights(m.experts), extra={"expert_sizes": _expert_sizes(m.experts)})
     return probes
 
 
@@ -163,6 +173,7 @@ def probe_numbers(p: ExpertProbe, *, ot_samples: int = 128, progress: bool = Fal
     out = {
         "kind": p.kind,
         "num_experts": e,
+        "expert_sizes": p.extra.get("expert_sizes"),
         "tokens": p.num_tokens,
         "mean_offdiag_output_similarity": finite(M.mean_offdiagonal(sim)),
         "max_offdiag_output_similarity": finite(np.max(sim[~np.eye(e, dtype=bool)])) if e > 1 else None,
@@ -289,10 +300,14 @@ def _plots(runs: list[tuple[str, dict[int, ExpertProbe], dict[int, dict]]], out:
             emb = probes[l].outputs.mean(axis=1)  # mean output per expert [E, H]
             pts = PCA(n_components=2).fit_transform(emb)
             usage = np.diag(probes[l].cooccurrence)
-            sc = ax.scatter(pts[:, 0], pts[:, 1], c=usage, cmap="viridis", s=20)
+            sizes = probes[l].extra.get("expert_sizes")
+            hetero = sizes is not None and len(set(sizes)) > 1  # a split model: marker area ~ size
+            marker = 60.0 * np.asarray(sizes) / max(sizes) + 6 if hetero else 20
+            sc = ax.scatter(pts[:, 0], pts[:, 1], c=usage, cmap="viridis", s=marker)
             for i, (px, py) in enumerate(pts):
-                ax.annotate(str(i), (px, py), fontsize=5)
-            ax.set_title(f"{name} L{l} ({probes[l].kind}): PCA of mean expert outputs", fontsize=8)
+                ax.annotate(f"{i}:{sizes[i]}" if hetero else str(i), (px, py), fontsize=5)
+            what = "PCA of mean expert outputs" + (" (label expert:FFN size)" if hetero else "")
+            ax.set_title(f"{name} L{l} ({probes[l].kind}): {what}", fontsize=8)
             ax.tick_params(labelsize=6)
             fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.04, label="tokens routed")
     fig.tight_layout()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import signal
 import queue
 import sys
 import threading
@@ -106,6 +107,9 @@ _WORKER_ENCODER: Encoder | None = None
 
 def _worker_init(args: tuple, parallel: bool) -> None:
     global _WORKER_ENCODER
+    # Ctrl-C reaches the whole process group: the parent stops and terminates the pool, so a
+    # worker ignoring it keeps its KeyboardInterrupt traceback (or a BrokenPipe) off the screen
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if parallel else "false"
     _WORKER_ENCODER = Encoder(*args)
 

@@ -112,6 +112,17 @@ def _default_output(load: str, step: Optional[int], routing: str) -> Path:
     return Path("eval_results") / root.resolve().name / f"iter_{it:07d}-{routing}"
 
 
+def _check_output(folder: Path, what: str) -> None:
+    """Before any work: ``folder`` is (or can become) a writable folder."""
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise EvalError(f"{what} {folder}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise EvalError(f"{what} {folder}: {probe} is not writable")
+
+
 def _write(out: Path, results: dict, meta: dict, log_samples: bool) -> Path:
     from lm_eval.utils import make_table
 
@@ -164,6 +175,9 @@ def evaluate(args) -> Optional[dict]:
     check_datasets(names, manager)  # before the model loads: a hub problem fails in seconds
 
     out = Path(args.output_path) if args.output_path else _default_output(args.load, args.ckpt_step, args.routing)
+    _check_output(out, "--output-path" if args.output_path else "the results folder")
+    if args.routing_dump_dir:
+        _check_output(Path(args.routing_dump_dir), "--routing-dump-dir")
     from mpmoe.eval.lm import MpmoeLM
     from mpmoe.megatron.settings import SETTINGS
 
@@ -195,6 +209,7 @@ def evaluate(args) -> Optional[dict]:
                 "device": str(em.device), "tasks": names, "num_fewshot": args.num_fewshot,
                 "limit": args.limit, "batch_size": args.batch_size, "max_length": lm.max_length,
                 "kv_cache": not args.no_kv_cache, "world_size": lm.world_size,
+                "routing_ablation": {s.name: getattr(em.args, s.name, None) for s in SETTINGS if s.eval},
                 "elapsed_s": round(time.perf_counter() - start, 3)}
         _write(out, results, meta, args.log_samples)
         print((out / "results.md").read_text(encoding="utf-8"))

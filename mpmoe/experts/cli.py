@@ -2,6 +2,7 @@
 
     mpmoe experts merge --load CKPT --save OUT --num-experts E' [--layout bind|collapsed] ...
     mpmoe experts compress --load MERGED --save OUT --rank R --sparse-keep F ...
+    mpmoe experts split --load DENSE --save OUT --num-experts E --moe-router-topk K ...
 
 Each subcommand is a module with ``add_arguments(parser)`` and ``run(args) -> int``
 (:data:`SUBCOMMANDS`). Errors are one line ``mpmoe experts: error: ...``, exit 2, and leave
@@ -22,6 +23,7 @@ PROG = "mpmoe experts"
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("mpmoe.experts.merge", "merge each MoE layer's experts into E' groups (MC-SMoE's M-SMoE and baselines)"),
     "compress": ("mpmoe.experts.compress", "store every expert as low rank + row-sparse residual (MC-SMoE's compression)"),
+    "split": ("mpmoe.experts.split", "a dense model's FFNs into experts of different sizes (HEMoE's ILP) or a baseline partition"),
 }
 
 

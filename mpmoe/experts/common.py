@@ -51,6 +51,9 @@ def load_source(load, *, verb: str, model_flags=None, allow_grouped: bool = True
     if not allow_grouped and getattr(loaded.args, "moe_expert_groups", None):
         raise ExpertsError(f"{loaded.checkpoint} already has merged experts (collapsed or dropped); "
                            f"{verb} the checkpoint it was merged from")
+    if getattr(loaded.args, "moe_expert_ffn_sizes", None):
+        raise ExpertsError(f"{loaded.checkpoint} has experts of different sizes (mpmoe experts split); "
+                           f"{verb} needs experts of one size")
     if getattr(loaded.args, "moe_grouped_gemm", False):
         raise ExpertsError(f"{loaded.checkpoint}: expert surgery needs megatron's SequentialMLP experts; "
                            "load it with --model-flags ... --no-moe-grouped-gemm")

@@ -121,6 +121,10 @@ def hf_kind(model, routing: str) -> str:
         refuse(f"{routers.label(cfg)} routing has no transformers class yet")
     if getattr(cfg, "moe_router_enable_expert_bias", False):
         refuse("the expert bias (aux-loss-free balancing) has no transformers class yet")
+    if getattr(cfg, "moe_expert_ffn_sizes", None):
+        refuse("experts of different sizes (mpmoe experts split) have no transformers class")
+    if getattr(cfg, "moe_router_unit_gates", False):
+        refuse("unit gates (mpmoe experts split, --moe-router-unit-gates) have no transformers class")
     if getattr(cfg, "moe_expert_groups", None):
         refuse("merged experts folded from a wider router or dropped experts (mpmoe experts merge "
                "--layout collapsed / --method drop) have no transformers class; the bind layout exports")

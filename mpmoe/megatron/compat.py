@@ -34,6 +34,7 @@ __all__ = [
     "mlp_spec_for_backend",
     "moe_metrics",
     "moe_submodules",
+    "replace_experts",
     "reset_moe_metrics",
     "start_grad_sync_uses_cuda_stream",
     "te_general_gemm_undefined",
@@ -75,6 +76,25 @@ def moe_submodules(mlp_spec: Any):
     else:
         sub = getattr(mlp_spec, "submodules", None)
     return sub if isinstance(sub, MoESubmodules) else None
+
+
+def replace_experts(moe: Any, module: type, **params) -> None:
+    """Build ``moe``'s (an ``MoESubmodules``) experts with ``module`` and extra constructor
+    keyword ``params``, keeping the experts' own submodules (linear layers, activation).
+
+    0.18: the experts entry became a builder (``functools.partial``) instead of a
+    ``ModuleSpec``.
+    """
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    spec = moe.experts
+    if isinstance(spec, functools.partial):
+        moe.experts = functools.partial(module, *spec.args, **{**spec.keywords, **params})
+    elif isinstance(spec, ModuleSpec):
+        moe.experts = ModuleSpec(module=module, submodules=spec.submodules,
+                                 params={**(spec.params or {}), **params})
+    else:
+        raise TypeError(f"cannot replace an experts spec of type {type(spec).__name__}")
 
 
 def build_mlp(mlp_spec: Any, **kwargs):

@@ -153,3 +153,32 @@ def balancing_scalars(models) -> dict:
             bias, _ = r.selection_bias()
             out[f"moe/expert_bias_absmax/layer_{layer}"] = float(bias.abs().max())
     return out
+
+
+def nonfinite_balancing_state(models) -> str:
+    """What of the routers' balancing state is NaN/inf ("" when all is finite): ReMoE's L1
+    coefficient or the expert bias, named with the flag that drives it (one host sync)."""
+    state = []
+    for r in iter_routers(models):
+        if isinstance(r, ReMoERouter):
+            state.append((r, "ReMoE's L1 coefficient", "--moe-relu-l1-reg-coeff-init / "
+                          "--moe-relu-l1-reg-coeff-multiplier", r.relu_l1_coeff))
+        elif getattr(r, "expert_bias", None) is not None:
+            state.append((r, "the expert bias", "--moe-router-bias-update-rate", r.expert_bias))
+    if not state or bool(torch.cat([t.detach().reshape(-1).double() for *_, t in state]).isfinite().all()):
+        return ""
+    for r, what, flag, t in state:
+        if not bool(t.isfinite().all()):
+            return f"{what} of layer {r.layer_number} is not finite (driven by {flag})"
+    return ""
+
+
+def balancing_flags(models) -> str:
+    """The flags of the balancing schemes ``models`` use (for advice on a NaN loss)."""
+    flags = []
+    for r in iter_routers(models):
+        if isinstance(r, ReMoERouter) and "--moe-relu-l1-reg-coeff-multiplier" not in flags:
+            flags.append("--moe-relu-l1-reg-coeff-multiplier")
+        elif getattr(r, "expert_bias", None) is not None and "--moe-router-bias-update-rate" not in flags:
+            flags.append("--moe-router-bias-update-rate")
+    return ", ".join(flags)

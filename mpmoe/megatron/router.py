@@ -304,6 +304,9 @@ class TopKStatsRouter(TopKRouter):
         mode = self.dynamic_mask_mode
         if mode is not None:
             probs, routing_map = self._apply_dynamic_mask(probs, routing_map, mode, counted, replay)
+        cfg = self.config
+        if getattr(cfg, "moe_router_unit_gates", False) or getattr(cfg, "moe_size_aux_loss_coeff", 0.0):
+            probs = self._hemoe_gates(flat, probs, routing_map, padding_mask)
         valid = None if padding_mask is None else ~padding_mask.reshape(-1, 1)
         if counted:
             self._count(routing_map if valid is None else routing_map & valid)
@@ -316,6 +319,31 @@ class TopKStatsRouter(TopKRouter):
         elif not self.training:
             self._eval_forwards += 1
         return probs, routing_map
+
+    def _hemoe_gates(self, flat: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor, padding_mask):
+        """HEMoE (``moe_router_unit_gates``, ``moe_size_aux_loss_coeff``), after any selection:
+        unit gates with the straight-through gradient of the full softmax, and the
+        size-weighted balance loss attached to it (megatron's aux-loss autoscaler)."""
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        from mpmoe.megatron.hetero import layer_expert_sizes
+        from mpmoe.routing.unit_gates import size_weighted_balance_loss, unit_gates
+
+        cfg = self.config
+        full = torch.softmax(flat.float(), dim=-1)
+        rmap = routing_map.reshape(full.shape)
+        coeff = getattr(cfg, "moe_size_aux_loss_coeff", 0.0)
+        if coeff and self.training and torch.is_grad_enabled():
+            valid = None if padding_mask is None else ~padding_mask.reshape(-1)
+            loss = size_weighted_balance_loss(full, rmap, cfg.moe_router_topk, coeff,
+                                              layer_expert_sizes(cfg, self.layer_number), valid)
+            if cfg.moe_router_unit_gates:
+                full = MoEAuxLossAutoScaler.apply(full, loss)
+            else:
+                probs = MoEAuxLossAutoScaler.apply(probs, loss)
+        if cfg.moe_router_unit_gates:
+            probs = unit_gates(full, rmap).to(probs.dtype).reshape(probs.shape)
+        return probs
 
     def _select(self, logits: torch.Tensor, padding_mask, counted: bool, replay: Optional[dict]):
         """Megatron's top-k routing (capacity, aux loss, z-loss as configured)."""

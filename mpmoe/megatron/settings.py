@@ -322,10 +322,22 @@ SETTINGS: tuple = (
     Setting("moe_expert_compression", Spec("mpmoe.surgery.compress:parse_compression"), None,
             "compressed experts (written by `mpmoe experts compress`): every expert weight is low rank "
             "RANK + KEEP of its residual rows (docs/experts.md)", group="experts"),
+    Setting("moe_expert_ffn_sizes", Spec("mpmoe.surgery.split:parse_expert_sizes"), None,
+            "experts of different sizes (written by `mpmoe experts split`): per MoE layer, one FFN size "
+            "per expert, 'LAYER:S,S,...;LAYER:...' (1-based layers; docs/experts.md)", group="experts"),
+    Setting("moe_router_unit_gates", Flag(), False,
+            "HEMoE's gates: weight 1 for every routed expert, straight-through gradient of the softmax "
+            "probability (any selection rule but ReMoE's)", routers=_NOT_REMOE, group="experts"),
+    Setting("moe_size_aux_loss_coeff", Range(float, 0), 0.0,
+            "HEMoE's balance loss: megatron's aux loss with each expert's term weighted by its share of "
+            "the layer's FFN neurons (0: off)", routers=_NOT_REMOE, group="experts"),
     # a run option beside the routing (not a config field)
     Setting("last_trainable_layers", Range(int, -1, none=True), None,
             "train only the last N transformer layers (+ final norm and output layer); -1 or unset: "
             "everything (the demo's flag)", config=False, group="training"),
+    Setting("trainable_params", Choice("all", "routers"), "all",
+            "routers: train only the MoE routers (HEMoE trains its gates with the experts frozen, "
+            "e.g. after `mpmoe experts split`)", config=False, group="training"),
 )
 
 _BY_NAME = SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
@@ -380,8 +392,42 @@ def applies(setting: Setting, kind: Optional[str], values: Mapping) -> Optional[
     return None
 
 
+def moe_layer_numbers(num_layers, moe_layer_freq, num_experts) -> Optional[list]:
+    """The 1-based numbers of the expert layers (Megatron's ``moe_layer_freq``: an int N,
+    every N-th layer from the first, or a 0/1 list); ``[]`` for a dense model, None when unknown."""
+    if num_experts is None:
+        return []
+    if num_layers is None:
+        return None
+    freq = 1 if moe_layer_freq is None else moe_layer_freq
+    if isinstance(freq, str):
+        text = freq.strip().strip("[]")
+        try:
+            freq = int(text) if "," not in text else [int(x) for x in text.split(",")]
+        except ValueError:
+            return None
+    if isinstance(freq, int) and not isinstance(freq, bool) and freq >= 1:
+        return [i + 1 for i in range(num_layers) if i % freq == 0]
+    if isinstance(freq, (list, tuple)) and len(freq) == num_layers:
+        return [i + 1 for i, x in enumerate(freq) if int(x) == 1]
+    return None
+
+
+def _check_layers(s: "Setting", spell: Callable, layers, moe_layers: Optional[list]) -> None:
+    """A mask naming a layer that does not exist or has no experts would silently do nothing."""
+    if moe_layers is None:
+        return
+    wrong = sorted(int(layer) for layer in layers if int(layer) not in moe_layers)
+    if wrong:
+        var = s.env if s.env and os.environ.get(s.env, "").strip() else None
+        source = f"{spell(s)} (from {var})" if var else spell(s)
+        raise ConfigError(f"{source}: layer(s) {','.join(map(str, wrong))} have no experts (expert layers: "
+                          f"{','.join(map(str, moe_layers)) or 'none'}; 1-based); the mask would do nothing there")
+
+
 def check(values: Mapping, kind: Optional[str], *, explicit: Optional[Iterable[str]] = None,
-          flags: bool = False, num_experts: Optional[int] = None, topk: Optional[int] = None) -> dict:
+          flags: bool = False, num_experts: Optional[int] = None, topk: Optional[int] = None,
+          moe_layers: Optional[list] = None) -> dict:
     """Validate the routing settings in ``values`` for router ``kind`` (None: dense model).
 
     Returns ``{name: normalised value}`` for the settings present. A setting that does not
@@ -409,13 +455,16 @@ def check(values: Mapping, kind: Optional[str], *, explicit: Optional[Iterable[s
         if explicit is None or s.name in explicit:
             raise ConfigError(f"{spell(s)} does not apply: {why}")
         out[s.name] = s.default
-    _check_across(out, spell, num_experts, topk)
+    _check_across(out, spell, num_experts, topk, moe_layers)
     return out
 
 
-def _check_across(v: Mapping, spell: Callable, num_experts, topk) -> None:
-    """The rules that involve the model's shape."""
+def _check_across(v: Mapping, spell: Callable, num_experts, topk, moe_layers: Optional[list] = None) -> None:
+    """The rules that involve the model's shape (``moe_layers``: its expert layers, 1-based)."""
     mask = v.get("moe_mask_experts") or {}
+    _check_layers(_BY_NAME["moe_mask_experts"], spell, list(mask), moe_layers)
+    _check_layers(_BY_NAME["moe_dynamic_mask_layers"], spell, list(v.get("moe_dynamic_mask_layers") or []),
+                  moe_layers)
     for layer, ids in mask.items():
         bad = [e for e in ids if num_experts is not None and e >= num_experts]
         if bad:
@@ -433,6 +482,21 @@ def _check_across(v: Mapping, spell: Callable, num_experts, topk) -> None:
             if len(labels) < num_experts or max(labels) >= num_experts:
                 raise ConfigError(f"{spell(_BY_NAME['moe_expert_groups'])}: layer {layer} maps {len(labels)} "
                                   f"experts into groups up to {max(labels)}, the model has {num_experts} experts")
+    sizes = v.get("moe_expert_ffn_sizes")
+    if sizes:
+        from mpmoe.surgery.split import parse_expert_sizes
+
+        if num_experts is not None:
+            try:
+                parse_expert_sizes(sizes, num_experts)
+            except ValueError as exc:
+                raise ConfigError(f"{spell(_BY_NAME['moe_expert_ffn_sizes'])}: "
+                                  f"{str(exc).split(': ', 1)[-1]}") from None
+        if groups or v.get("moe_expert_compression"):
+            raise ConfigError(f"{spell(_BY_NAME['moe_expert_ffn_sizes'])} (split experts) cannot be combined "
+                              "with merged or compressed experts")
+    if v.get("trainable_params", "all") == "routers" and num_experts is None:
+        raise ConfigError(f"{spell(_BY_NAME['trainable_params'])} routers needs a model with experts")
     mode = v.get("moe_dynamic_mask_mode")
     if mode is not None:
         if topk is not None and topk < 2:
@@ -517,7 +581,8 @@ def apply_env(values: dict, explicit: Iterable[str], prog: str, environ: Mapping
 
 
 def evaluation_values(given: Optional[Mapping], kind: Optional[str], *, num_experts=None, topk=None,
-                      prog: str = "mpmoe eval", environ: Optional[Mapping] = None) -> dict:
+                      prog: str = "mpmoe eval", environ: Optional[Mapping] = None,
+                      moe_layers: Optional[list] = None) -> dict:
     """The ``eval=True`` settings for evaluating a checkpoint (the training run's own are not
     carried over): ``given`` (dest -> value; defaults for the rest) with the demo's
     environment variables, checked for router ``kind``. Recorded form (JSON-friendly)."""
@@ -526,7 +591,8 @@ def evaluation_values(given: Optional[Mapping], kind: Optional[str], *, num_expe
     values.update({k: v for k, v in given.items() if k in values})
     explicit = {k for k in values if k in given and given[k] != _BY_NAME[k].default}
     apply_env(values, explicit, prog, os.environ if environ is None else environ)
-    checked = check(values, kind, explicit=explicit, flags=True, num_experts=num_experts, topk=topk)
+    checked = check(values, kind, explicit=explicit, flags=True, num_experts=num_experts, topk=topk,
+                    moe_layers=moe_layers)
     check_files(checked)
     return {k: recorded(v) for k, v in checked.items()}
 

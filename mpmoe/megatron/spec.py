@@ -51,7 +51,7 @@ from megatron.core.transformer.transformer_layer import (
 
 from mpmoe.megatron import routers
 from mpmoe.megatron.attention import SDPAttention
-from mpmoe.megatron.compat import mlp_spec_for_backend, moe_submodules
+from mpmoe.megatron.compat import mlp_spec_for_backend, moe_submodules, replace_experts
 
 __all__ = [
     "DENSE",
@@ -192,9 +192,11 @@ def _mlp_spec(
     kind: str,
     moe_router: type,
     mope_router: Optional[type],
+    layer_number: Optional[int] = None,
 ):
     """megatron's MLP / MoELayer spec for ``kind`` (a ``ModuleSpec`` or, from 0.18, a
-    builder; read it with :func:`mpmoe.megatron.compat.moe_submodules`)."""
+    builder; read it with :func:`mpmoe.megatron.compat.moe_submodules`). A layer listed in
+    ``moe_expert_ffn_sizes`` gets experts of those sizes (:mod:`mpmoe.megatron.hetero`)."""
     if kind == DENSE:
         return mlp_spec_for_backend(backend, config, num_experts=None)
     spec = mlp_spec_for_backend(backend, config, num_experts=config.num_moe_experts)
@@ -212,6 +214,14 @@ def _mlp_spec(
         moe.router = routers.router_class(routers.kind_of(config))
     if config.moe_shared_expert_intermediate_size is None:
         moe.shared_experts = None
+    from mpmoe.megatron.hetero import HeteroSequentialMLP, layer_expert_sizes
+
+    sizes = layer_expert_sizes(config, layer_number)
+    if sizes is not None:
+        if config.moe_grouped_gemm:
+            raise ValueError("moe_expert_ffn_sizes (experts of different sizes) cannot run with "
+                             "moe_grouped_gemm (equal sizes only); turn grouped GEMM off")
+        replace_experts(moe, HeteroSequentialMLP, expert_sizes=tuple(sizes), layer_number=layer_number)
     from mpmoe.megatron.surgery import apply_surgery_spec
 
     apply_surgery_spec(moe, config)  # merged / compressed experts (mpmoe experts)
@@ -224,6 +234,7 @@ def _layer_spec(
     kind: str,
     moe_router: type,
     mope_router: Optional[type],
+    layer_number: Optional[int] = None,
 ) -> ModuleSpec:
     rms = config.normalization == "RMSNorm"
     fused = backend.fuse_layernorm_and_linear()
@@ -236,7 +247,7 @@ def _layer_spec(
         self_attention=_attention_spec(backend, config),
         self_attn_bda=get_bias_dropout_add,
         pre_mlp_layernorm=norm if needs_pre_mlp_norm else IdentityOp,
-        mlp=_mlp_spec(backend, config, kind, moe_router, mope_router),
+        mlp=_mlp_spec(backend, config, kind, moe_router, mope_router, layer_number),
         mlp_bda=get_bias_dropout_add,
     )
     if not fused:
@@ -272,7 +283,14 @@ def get_gpt_layer_specs(
         mope_router = mope_router or default_mope
     if config.num_moe_experts:
         check_expert_parallel(config)
-    return [_layer_spec(backend, config, k, moe_router, mope_router) for k in layer_kinds(config)]
+    kinds = layer_kinds(config)
+    from mpmoe.surgery.split import parse_expert_sizes
+
+    sizes = parse_expert_sizes(getattr(config, "moe_expert_ffn_sizes", None)) or {}
+    bad = sorted(layer for layer in sizes if layer > len(kinds) or kinds[layer - 1] == DENSE)
+    if bad:
+        raise ValueError(f"moe_expert_ffn_sizes names layers {bad} that have no experts")
+    return [_layer_spec(backend, config, k, moe_router, mope_router, i + 1) for i, k in enumerate(kinds)]
 
 
 def check_expert_parallel(config: TransformerConfig) -> None:

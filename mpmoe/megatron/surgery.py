@@ -145,6 +145,12 @@ class FactorisedExpertLinear(MegatronModule):
     def dense_weight(self) -> torch.Tensor:
         return (self.left @ self.right).index_add(0, self.rows, self.sparse)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The ``[out, in]`` weight the factors represent (computed, not stored): readers that
+        inspect expert weights (analysis, sizes) see compressed experts like dense ones."""
+        return self.dense_weight()
+
     def forward(self, x: torch.Tensor, *args, **kwargs):
         y = torch.matmul(torch.matmul(x, self.right.t()), self.left.t())
         if self.sparse.shape[0]:

@@ -7,13 +7,14 @@ Flags are MoPEConfig's field names with dashes (Megatron-LM's convention), so th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Optional
 
 from mpmoe.errors import UserError, run_verb
 from mpmoe.megatron import routers, settings
 
-__all__ = ["SPEC", "add_mpmoe_args", "args_provider", "check_args", "uses_mpmoe"]
+__all__ = ["SPEC", "add_mpmoe_args", "args_provider", "check_args", "fail", "run_checks", "uses_mpmoe"]
 
 #: ``--spec`` value of mpmoe's layer spec (module, function).
 SPEC = ["mpmoe.megatron_lm.spec", "gpt_block_spec"]
@@ -61,6 +62,50 @@ def uses_mpmoe(args) -> bool:
     )
 
 
+def fail(message: str, prog: Optional[str] = None) -> None:
+    """One line ``<script>: error: ...`` on stderr, exit 2 (no traceback)."""
+    if prog is None:
+        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "megatron-lm"
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+#: ``--cuda-graph-modules`` values whose capture contains the router's forward.
+_ROUTER_GRAPH_MODULES = {"moe", "moe_router", "moe_preprocess"}
+
+
+def run_checks(args) -> list[str]:
+    """What mpmoe's routers need from Megatron-LM's other settings, for a run that uses them.
+
+    Returns the log lines of the settings it changed; raises ``ValueError`` (one line) for
+    a setting that cannot work:
+
+    * CUDA graphs that capture the router (``--cuda-graph-impl`` other than ``none`` with no
+      ``--cuda-graph-modules`` (whole layers), a router/MoE module, or ``full_iteration``):
+      MoPE's routing branches on Python state (warm-up, Sigma refresh) and all-reduces its
+      counts inside the forward, which a replayed graph would skip;
+    * megatron's rerun state machine (``--rerun-mode validate_results``, the default) re-runs
+      an iteration whose loss looks wrong, and every counted forward would count the
+      routing statistics (Sigma, ReMoE's sparsity, the statistics windows) twice: it is
+      turned off (``disabled`` still stops on NaN/inf losses), with a log line.
+    """
+    notes = []
+    impl = getattr(args, "cuda_graph_impl", "none") or "none"
+    if impl != "none":
+        modules = {getattr(m, "name", str(m)) for m in (getattr(args, "cuda_graph_modules", None) or [])}
+        if impl == "full_iteration" or not modules or modules & _ROUTER_GRAPH_MODULES:
+            what = "whole layers" if not modules else " ".join(sorted(modules))
+            raise ValueError(
+                f"--cuda-graph-impl {impl} ({what if impl != 'full_iteration' else 'the whole iteration'}) "
+                "captures the router, but mpmoe's routers branch on Python state and all-reduce "
+                "inside the forward: use --cuda-graph-modules attn (or mlp), or --cuda-graph-impl none")
+    if getattr(args, "rerun_mode", "disabled") not in (None, "disabled"):
+        notes.append(f"mpmoe: --rerun-mode {args.rerun_mode} -> disabled (a re-run iteration would count "
+                     "the routing statistics twice; NaN/inf losses still stop the run)")
+        args.rerun_mode = "disabled"
+    return notes
+
+
 def check_args(args) -> None:
     """After Megatron-LM's own validation: mpmoe's spec and a config check (one line, exit 2).
 
@@ -80,6 +125,13 @@ def _check_args(args) -> None:
         raise UserError(f"--moe-router-load-balancing-type {mope} (MoPE) needs --num-experts")
     if not uses_mpmoe(args):
         return
+    try:
+        notes = run_checks(args)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if getattr(args, "rank", 0) == 0:
+        for note in notes:
+            print(note, flush=True)
     if lbt == mope and args.moe_otep_warmup_fraction > 0 and args.train_iters is None:
         raise UserError("--moe-otep-warmup-fraction is a fraction of --train-iters: give --train-iters, "
                         "or --moe-otep-warmup-fraction 0 with --train-samples")
@@ -88,14 +140,13 @@ def _check_args(args) -> None:
                      ("--yaml-cfg", args.yaml_cfg)):
         if on:
             raise UserError(f"{flag} is not supported with mpmoe's routers (MoPE, ReMoE, --moe-stats-dir, masks)")
-    if args.spec is None:
-        args.spec = list(SPEC)
     from megatron.training.argument_utils import core_transformer_config_from_args
 
-    from mpmoe.megatron.config import MoPEConfig
+    from mpmoe.megatron_lm.hooks import transformer_config_class
 
+    config_class = transformer_config_class(args)  # MoPEConfig; mpmoe's --spec when none is given
     try:  # MoPEConfig validates the routing settings (mpmoe.megatron.settings.check)
         settings.check_files(vars(args))
-        core_transformer_config_from_args(args, MoPEConfig)
+        core_transformer_config_from_args(args, config_class)
     except ValueError as exc:
         raise UserError(str(exc)) from None

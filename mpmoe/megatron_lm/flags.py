@@ -124,13 +124,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: list) -> int:
+    from mpmoe.train.args import POSITIVE
+
     p = ArgumentParser(prog=PROG,
                                 description="Print a preset's Megatron-LM flags, one per line.")
     p.add_argument("preset", help="configs/*.toml name (tiny-cpu, flame-moe-38m, ...) or a .toml path")
     p.add_argument("--router", choices=[*routers.KINDS, *ROUTER_ALIASES], default=None,
                    help="router kind (moe = topk); default: the preset's")
-    p.add_argument("--train-iters", type=int, default=None)
-    p.add_argument("--world-size", type=int, default=None,
+    p.add_argument("--train-iters", type=POSITIVE, default=None)
+    p.add_argument("--world-size", type=POSITIVE, default=None,
                    help="number of processes: adds --expert-model-parallel-size")
     p.add_argument("--mock-data", action="store_true",
                    help="add --mock-data with a NullTokenizer of the preset's vocabulary")

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 import os
 import sys
 from typing import Optional, Sequence
 
+from mpmoe.layout import fit_micro_batch
 from mpmoe.megatron import routers, settings
 from mpmoe.megatron.routers import ConfigError
 from mpmoe.megatron.settings import Range
@@ -38,6 +40,22 @@ NON_NEGATIVE_FLOAT = Range(float, 0)
 POSITIVE_FLOAT = Range(float, 0, lo_open=True)
 FRACTION = Range(float, 0, 1)                 # [0, 1]
 PROBABILITY = Range(float, 0, 1, hi_open=True)  # [0, 1)
+
+
+def _split(text):
+    """``--split``: 1 to 3 comma-separated non-negative weights, not all zero (Megatron's)."""
+    if not isinstance(text, str):  # a preset's split = 969 (TOML int)
+        raise argparse.ArgumentTypeError(f"must be a string like \"969,30,1\", got {type(text).__name__} {text!r}")
+    text = text.strip()
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or any(not math.isfinite(w) or w < 0 for w in weights):
+        raise argparse.ArgumentTypeError(f"expected up to 3 comma-separated weights like 969,30,1, got {text!r}")
+    if sum(weights) <= 0:
+        raise argparse.ArgumentTypeError(f"the weights {text!r} are all zero: no split would get data")
+    return text
 
 
 def _layer_freq(text):
@@ -158,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-path", nargs="*", default=None,
                    help="Megatron data prefixes, optionally weighted: [W1] PREFIX1 [W2] PREFIX2 ... "
                    "(default: the embedded corpus)")
-    g.add_argument("--split", default="969,30,1", help="train,valid,test split of --data-path")
+    g.add_argument("--split", type=_split, default="969,30,1",
+                   help="train,valid,test split of --data-path (the embedded corpus has its own files)")
     g.add_argument("--tokenizer-model", default=None,
                    help="HF tokenizer directory (vocab size and EOD id) for --data-path")
     g.add_argument("--data-cache-path", default=None, help="GPTDataset index cache")
@@ -175,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder; with --load equal to --save a folder without a checkpoint "
                         "starts from scratch (auto-resume)")
     g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--allow-model-change", action="store_true",
+                   help="load a checkpoint whose model differs from this run's (another router, "
+                        "more or fewer layers): tensors both have are loaded, state only the "
+                        "checkpoint has is dropped, state only this model has keeps its "
+                        "initialisation (both named on stderr); needs --no-load-optim. Without "
+                        "it such a checkpoint is refused")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--no-save-on-signal", action="store_true",
                    help="on SIGTERM/SIGINT stop at the next step without writing a checkpoint")
@@ -216,6 +241,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, check: bool = True) -> a
     args = parser.parse_args(argv)
     if isinstance(args.moe_layer_freq, str):
         args.moe_layer_freq = _layer_freq(args.moe_layer_freq)
+    if check and not args.data_path and any(a == "--split" or a.startswith("--split=") for a in argv):
+        raise ConfigError("--split applies to --data-path; the embedded corpus comes as fixed "
+                          "train/valid/test files (leave --split out, or pass --data-path)")
     resolve_routing(args, explicit, preset)
     if check:
         validate(args)
@@ -229,10 +257,13 @@ def resolve_routing(args: argparse.Namespace, explicit: dict, preset: dict, *, p
     given on the command line that cannot apply is an error, one from the preset is dropped."""
     values = vars(args)
     kind = routers.resolve(values, explicit, preset)
-    for note in settings.apply_env(values, explicit, prog, os.environ if environ is None else environ):
-        print(note, file=sys.stderr)
+    notes = settings.apply_env(values, explicit, prog, os.environ if environ is None else environ)
     checked = settings.check(values, kind if args.num_experts is not None else None, explicit=set(explicit),
-                             flags=True, num_experts=args.num_experts, topk=args.moe_router_topk)
+                             flags=True, num_experts=args.num_experts, topk=args.moe_router_topk,
+                             moe_layers=settings.moe_layer_numbers(args.num_layers, args.moe_layer_freq,
+                                                                   args.num_experts))
+    for note in notes:  # only for values that hold (an error is then the one line)
+        print(note, file=sys.stderr)
     for name, value in checked.items():
         setattr(args, name, settings.recorded(value))
 
@@ -320,6 +351,18 @@ def _data_prefixes(data_path: list[str]) -> list[str]:
     return list(data_path)
 
 
+def check_otep_backend(args: argparse.Namespace) -> None:
+    """A MoPE model with a bad ``MPMOE_OTEP_BACKEND`` fails at start, not at its first routing."""
+    if args.num_experts is None or getattr(args, "moe_router_load_balancing_type", None) != "otep":
+        return
+    from mpmoe.routing.otep import default_backend
+
+    try:
+        default_backend()
+    except ValueError as exc:
+        raise ConfigError(f"environment variable {str(exc).split(': ', 1)[-1]}") from None
+
+
 def validate(args: argparse.Namespace, world_size: Optional[int] = None) -> None:
     """One-line :class:`ConfigError` for configurations that cannot run."""
     if world_size is None:
@@ -330,6 +373,12 @@ def validate(args: argparse.Namespace, world_size: Optional[int] = None) -> None
         if getattr(args, name) is None:
             raise ConfigError(f"--{name.replace('_', '-')} is required (not set by preset {args.preset!r})")
     check_ranges(args)
+    check_otep_backend(args)
+    if getattr(args, "allow_model_change", False) and not args.no_load_optim:
+        raise ConfigError("--allow-model-change needs --no-load-optim (the optimizer state of "
+                          "another model does not apply)")
+    if getattr(args, "allow_model_change", False) and args.load is None:
+        raise ConfigError("--allow-model-change without --load has nothing to apply to")
     fill_defaults(args)
     if args.seq_length > args.max_position_embeddings and args.position_embedding_type != "rope":
         raise ConfigError("--seq-length exceeds --max-position-embeddings")
@@ -356,10 +405,12 @@ def validate(args: argparse.Namespace, world_size: Optional[int] = None) -> None
             raise ConfigError(f"--moe-layer-freq has {len(freq)} entries for --num-layers {args.num_layers}")
     elif ep > 1:
         raise ConfigError("--expert-model-parallel-size > 1 needs --num-experts")
-    per_step = args.micro_batch_size * dp
-    if args.global_batch_size % per_step:
-        raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by "
-                          f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
+    try:  # a micro-batch that does not fit this data-parallel size is lowered (log line)
+        args.micro_batch_size, note = fit_micro_batch(args.global_batch_size, args.micro_batch_size, dp)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if note is not None and os.environ.get("RANK", "0") == "0":
+        print(f"mpmoe train: {note}", file=sys.stderr, flush=True)
     if args.data_path is not None:
         if not args.data_path:
             raise ConfigError("--data-path needs at least one prefix")

@@ -241,10 +241,121 @@ def _layout(saved_args: Optional[dict]) -> dict:
             "EP": ps.get_expert_model_parallel_world_size()}
 
 
+# Flags whose value decides which tensors the model has (named when a checkpoint and a
+# model differ in their tensors); everything else only changes how a run trains.
+MODEL_STATE_FLAGS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "group_query_attention", "kv_channels", "swiglu", "normalization", "position_embedding_type",
+    "max_position_embeddings", "untie_embeddings_and_output_weights", "add_bias_linear", "qk_layernorm",
+    "num_experts", "moe_layer_freq", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+    "moe_router_load_balancing_type", "moe_relu_routing", "moe_router_enable_expert_bias",
+    "moe_router_score_function", "moe_grouped_gemm", "vocab_size", "make_vocab_size_divisible_by",
+)
+
+
+TRAIN_OPT_IN = "--allow-model-change --no-load-optim loads it anyway"
+
+
+class ModelMismatch(CheckpointingException):
+    """A checkpoint whose tensors are not the model's (its message names the changed flags)."""
+
+
+def _base_key(key: str) -> str:
+    return key.split("/shard_")[0]
+
+
+def _shape(obj):
+    shape = getattr(obj, "global_shape", None)
+    return tuple(int(x) for x in shape) if shape is not None else None
+
+
+def _model_keys_of_checkpoint(path) -> dict:
+    """``{tensor name: global shape (None for objects)}`` of a checkpoint's model state."""
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    return {_base_key(k): _shape(v) for k, v in load_sharded_metadata(str(path)).items()
+            if not k.startswith(("optimizer.", "rng_state"))}
+
+
+def _model_keys_of(model) -> dict:
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    sd = model.sharded_state_dict()
+    apply_factories(sd)
+    return {_base_key(v.key): _shape(v) for v in nested_values(sd) if hasattr(v, "key")}
+
+
+def _layers_of(keys: set) -> str:
+    """A short description of tensor names: the layers they belong to, else the first name."""
+    import re
+
+    names = sorted(keys)
+    layers = sorted({int(m.group(1)) for k in names for m in [re.match(r"decoder\.layers\.(\d+)\.", k)] if m})
+    leaves = sorted({k.rsplit(".", 1)[-1] for k in names})
+    if layers and all(re.match(r"decoder\.layers\.\d+\.", k) for k in names):
+        what = f" ({', '.join(leaves)})" if len(leaves) <= 2 else ""
+        return f"{len(names)} tensor(s){what} of layer(s) {','.join(map(str, layers))}"
+    return f"{len(names)} tensor(s) ({', '.join(leaves[:3])}{', ...' if len(leaves) > 3 else ''})"
+
+
+def changed_model_settings(saved_args: Optional[dict], run_args: Optional[dict]) -> list:
+    """``--flag saved -> now`` for the flags in :data:`MODEL_STATE_FLAGS` that differ."""
+    if not saved_args or not run_args:
+        return []
+    out = []
+    for name in MODEL_STATE_FLAGS:
+        if name in saved_args and name in run_args and saved_args[name] != run_args[name]:
+            old, new = (str(v).replace(" ", "") for v in (saved_args[name], run_args[name]))
+            out.append(f"--{name.replace('_', '-')} {old[:40]} -> {new[:40]}")
+    return out
+
+
+def check_model_matches(path, model, saved_args: Optional[dict] = None, run_args: Optional[dict] = None,
+                        *, allow_change: bool = False, opt_in: str = TRAIN_OPT_IN) -> tuple[set, set]:
+    """Refuse (:class:`CheckpointingException`, one line naming the differing flags) a
+    checkpoint whose tensors differ from the model's: state the model would drop (more
+    layers, MoPE's Sigma, ReMoE's coefficient, expert biases...) or lack. Returns
+    ``(dropped, missing)`` tensor names (empty unless ``allow_change``)."""
+    try:
+        saved = _model_keys_of_checkpoint(path)
+    except Exception:  # noqa: BLE001 - unreadable metadata: the load itself reports it
+        return set(), set()
+    wanted = _model_keys_of(model)
+    # routing statistics (MoPE's Sigma counts) a checkpoint lacks start fresh (top-k or imported
+    # checkpoints trained on as MoPE; load_checkpoint names it): not a refusal
+    dropped = set(saved) - set(wanted)
+    missing = {k for k in set(wanted) - set(saved) if ".cooccurrence_stats." not in k}
+    reshaped = sorted(k for k in set(saved) & set(wanted)
+                      if saved[k] is not None and wanted[k] is not None and saved[k] != wanted[k])
+    if reshaped or ((dropped or missing) and not allow_change):
+        parts = []
+        if reshaped:
+            k = reshaped[0]
+            parts.append(f"{len(reshaped)} tensor(s) have other shapes ({k}: {list(saved[k])} in the "
+                         f"checkpoint, {list(wanted[k])} here)")
+        if dropped:
+            parts.append(f"this model would drop {_layers_of(dropped)}")
+        if missing:
+            parts.append(f"it lacks {_layers_of(missing)}")
+        changed = changed_model_settings(saved_args, run_args)
+        why = f" ({', '.join(changed[:3])})" if changed else ""
+        hint = f" ({opt_in})" if not reshaped else ""
+        raise ModelMismatch(f"{path} holds another model{why}{hint}: {'; '.join(parts)}")
+    return dropped, missing
+
+
 def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = True,
-                    load_rng: bool = True, iteration: Optional[int] = None) -> Optional[dict]:
+                    load_rng: bool = True, iteration: Optional[int] = None,
+                    run_args: Optional[dict] = None, allow_model_change: bool = False,
+                    opt_in: str = TRAIN_OPT_IN) -> Optional[dict]:
     """Restore the latest checkpoint under ``root`` (or its ``iteration``); returns its
-    ``train_state`` (None: no checkpoint)."""
+    ``train_state`` (None: no checkpoint).
+
+    A checkpoint whose tensors are not exactly the model's is refused (see
+    :func:`check_model_matches`; ``run_args``, this run's flags, let the error name what
+    changed) unless ``allow_model_change``: then the tensors both have are loaded and the
+    others are named on stderr."""
     if iteration is None:
         iteration = latest_iteration(root)
         if iteration is None:
@@ -268,10 +379,20 @@ def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = Tru
             f"{path}: its optimizer state (expert-model-parallel-size {saved_layout['EP']}) does "
             f"not load with expert-model-parallel-size {layout['EP']}; pass --no-load-optim to "
             f"load the model alone (it reshards)")
+    dropped, missing = check_model_matches(path, model, common["train_state"].get("args"), run_args,
+                                           allow_change=allow_model_change, opt_in=opt_in)
+    if (dropped or missing) and _is_rank0():
+        print(f"mpmoe: loading {path} into a different model (--allow-model-change): "
+              f"{'dropped ' + _layers_of(dropped) if dropped else 'nothing dropped'}; "
+              f"{'left at initialisation ' + _layers_of(missing) if missing else 'nothing missing'}",
+              file=sys.stderr, flush=True)
     model_sd = model.sharded_state_dict()
     fresh = _fresh_sigma_keys(path, model_sd)
     for key in fresh:  # a top-k checkpoint loaded into a MoPE model: Sigma starts from the identity
         del model_sd[key]
+    if fresh and _is_rank0():
+        print(f"mpmoe: {path} holds no routing statistics (a top-k or imported checkpoint): "
+              "they start fresh (MoPE's Sigma from the identity)", file=sys.stderr, flush=True)
     request = {"model": model_sd}
     if load_optim:
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
@@ -279,7 +400,12 @@ def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = Tru
     if restore_rng:
         request["rng"] = _rng_sharded(None)
     try:
-        state = dist_checkpointing.load(request, str(path))
+        if missing:  # state the checkpoint lacks keeps its initialisation (--allow-model-change)
+            from megatron.core.dist_checkpointing.validation import StrictHandling
+
+            state, _, _ = dist_checkpointing.load(request, str(path), strict=StrictHandling.RETURN_ALL)
+        else:
+            state = dist_checkpointing.load(request, str(path))
     except CheckpointException as exc:
         # torch's CheckpointException derives from BaseException (so `except Exception`
         # misses it) and carries every rank's traceback; keep the first failure's last line.
@@ -291,7 +417,7 @@ def load_checkpoint(root, model, optimizer, scheduler, *, load_optim: bool = Tru
     if fresh:
         own = model.state_dict()
         state["model"].update({k: own[k] for k in fresh})
-    model.load_state_dict(state["model"], strict=True)
+    model.load_state_dict(state["model"], strict=not missing)
     if load_optim:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["train_state"]["scheduler"])
@@ -326,6 +452,40 @@ def save_tokenizer(root, tokenizer_dir) -> Optional[Path]:
             shutil.copyfile(src / name, tmp)
             os.replace(tmp, dst / name)
     return dst
+
+
+def checkpoint_tokenizer_sha256(iteration_path) -> Optional[tuple[str, str]]:
+    """``(sha256, where)`` of the tokenizer a checkpoint was trained with: recorded in the
+    checkpoint itself (``train_state.data.tokenizer_sha256``), else the copy in its save
+    folder's ``tokenizer/``; None when neither says."""
+    it_dir = Path(iteration_path)
+    try:
+        recorded = (saved_run_info(it_dir).get("data") or {}).get("tokenizer_sha256")
+    except CheckpointingException:
+        recorded = None
+    if recorded:
+        return str(recorded), f"recorded in {it_dir}"
+    own = it_dir.parent / TOKENIZER_DIR
+    if (own / "tokenizer.json").is_file():
+        from mpmoe.data import load_tokenizer
+
+        try:
+            return load_tokenizer(own).sha256, str(own)
+        except Exception:  # noqa: BLE001 - an unreadable copy says nothing
+            return None
+    return None
+
+
+def check_tokenizer(iteration_path, sha256: Optional[str], what: str) -> None:
+    """Refuse to resume a checkpoint with another tokenizer (even of the same size: the
+    embeddings would be read with the wrong ids, and a new --save would get the wrong copy)."""
+    if not sha256:
+        return
+    known = checkpoint_tokenizer_sha256(iteration_path)
+    if known is not None and known[0] != sha256:
+        raise CheckpointingException(
+            f"{iteration_path} was trained with another tokenizer (sha256 {known[0][:12]}, {known[1]}) "
+            f"than {what} (sha256 {sha256[:12]})")
 
 
 def resolve_checkpoint(path, step: Optional[int] = None) -> tuple[Path, Path, int]:

@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 configuration error or NaN/inf under ``--on-nan stop`` 
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -26,7 +27,9 @@ def _raise_terminated(signum, frame):
 
 def main(argv: Optional[list[str]] = None) -> int:
     from mpmoe.errors import run_verb
+    from mpmoe.supervise import die_with_launcher
 
+    die_with_launcher()  # under torchrun (scripts/train.sh runs this module): end with the agent
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return run_verb("mpmoe train", _main, list(sys.argv[1:] if argv is None else argv))
@@ -59,6 +62,7 @@ def _main(argv: list) -> int:
             raise UserError(problem)
     warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
     warnings.filterwarnings("ignore", message=".*Apex.*")
+    warnings.filterwarnings("ignore", message=r".*full scope is deprecated")  # megatron's CUDA-graph default
     from mpmoe.train.faults import NonFiniteLoss, TrainingStopped
     from mpmoe.train.loop import train
 
@@ -76,10 +80,15 @@ def _main(argv: list) -> int:
         raise ConfigError(str(exc)) from None
     if os.environ.get("RANK", "0") != "0":
         return 0
-    if result["train_loss"] != result["train_loss"]:  # NaN: no iteration ran
+    if not result.get("steps", 1):
         print(f"mpmoe train: nothing to do: at iteration {result['iteration']} (--train-iters "
               f"{args.train_iters})", file=sys.stderr)
         return 0
+    losses = (result["train_loss"], result["val_loss"])
+    if not all(math.isfinite(x) for x in losses if x == x) or result["train_loss"] != result["train_loss"]:
+        raise UserError(f"iteration {result['iteration']}: the run ended with train loss {losses[0]}, "
+                      f"validation loss {losses[1]} ({result.get('nan_skipped', 0)} of {result['steps']} "
+                      f"updates skipped under --on-nan skip); run dir {result['run_dir']}")
     print(f"mpmoe train: done at iteration {result['iteration']}: train loss "
           f"{result['train_loss']:.4f}, validation loss {result['val_loss']:.4f}; run dir "
           f"{result['run_dir']}", file=sys.stderr)

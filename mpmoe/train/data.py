@@ -33,6 +33,7 @@ class DataSpec:
     eod_id: int
     tokenizer_dir: Optional[str]
     source: str                      # "embedded" or "data-path"
+    tokenizer_sha256: Optional[str] = None  # identity of the tokenizer (recorded in checkpoints)
 
 
 #: ``--data-path`` files without a manifest are scanned for their largest token id up to this
@@ -46,14 +47,14 @@ def check_data_path(prefixes: list[str], vocab_size: int, tokenizer=None) -> Non
     its manifest records one; else a one-line :class:`~mpmoe.data.errors.DataError`."""
     from mpmoe.data.errors import DataError
     from mpmoe.data.indexed import IndexedReader
-    from mpmoe.data.validate import find_manifest
+    from mpmoe.data.validate import find_manifest, read_manifest
 
     for prefix in prefixes:
         reader = IndexedReader(prefix)  # truncated / garbage files: DataError naming the file
         manifest_path = find_manifest(prefix)
         recorded = {}
         if manifest_path is not None:
-            recorded = json.loads(manifest_path.read_text(encoding="utf-8")).get("tokenizer") or {}
+            recorded = read_manifest(manifest_path).get("tokenizer") or {}
         if tokenizer is not None and recorded.get("sha256") not in (None, tokenizer.sha256):
             raise DataError(f"--data-path {prefix} was tokenized with {recorded.get('name')} (sha256 "
                             f"{recorded['sha256'][:12]}, per {manifest_path.name}), not --tokenizer-model "
@@ -93,8 +94,11 @@ def resolve_data(args) -> DataSpec:
             vocab, eod = args.vocab_size, 0
         check_data_path(blend[0], vocab, info)
         return DataSpec(blend=blend, blend_per_split=None, split=args.split, vocab_size=vocab,
-                        eod_id=eod, tokenizer_dir=args.tokenizer_model, source="data-path")
+                        eod_id=eod, tokenizer_dir=args.tokenizer_model, source="data-path",
+                        tokenizer_sha256=info.sha256 if info is not None else None)
     from mpmoe.data import prepare_embedded
+
+    from mpmoe.data import load_tokenizer
 
     prepared = prepare_embedded(args.embedded_cache_dir, progress=False)
     splits = [([prepared.train], None)]
@@ -102,7 +106,8 @@ def resolve_data(args) -> DataSpec:
     splits.append(([prepared.test], None) if prepared.test else None)
     return DataSpec(blend=None, blend_per_split=splits, split=None,
                     vocab_size=prepared.vocab_size, eod_id=prepared.eod_id,
-                    tokenizer_dir=prepared.tokenizer_dir, source="embedded")
+                    tokenizer_dir=prepared.tokenizer_dir, source="embedded",
+                    tokenizer_sha256=load_tokenizer(prepared.tokenizer_dir).sha256)
 
 
 @dataclasses.dataclass

@@ -142,8 +142,23 @@ def padded_vocab_size(vocab: int, divisible_by: int, tp: int = 1) -> int:
     return int(math.ceil(vocab / multiple) * multiple)
 
 
-def _default_run_dir(args) -> Path:
-    return Path("runs") / f"{Path(args.preset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+def _default_run_dir(args, rank: int = 0) -> str:
+    """``runs/<preset>-<date>-<time>``, claimed by rank 0 with one ``mkdir`` (atomic): a second
+    run started in the same second gets ``...-2`` (then ``-3``, ...) instead of sharing the
+    folder (interleaved metrics, one ``config.json`` overwritten). Other ranks get ""
+    and take rank 0's answer."""
+    if rank != 0:
+        return ""
+    base = Path("runs") / f"{Path(args.preset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10000):
+        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            candidate.mkdir()
+            return str(candidate)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{base}: no free run directory name")
 
 
 def _broadcast_str(text: str) -> str:
@@ -158,7 +173,8 @@ def _broadcast_str(text: str) -> str:
 def train(args) -> dict:
     """Run training as configured by ``args`` (see :mod:`mpmoe.train.args`); returns a summary."""
     from mpmoe.megatron import destroy_distributed, init_distributed
-    from mpmoe.megatron.remoe import balancing_scalars, discard_balancing_state, update_balancing_state
+    from mpmoe.megatron.remoe import (balancing_flags, balancing_scalars, discard_balancing_state,
+                                      nonfinite_balancing_state, update_balancing_state)
     from mpmoe.megatron.router import set_training_progress
     from mpmoe.train import checkpoint as ckpt
     from mpmoe.train.args import validate
@@ -166,7 +182,7 @@ def train(args) -> dict:
     from mpmoe.train.faults import NonFiniteLoss, StopSignals, TrainingStopped, agree, local_nonfinite
     from mpmoe.train.metrics import ExpertLoadMonitor, RunLogger, Throughput, environment_summary
     from mpmoe.train.optim import (build_optimizer, build_scheduler, freeze_all_but_last_layers,
-                                   schedule_lengths, wrap_model)
+                                   freeze_all_but_routers, schedule_lengths, wrap_model)
 
     # 1. processes and parallel groups ------------------------------------------------
     info = init_distributed(
@@ -179,7 +195,7 @@ def train(args) -> dict:
         validate(args, world_size=info.world_size)
         dp_rank, dp_size = info.data_parallel_rank, info.data_parallel_size
         num_microbatches = args.global_batch_size // (args.micro_batch_size * dp_size)
-        run_dir = Path(_broadcast_str(str(args.run_dir or _default_run_dir(args))))
+        run_dir = Path(_broadcast_str(str(args.run_dir) if args.run_dir else _default_run_dir(args, info.rank)))
 
         # 2. data -----------------------------------------------------------------------
         spec = resolve_data(args)
@@ -189,6 +205,7 @@ def train(args) -> dict:
         # 3. model ----------------------------------------------------------------------
         config, model, module = build_model(args, vocab)
         freeze_all_but_last_layers(model, getattr(args, "last_trainable_layers", None))
+        freeze_all_but_routers(model, getattr(args, "trainable_params", "all"))
 
         # 4. data parallelism, optimizer, LR schedule ------------------------------------
         wrapped, finalize_grads = wrap_model(module, config, args)
@@ -201,9 +218,12 @@ def train(args) -> dict:
         iteration, consumed = 0, 0
         resume = ckpt.resolve_load(args.load, args.save) if args.load is not None else None
         if resume is not None:
+            ckpt.check_tokenizer(resume[0], spec.tokenizer_sha256, "--tokenizer-model" if args.data_path
+                                 else "the embedded corpus's tokenizer")
             state = ckpt.load_checkpoint(resume[0].parent, model, optimizer, scheduler,
                                          load_optim=not args.no_load_optim,
-                                         load_rng=not args.no_load_rng, iteration=resume[1])
+                                         load_rng=not args.no_load_rng, iteration=resume[1],
+                                         run_args=vars(args), allow_model_change=args.allow_model_change)
             iteration, consumed = state["iteration"], state["consumed_samples"]
         if info.rank == 0 and args.load is not None:
             print(f"mpmoe train: resuming from {resume[0]} (iteration {iteration}"
@@ -230,7 +250,8 @@ def train(args) -> dict:
         # alone: the run's flags (in every checkpoint) and its tokenizer (next to them).
         run_info = {"args": {k: v for k, v in vars(args).items() if _jsonable(v)},
                     "data": {"source": spec.source, "vocab_size": spec.vocab_size,
-                             "padded_vocab": vocab, "eod_id": spec.eod_id}}
+                             "padded_vocab": vocab, "eod_id": spec.eod_id,
+                             "tokenizer_sha256": spec.tokenizer_sha256}}
         if args.save and logger.rank0 and spec.tokenizer_dir:
             ckpt.save_tokenizer(args.save, spec.tokenizer_dir)
         load_monitor = ExpertLoadMonitor(model)
@@ -239,6 +260,7 @@ def train(args) -> dict:
         last_saved = iteration if args.load is not None and iteration > 0 else None
         train_loss = val_loss = float("nan")
         stop_signal, nan_skipped = 0, 0
+        first_iteration = iteration
         wrapped.train()
 
         # 6. iterations -----------------------------------------------------------------
@@ -255,8 +277,10 @@ def train(args) -> dict:
             if nonfinite:
                 what = (f"iteration {iteration + 1}: {bad or 'a loss or gradient on another rank is not finite'}")
                 if args.on_nan == "stop":
+                    others = balancing_flags(model)
                     raise NonFiniteLoss(f"{what}; stopped before the optimizer step (checkpoints "
-                                        "are unchanged); lower --lr, or pass --on-nan skip")
+                                        f"are unchanged); lower --lr{' or ' + others if others else ''}, "
+                                        "or pass --on-nan skip")
                 nan_skipped += 1
                 if info.rank == 0:
                     print(f"mpmoe train: {what}: update skipped (--on-nan skip)", file=sys.stderr, flush=True)
@@ -265,6 +289,10 @@ def train(args) -> dict:
             else:
                 ok, grad_norm, _ = optimizer.step()
                 update_balancing_state(model)  # ReMoE's L1 coefficient (the expert bias: in the step)
+                broken = nonfinite_balancing_state(model)  # the same on every rank (replicated)
+                if broken:  # a skipped step cannot undo it: stop whatever --on-nan says
+                    raise NonFiniteLoss(f"iteration {iteration + 1}: {broken}; stopped before saving "
+                                        "(checkpoints are unchanged); lower that setting")
                 scheduler.step(increment=1)
             iteration += 1
             consumed += args.global_batch_size
@@ -307,7 +335,8 @@ def train(args) -> dict:
             raise TrainingStopped(stop_signal, iteration, ckpt.iteration_dir(args.save, iteration)
                                   if args.save and last_saved == iteration else None)
         return {"iteration": iteration, "train_loss": train_loss, "val_loss": val_loss,
-                "run_dir": str(run_dir), "consumed_samples": consumed}
+                "run_dir": str(run_dir), "consumed_samples": consumed, "steps": iteration - first_iteration,
+                "nan_skipped": nan_skipped}
     finally:
         signals.__exit__()
         destroy_distributed()

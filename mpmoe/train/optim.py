@@ -124,3 +124,17 @@ def freeze_all_but_last_layers(model: torch.nn.Module, n) -> int:
             p.requires_grad_(False)
             frozen += p.numel()
     return frozen
+
+
+def freeze_all_but_routers(model: torch.nn.Module, trainable: str = "all") -> int:
+    """``--trainable-params routers``: only the MoE routers' weights keep ``requires_grad``
+    (HEMoE trains the gates of a split model with the experts frozen). Returns the number of
+    frozen parameters (elements); ``"all"`` freezes nothing."""
+    if trainable != "routers":
+        return 0
+    frozen = 0
+    for name, p in model.named_parameters():
+        if ".mlp.router." not in name:
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen

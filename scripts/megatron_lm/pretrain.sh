@@ -9,14 +9,17 @@
 #   MEGATRON_LM_DIR  the patched Megatron-LM checkout (holds pretrain_gpt.py)
 #
 # The model and optimizer flags come from the preset (python -m mpmoe.megatron_lm.flags
-# PRESET prints them); extra flags come after them and win. Without --data-path the run
-# uses --mock-data with a NullTokenizer of the preset's vocabulary. Give --train-iters
+# PRESET prints them); extra flags come after them and win. Without a data source
+# (--data-path, --train-data-path, ..., --mock-data) the run uses --mock-data with a
+# NullTokenizer of the preset's vocabulary. Give --train-iters
 # (the WSD decay length is a fraction of it) and, for real data, --data-path,
 # --tokenizer-type/--tokenizer-model, --save, --load as usual.
 #
-# GPUs: counted with nvidia-smi (or torch). Expert parallelism: the largest divisor of
-# the preset's expert count that divides the number of processes (as scripts/train.sh),
-# unless --expert-model-parallel-size is given. No GPU: one CPU process with gloo.
+# GPUs: nvidia-smi's count as torch sees it (CUDA_VISIBLE_DEVICES). Expert parallelism:
+# the largest divisor of the expert count and of world/(TP x PP x CP) with EP x ETP x PP
+# dividing the world, unless --expert-model-parallel-size is given. The micro-batch is
+# lowered (log line) when micro x data-parallel size does not divide the global batch.
+# No GPU: one CPU process with gloo (NPROC_PER_NODE overrides the process count).
 # Multi-node: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (SLURM defaults as train.sh).
 # The python used is $PYTHON (default: .venv312/bin/python or .venv/bin/python beside
 # this repository, else python3); it must have mpmoe and megatron-core installed.
@@ -27,10 +30,14 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-if [[ $# -lt 3 || "$1" == "-h" || "$1" == "--help" ]]; then
-    sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
-    [[ $# -lt 3 && "${1:-}" != "-h" && "${1:-}" != "--help" ]] && exit 2
+usage() { sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+if [[ $# -ge 1 && ( "$1" == "-h" || "$1" == "--help" ) ]]; then
+    usage
     exit 0
+fi
+if [[ $# -lt 3 ]]; then  # missing arguments: usage on stderr, exit 2
+    usage >&2
+    exit 2
 fi
 PRESET="$1"; ROUTER="$2"; MEGATRON_LM_DIR="$3"; shift 3
 case "$ROUTER" in
@@ -41,6 +48,7 @@ if [[ ! -f "$MEGATRON_LM_DIR/pretrain_gpt.py" ]]; then
     echo "pretrain.sh: error: $MEGATRON_LM_DIR/pretrain_gpt.py not found (MEGATRON_LM_DIR: a Megatron-LM checkout)" >&2
     exit 2
 fi
+MEGATRON_LM_DIR="$(cd "$MEGATRON_LM_DIR" && pwd)"
 if ! grep -q mpmoe_megatron_lm "$MEGATRON_LM_DIR/pretrain_gpt.py"; then
     echo "pretrain.sh: error: $MEGATRON_LM_DIR is not patched (apply patches/megatron-lm/*/, see patches/README.md)" >&2
     exit 2
@@ -54,32 +62,20 @@ if [[ -z "$PYTHON" ]]; then
     PYTHON="${PYTHON:-python3}"
 fi
 
-# --- GPUs on this node, nodes (torchrun rendezvous)
+# --- GPUs, processes, expert parallelism, micro-batch, data: mpmoe.megatron_lm.launch
+# decides (a pure function of these flags and the environment, unit-tested)
 . "$ROOT/scripts/launch_env.sh"
-
-EXTRA=()
-if [[ "$GPUS" -gt 0 ]]; then
-    NPROC="${NPROC_PER_NODE:-$GPUS}"
-else
-    NPROC="${NPROC_PER_NODE:-1}"
-    EXTRA+=(--distributed-backend gloo)
-fi
-WORLD=$(( NPROC * NNODES ))
-
-# --- the preset's flags (mpmoe.megatron_lm.flags: one source of truth for the shapes)
-FLAG_ARGS=("$PRESET" --router "$ROUTER")
-case " $* " in *" --expert-model-parallel-size "*) ;; *) FLAG_ARGS+=(--world-size "$WORLD") ;; esac
-case " $* " in *" --data-path "*|*" --mock-data "*) ;; *) FLAG_ARGS+=(--mock-data) ;; esac
-ARGS=("$@")
-for (( i=0; i<${#ARGS[@]}; i++ )); do
-    if [[ "${ARGS[$i]}" == --train-iters ]]; then FLAG_ARGS+=(--train-iters "${ARGS[$((i+1))]:-}"); fi
-done
-OUT=$(cd "$ROOT" && "$PYTHON" -m mpmoe.megatron_lm.flags "${FLAG_ARGS[@]}") || exit 2
-mapfile -t PRESET_FLAGS <<< "$OUT"
+OUT=$(cd "$ROOT" && "$PYTHON" -m mpmoe.megatron_lm.launch "$PRESET" "$ROUTER" \
+      --physical-gpus "$PHYSICAL_GPUS" --nnodes "$NNODES" -- "$@") || exit 2
+mapfile -t PLAN <<< "$OUT"
+NPROC="${PLAN[0]}"; GPUS="${PLAN[1]}"; ARGS=("${PLAN[@]:2}")
 
 echo "pretrain.sh: preset $PRESET ($ROUTER), $NNODES node(s) x $NPROC process(es) ($([[ $GPUS -gt 0 ]] && echo "$GPUS GPU(s)" || echo CPU/gloo))" >&2
 cd "$MEGATRON_LM_DIR"
+# The patched tree first on the path: a sitecustomize or anything else importing
+# megatron before pretrain_gpt.py must get the patched megatron.training, not the wheel's.
+export PYTHONPATH="$MEGATRON_LM_DIR${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC" \
     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-    pretrain_gpt.py "${PRESET_FLAGS[@]}" "${EXTRA[@]}" "$@"
+    pretrain_gpt.py "${ARGS[@]}"

@@ -274,16 +274,42 @@ def verdict(a: float, b: float, spread: float, better: str, worse: str) -> str:
     return f"{better if a < b else worse} ({a - b:+.4f}, seed spread {spread:.4f})"
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line (mpmoe's rule), not usage + error
+        from mpmoe.errors import UserError
+
+        raise UserError(message)
+
+
+def _seeds(text: str) -> list:
+    try:
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or any(x < 0 for x in seeds):
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative ints like 1,2,3, got {text!r}")
+    return seeds
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="paper_tiny", description=__doc__.splitlines()[0])
+    from mpmoe.errors import run_verb
+
+    return run_verb("paper_tiny", _main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv) -> int:
+    from mpmoe.errors import UserError
+    from mpmoe.train.args import FRACTION, POSITIVE, ConfigError, parse_args
+
+    p = _Parser(prog="paper_tiny", description=__doc__.splitlines()[0])
     p.add_argument("out")
     p.add_argument("--quick", action="store_true", help="a few iterations of a smaller model (tests)")
     p.add_argument("--shape", choices=["small", "paper"], default="small",
                    help="small: 16 experts top-4, MoPE vs top-k (+ prior), 300 iterations; paper: 64 experts "
                         "top-8 + shared, MoPE / top-k / top-k + bias / ReMoE, 1,500 iterations")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 1,2,3; --quick: 1,2)")
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--shrinkage", type=float, default=0.1, help="Sigma prior of the prior-on runs")
+    p.add_argument("--seeds", type=_seeds, default=None, help="comma-separated seeds (default 1,2,3; --quick: 1,2)")
+    p.add_argument("--iters", type=POSITIVE, default=None)
+    p.add_argument("--shrinkage", type=FRACTION, default=0.1, help="Sigma prior of the prior-on runs")
     p.add_argument("--preset", default=None, help="a preset instead of the tiny model (e.g. flame-moe-38m)")
     p.add_argument("--data-path", nargs="*", default=None)
     p.add_argument("--tokenizer-model", default=None)
@@ -303,7 +329,9 @@ def main(argv=None) -> int:
     if a.quick and a.shape != "small":
         p.error("--quick and --shape paper exclude each other")
     cfg = CONFIGS["quick" if a.quick else ("paper" if a.shape == "paper" else "full")]
-    seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else cfg["seeds"]
+    seeds = a.seeds or cfg["seeds"]
+    if a.side_runs is not None and a.side_runs < 0:
+        raise UserError(f"--side-runs must be >= 0, got {a.side_runs}")
     if a.side_runs is not None:
         cfg = dict(cfg, side_runs=a.side_runs)
     iters = a.iters or cfg["iters"]
@@ -319,6 +347,15 @@ def main(argv=None) -> int:
         base += ["--tokenizer-model", a.tokenizer_model]
     base += shlex.split(a.train_flags)
     out = Path(a.out)
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"OUT {out}: {probe} is a file, not a folder")
+    try:  # the flags of every run, checked before the first one trains
+        parse_args([*base, "--seed", str(seeds[0]), "--train-iters", str(iters)])
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     mode = "quick" if a.quick else ("paper shape" if a.shape == "paper" else "full")
