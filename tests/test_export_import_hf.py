@@ -14,22 +14,10 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from export_testing import VOCAB, hf_logits, real_text_ids, set_hf_home, tiny_hf_folder  # noqa: E402
+from export_testing import VOCAB, hf_home, hf_logits, real_text_ids, tiny_hf_folder  # noqa: E402,F401 (hf_home: an autouse fixture)
 
 TOL = 1e-4
 KINDS = ("llama", "qwen2", "qwen2_moe", "mixtral")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def hf_home(tmp_path_factory):
-    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE", "HF_MODULES_CACHE")}
-    set_hf_home(tmp_path_factory.mktemp("hf-home"))
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
