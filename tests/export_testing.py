@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 VOCAB = 8192  # the embedded tokenizer's
@@ -26,6 +27,19 @@ def set_hf_home(path) -> None:
     os.environ["HF_MODULES_CACHE"] = str(Path(path) / "modules")
     if "transformers.dynamic_module_utils" in sys.modules:
         sys.modules["transformers.dynamic_module_utils"].HF_MODULES_CACHE = str(Path(path) / "modules")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hf_home(tmp_path_factory):
+    """Each test module that imports this fixture runs offline with its own HF_HOME, restored after."""
+    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE", "HF_MODULES_CACHE")}
+    set_hf_home(tmp_path_factory.mktemp("hf-home"))
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def build_args(flags=(), dense=False):

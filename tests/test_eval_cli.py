@@ -90,7 +90,7 @@ def test_errors_are_one_line(tmp_path, eval_checkpoints, capsys):
     assert _eval(["--load", str(eval_checkpoints["trained"]), "--tasks", "mpmoe_local",
                   "--moe-dynamic-mask", "cooccurrence", "--output-path", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "mpmoe eval: error: --moe-dynamic-mask cooccurrence needs --moe-cooccurrence-stats-dir"
+    assert err[-1] == "mpmoe eval: error: --moe-dynamic-mask-mode cooccurrence needs --moe-cooccurrence-stats-dir"
 
 
 def _closed_port() -> int:

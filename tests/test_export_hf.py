@@ -11,21 +11,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from export_testing import VOCAB, build, hf_logits, hf_model, import_template, megatron_logits, real_text_ids, set_hf_home  # noqa: E402
+from export_testing import VOCAB, build, hf_logits, hf_model, import_template, megatron_logits, real_text_ids, hf_home  # noqa: E402,F401 (hf_home: an autouse fixture)
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def hf_home(tmp_path_factory):
-    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE", "HF_MODULES_CACHE")}
-    set_hf_home(tmp_path_factory.mktemp("hf-home"))
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from export_testing import build, set_hf_home  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def hf_home(tmp_path_factory):
-    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE", "HF_MODULES_CACHE")}
-    set_hf_home(tmp_path_factory.mktemp("hf-home"))
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+from export_testing import build, hf_home  # noqa: E402,F401 (hf_home: an autouse fixture)
 
 
 def save_checkpoint(root: Path, flags, embedded_cache, *, sigma_seed=None, seed=0, dense=False):

@@ -95,7 +95,7 @@ def test_semantics_flag_on_train_and_eval_and_its_errors():
                        "reference"])
     assert model_config_kwargs(args)["moe_mask_experts_semantics"] == "reference"
     assert parse_args(["--train-iters", "1"]).moe_mask_experts_semantics == "mpmoe"
-    with pytest.raises(ConfigError, match="give --moe-mask-experts"):
+    with pytest.raises(ConfigError, match="needs --moe-mask-experts set"):
         parse_args(["--train-iters", "1", "--moe-mask-experts-semantics", "reference"])
     action = eval_parser()._option_string_actions["--moe-mask-experts-semantics"]
     assert action.choices == ["mpmoe", "reference"] and action.default == "mpmoe"

@@ -76,6 +76,5 @@ def test_paper_shape_is_the_papers_expert_shape_with_four_methods():
 
 
 def test_paper_shape_and_quick_exclude_each_other(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        _paper_tiny().main([str(tmp_path), "--quick", "--shape", "paper"])
+    assert _paper_tiny().main([str(tmp_path), "--quick", "--shape", "paper"]) == 2
     assert "exclude each other" in capsys.readouterr().err

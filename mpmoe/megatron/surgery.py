@@ -139,11 +139,21 @@ class FactorisedExpertLinear(MegatronModule):
         self.right = torch.nn.Parameter(torch.zeros(rank, input_size, **kw))
         self.sparse = torch.nn.Parameter(torch.zeros(kept, input_size, **kw))
         self.register_buffer("rows", torch.arange(kept, dtype=torch.long, device=device))
+        # megatron's expert-parameter marker, as its own expert linears set it: only under expert
+        # parallelism are expert weights kept out of the data-parallel all-reduce (at EP = 1 a
+        # False here would put them in a separate optimizer of their own)
+        expert_parallel = is_expert and getattr(config, "expert_model_parallel_size", 1) > 1
         for p in (self.left, self.right, self.sparse):
-            setattr(p, "allreduce", False)  # megatron's expert-parameter marker (not DP-reduced over EP)
+            setattr(p, "allreduce", not expert_parallel)
 
     def dense_weight(self) -> torch.Tensor:
         return (self.left @ self.right).index_add(0, self.rows, self.sparse)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The ``[out, in]`` weight the factors represent (computed, not stored): readers that
+        inspect expert weights (analysis, sizes) see compressed experts like dense ones."""
+        return self.dense_weight()
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         y = torch.matmul(torch.matmul(x, self.right.t()), self.left.t())

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action=B, default=True)
     g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="rope")
+    g.add_argument("--rotary-base", type=POSITIVE_FLOAT, default=10000.0, help="RoPE base (theta)")
+    g.add_argument("--add-qkv-bias", action=B, default=False,
+                   help="biases on the query/key/value projections only (Qwen2)")
     g.add_argument("--untie-embeddings-and-output-weights", action=B, default=True)
     g.add_argument("--init-method-std", type=NON_NEGATIVE_FLOAT, default=0.02)
     g.add_argument("--hidden-dropout", type=PROBABILITY, default=0.0)
@@ -127,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-layer-freq", type=_layer_freq, default=1)
     g.add_argument("--moe-ffn-hidden-size", type=POSITIVE)
     g.add_argument("--moe-shared-expert-intermediate-size", type=POSITIVE)
+    g.add_argument("--moe-shared-expert-gate", action=B, default=False,
+                   help="scale the shared expert by sigmoid(w . x), a learned per-token gate (Qwen2-MoE)")
     g.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall", "flex"],
                    default="alltoall")
     g.add_argument("--moe-grouped-gemm", action=B, default=False)
@@ -477,6 +482,7 @@ def model_config_kwargs(args: argparse.Namespace) -> dict:
         gated_linear_unit=args.swiglu,
         activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
         add_bias_linear=False,
+        add_qkv_bias=bool(getattr(args, "add_qkv_bias", False)),
         init_method_std=args.init_method_std,
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
@@ -508,6 +514,7 @@ def model_config_kwargs(args: argparse.Namespace) -> dict:
             moe_layer_freq=args.moe_layer_freq,
             moe_ffn_hidden_size=args.moe_ffn_hidden_size,
             moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+            moe_shared_expert_gate=bool(getattr(args, "moe_shared_expert_gate", False)),
             moe_token_dispatcher_type=args.moe_token_dispatcher_type,
             moe_grouped_gemm=args.moe_grouped_gemm,
             moe_router_dtype=args.moe_router_dtype,

@@ -38,6 +38,7 @@ they die with the trainer at any moment of a save.
 from __future__ import annotations
 
 import os
+import re
 import queue
 import random
 import shutil
@@ -276,8 +277,9 @@ def _model_keys_of_checkpoint(path) -> dict:
     """``{tensor name: global shape (None for objects)}`` of a checkpoint's model state."""
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
+    # optimizer state is "optimizer.*", or "chained_N.optimizer.*" when EP > 1 chains two optimizers
     return {_base_key(k): _shape(v) for k, v in load_sharded_metadata(str(path)).items()
-            if not k.startswith(("optimizer.", "rng_state"))}
+            if not re.match(r"(chained_\d+\.)?optimizer\.|rng_state", k)}
 
 
 def _model_keys_of(model) -> dict:
