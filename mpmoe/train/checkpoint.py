@@ -55,6 +55,8 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from mpmoe.errors import UserError
+
 __all__ = ["latest_iteration", "load_checkpoint", "resolve_checkpoint", "resolve_load",
            "save_checkpoint", "save_tokenizer", "saved_run_info", "writer_dies_with_trainer",
            "TOKENIZER_DIR"]
@@ -257,8 +259,9 @@ MODEL_STATE_FLAGS = (
 TRAIN_OPT_IN = "--allow-model-change --no-load-optim loads it anyway"
 
 
-class ModelMismatch(CheckpointingException):
-    """A checkpoint whose tensors are not the model's (its message names the changed flags)."""
+class ModelMismatch(UserError, CheckpointingException):
+    """A checkpoint whose tensors are not the model's (its message names the changed flags);
+    a user error (one line), and a checkpoint error for callers that catch those."""
 
 
 def _base_key(key: str) -> str:
