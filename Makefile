@@ -17,7 +17,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-PYTEST_ARGS ?=
+# `make test` runs the fast suite (what a change is checked with; a few minutes on 2 cores);
+# the slow tests (multi-process runs, end-to-end scripts, the patched Megatron-LM tree) run
+# in `make test-megatron-latest`, which is the whole suite, and in `make test PYTEST_ARGS=`.
+PYTEST_ARGS ?= -m "not slow"
+PYTEST_ARGS_LATEST ?=
 PYTHON312 ?= $(shell for p in python3.12 "$$(pyenv prefix 3.12 2>/dev/null)/bin/python3.12"; do \
 	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12); print(sys.executable)' 2>/dev/null \
 	&& break; done)
@@ -57,7 +61,7 @@ install-megatron-latest: $(STAMP312)
 
 test-megatron-latest: $(STAMP312)
 	$(VENV312)/bin/python -c 'import sys, megatron.core as m; print("Python", sys.version.split()[0], "megatron-core", m.__version__)'
-	$(VENV312)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV312)/bin/python -m pytest $(PYTEST_ARGS_LATEST)
 
 clean:
 	rm -rf $(VENV) $(VENV312) .pytest_cache .hypothesis build *.egg-info
