@@ -30,7 +30,8 @@ SHAPE = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "256",
          "--seq-length", "64", "--max-position-embeddings", "64", "--moe-ffn-hidden-size", "32",
          "--moe-shared-expert-intermediate-size", "64", "--moe-layer-freq", "[0,1,1,1]",
          "--global-batch-size", "8", "--micro-batch-size", "8", "--lr", "2e-3", "--min-lr", "2e-4",
-         "--moe-otep-warmup-fraction", "0.05", "--eval-iters", "2"]
+         "--eval-iters", "2"]
+MOPE_FLAGS = ["--moe-otep-warmup-fraction", "0.05"]  # MoPE runs only (an error on top-k)
 CONFIGS = {
     "full": dict(experts=64, topk=8, sizes=[32, 16, 8], iters=300, seeds=[1, 2], calib=4096, heldout=4096,
                  eval_limit=20, rank=8, keep=0.1),
@@ -43,7 +44,7 @@ METHODS = {  # name -> mpmoe experts merge flags
     "no-align": ["--align", "none"],
     "drop": ["--method", "drop"],
 }
-ROUTINGS = {"top-k": ["--moe-router-load-balancing-type", "aux_loss"], "MoPE": []}
+ROUTINGS = {"top-k": ["--moe-router-load-balancing-type", "aux_loss"], "MoPE": MOPE_FLAGS}
 
 
 def log(msg: str) -> None:

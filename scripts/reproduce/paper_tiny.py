@@ -44,7 +44,7 @@ CONFIGS = {
         "--seq-length", "64", "--max-position-embeddings", "64", "--num-experts", "16", "--moe-router-topk", "4",
         "--moe-ffn-hidden-size", "32", "--moe-shared-expert-intermediate-size", "64", "--moe-layer-freq", "[0,1,1,1]",
         "--moe-router-pre-softmax", "--global-batch-size", "8", "--micro-batch-size", "8", "--lr", "2e-3",
-        "--min-lr", "2e-4", "--moe-otep-warmup-fraction", "0.05"],
+        "--min-lr", "2e-4"], mope_flags=["--moe-otep-warmup-fraction", "0.05"],
         iters=300, eval_interval=50, eval_iters=8, plot_every=50, seeds=[1, 2, 3], eval_limit=40, random_draws=3,
         side_runs=3),
     "quick": dict(preset="tiny-cpu", flags=[
@@ -52,7 +52,7 @@ CONFIGS = {
         "--seq-length", "32", "--max-position-embeddings", "32", "--num-experts", "8", "--moe-router-topk", "2",
         "--moe-ffn-hidden-size", "16", "--moe-shared-expert-intermediate-size", "32", "--moe-layer-freq", "[0,1,1]",
         "--moe-router-pre-softmax", "--global-batch-size", "4", "--micro-batch-size", "4", "--lr", "3e-3",
-        "--min-lr", "3e-4", "--moe-otep-warmup-fraction", "0.2"],
+        "--min-lr", "3e-4"], mope_flags=["--moe-otep-warmup-fraction", "0.2"],
         iters=16, eval_interval=8, eval_iters=2, plot_every=8, seeds=[1, 2], eval_limit=3, random_draws=1,
         side_runs=1),
     # The paper's expert shape (issue 24): the tiny-paper preset holds it (one source for this
@@ -63,6 +63,8 @@ CONFIGS = {
                   methods={"top-k + bias": ("none", ["--moe-router-enable-expert-bias"]),
                            "ReMoE": ("none", ["--moe-relu-routing"])}),
 }
+
+MOPE_FLAGS: list = []  # the chosen config's MoPE-only flags (set by main)
 
 CLAIMS = {
     "loss": "MoPE reaches a lower pre-training loss / perplexity than top-k routing at equal compute "
@@ -90,7 +92,9 @@ def train_run(out: Path, name: str, base: list, seed: int, routing: str, iters: 
     run = out / "runs" / name
     done = run / "done.json"
     if not done.is_file():
-        argv = [*base, "--seed", str(seed), "--moe-router-load-balancing-type", routing,
+        # MoPE's own settings only on MoPE runs (on another router they are an error)
+        argv = [*base, *(MOPE_FLAGS if routing == "otep" else ()), "--seed", str(seed),
+                "--moe-router-load-balancing-type", routing,
                 "--train-iters", str(iters), "--run-dir", str(run), "--save", str(run / "ckpt"),
                 "--moe-stats-dir", str(run / "stats"), "--no-tensorboard", "--no-progress", *extra]
         log(f"train {name}")
@@ -335,6 +339,7 @@ def _main(argv) -> int:
     if a.side_runs is not None:
         cfg = dict(cfg, side_runs=a.side_runs)
     iters = a.iters or cfg["iters"]
+    MOPE_FLAGS[:] = [] if a.preset else cfg.get("mope_flags", [])
     if a.preset:
         base = ["--preset", a.preset]
     else:
@@ -353,7 +358,7 @@ def _main(argv) -> int:
     if not probe.is_dir():
         raise UserError(f"OUT {out}: {probe} is a file, not a folder")
     try:  # the flags of every run, checked before the first one trains
-        parse_args([*base, "--seed", str(seeds[0]), "--train-iters", str(iters)])
+        parse_args([*base, *MOPE_FLAGS, "--seed", str(seeds[0]), "--train-iters", str(iters)])
     except ConfigError as exc:
         raise UserError(str(exc)) from None
     out.mkdir(parents=True, exist_ok=True)
