@@ -100,6 +100,8 @@ def test_run_verb_ends_signals_in_one_line(capsys, monkeypatch):
     from mpmoe.errors import run_verb
 
     monkeypatch.delenv("MPMOE_DEBUG", raising=False)
+    # an earlier in-process `mpmoe.cli.main` may have left mpmoe's handlers installed
+    handler_before = signal.getsignal(signal.SIGTERM)
 
     def terminated(argv):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -118,7 +120,7 @@ def test_run_verb_ends_signals_in_one_line(capsys, monkeypatch):
         return 0
 
     assert run_verb("mpmoe x", swallowed, []) == 130
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # handlers restored
     assert run_verb("mpmoe x", lambda argv: 0, []) == 0  # an earlier verb's signal does not count
 
 
