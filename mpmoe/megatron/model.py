@@ -145,6 +145,8 @@ def build_gpt_model(
             mope_router=mope_router,
             vp_stage=vp_stage,
         )
+    # megatron-core 0.19 logs "GPTModel IS DEPRECATED" for every model built: not the user's concern
+    logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
     model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec,

@@ -277,9 +277,10 @@ def _model_keys_of_checkpoint(path) -> dict:
     """``{tensor name: global shape (None for objects)}`` of a checkpoint's model state."""
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-    # optimizer state is "optimizer.*", or "chained_N.optimizer.*" when EP > 1 chains two optimizers
+    # optimizer state is "optimizer.*", or "chained_N.optimizer.*" when EP > 1 chains two
+    # optimizers; megatron-core 0.19 also keeps the common state ("common_state") in the shards
     return {_base_key(k): _shape(v) for k, v in load_sharded_metadata(str(path)).items()
-            if not re.match(r"(chained_\d+\.)?optimizer\.|rng_state", k)}
+            if not re.match(r"(chained_\d+\.)?optimizer\.|rng_state|common_state\b", k)}
 
 
 def _model_keys_of(model) -> dict:
