@@ -69,12 +69,15 @@ def read_hf_config(model_dir: Path):
     return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
 
 
-def _rope_theta(cfg) -> float:
+def _rope_theta(cfg) -> int:
     rope = getattr(cfg, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", "default")
     if rope_type != "default":
         _refuse("rope_parameters.rope_type", rope_type, "megatron-core's GPT model has default RoPE only")
-    return float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+    theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+    if theta != int(theta) or theta < 1:
+        _refuse("rope_parameters.rope_theta", theta, "megatron's --rotary-base is a positive integer")
+    return int(theta)
 
 
 def hf_flags(cfg, tensors: dict) -> tuple[dict, list[str]]:

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action=B, default=True)
     g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="rope")
-    g.add_argument("--rotary-base", type=POSITIVE_FLOAT, default=10000.0, help="RoPE base (theta)")
+    g.add_argument("--rotary-base", type=POSITIVE, default=10000, help="RoPE base (theta; an int, as in Megatron-LM)")
     g.add_argument("--add-qkv-bias", action=B, default=False,
                    help="biases on the query/key/value projections only (Qwen2)")
     g.add_argument("--untie-embeddings-and-output-weights", action=B, default=True)

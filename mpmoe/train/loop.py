@@ -123,7 +123,7 @@ def build_model(args, vocab_size: int, *, initialize: bool = True):
     model = build_gpt_model(
         config, vocab_size=vocab_size, max_sequence_length=args.max_position_embeddings,
         position_embedding_type=args.position_embedding_type,
-        rotary_base=getattr(args, "rotary_base", 10000.0),
+        rotary_base=getattr(args, "rotary_base", 10000),
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
     )
     module = model
