@@ -35,6 +35,7 @@ __all__ = [
     "moe_metrics",
     "moe_submodules",
     "replace_experts",
+    "experts_module_and_submodules",
     "reset_moe_metrics",
     "start_grad_sync_uses_cuda_stream",
     "te_general_gemm_undefined",
@@ -95,6 +96,18 @@ def replace_experts(moe: Any, module: type, **params) -> None:
                                  params={**(spec.params or {}), **params})
     else:
         raise TypeError(f"cannot replace an experts spec of type {type(spec).__name__}")
+
+
+def experts_module_and_submodules(moe: Any) -> tuple:
+    """``(module class, submodules)`` of ``moe``'s (an ``MoESubmodules``) experts entry.
+
+    0.18: the experts entry became a builder (``functools.partial``) instead of a
+    ``ModuleSpec``.
+    """
+    spec = moe.experts
+    if isinstance(spec, functools.partial):
+        return spec.func, spec.keywords.get("submodules")
+    return getattr(spec, "module", None), getattr(spec, "submodules", None)
 
 
 def build_mlp(mlp_spec: Any, **kwargs):

@@ -174,15 +174,13 @@ def apply_surgery_spec(moe_submodules, config) -> None:
     if getattr(config, "moe_expert_groups", None):
         moe_submodules.router = grouped_router_class(moe_submodules.router)
     if getattr(config, "moe_expert_compression", None):
-        experts = moe_submodules.experts
-        sub = getattr(experts, "submodules", None)
-        if getattr(experts, "module", None) is None or sub is None or not hasattr(sub, "linear_fc1"):
-            raise ValueError("moe_expert_compression needs megatron's SequentialMLP experts "
-                             "(--no-moe-grouped-gemm)")
+        from mpmoe.megatron.compat import experts_module_and_submodules
         from megatron.core.transformer.moe.experts import SequentialMLP
 
-        if experts.module is not SequentialMLP:
+        module, sub = experts_module_and_submodules(moe_submodules)
+        if module is not SequentialMLP or sub is None or not hasattr(sub, "linear_fc1"):
+            name = getattr(module, "__name__", type(moe_submodules.experts).__name__)
             raise ValueError("moe_expert_compression needs megatron's SequentialMLP experts "
-                             f"(--no-moe-grouped-gemm), the spec has {experts.module.__name__}")
+                             f"(--no-moe-grouped-gemm), the spec has {name}")
         sub.linear_fc1 = FactorisedExpertLinear
         sub.linear_fc2 = FactorisedExpertLinear
