@@ -237,6 +237,7 @@ ALLOWED_TO_DIFFER = {
     "lr_wsd_decay_fraction": "mpmoe-only; emitted as --lr-wsd-decay-iters, compared below",
     "lr_wsd_decay_iters": "compared against the length mpmoe train computes (schedule_lengths)",
     "last_trainable_layers": "mpmoe's trainer only (freezing needs its model builder); None in every preset",
+    "trainable_params": "mpmoe's trainer only (routers-only training of split models needs its model builder); \"all\" in every preset",
     "recompute_modules": "used only with --recompute-granularity selective, which no preset sets",
     "num_query_groups": "None (mpmoe: attention heads = groups) is Megatron-LM's 1 without "
                         "--group-query-attention; compared below",
