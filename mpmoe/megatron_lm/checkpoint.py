@@ -57,7 +57,7 @@ NOT_READ = frozenset({
     "preset", "router", "last_trainable_layers", "moe_dynamic_mask", "moe_dynamic_mask_source",
     "lr_wsd_decay_fraction", "embedded_cache_dir", "no_save_on_signal", "on_nan", "run_dir",
     "no_tensorboard", "progress", "save", "load", "data_path", "split", "tokenizer_model",
-    "distributed_backend", "use_distributed_optimizer", "no_load_optim", "no_load_rng",
+    "distributed_backend", "use_distributed_optimizer", "no_load_optim", "no_load_rng", "allow_model_change",
 })
 
 #: Megatron-LM arguments that shape the model but have no ``mpmoe train`` option: the value
