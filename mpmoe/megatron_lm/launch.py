@@ -34,7 +34,7 @@ from typing import Mapping, Optional, Sequence
 
 from mpmoe.layout import expert_parallel_size, fit_micro_batch, visible_gpus
 from mpmoe.megatron_lm.flags import ROUTER_ALIASES, preset_flags
-from mpmoe.train.presets import PresetError, load_preset
+from mpmoe.run.presets import PresetError, load_preset
 
 __all__ = ["DATA_FLAGS", "Plan", "plan"]
 

@@ -3,7 +3,7 @@
 Megatron-LM 0.19 (``--ckpt-format torch_dist``, the default) writes no ``common.pt``: the
 common state (``args``, ``iteration``, ...) is stored inside the ``.distcp`` files and
 megatron's ``dist_checkpointing.load_common_state_dict`` reads it. :func:`run_info` turns
-its ``args`` into the record :func:`mpmoe.train.args.args_from_saved` takes (the run's
+its ``args`` into the record :func:`mpmoe.run.args.args_from_saved` takes (the run's
 ``mpmoe train`` options) through an explicit table, and :func:`load_weights` loads the
 model's tensors; :func:`mpmoe.store.load_model` calls both for such a checkpoint.
 
@@ -76,7 +76,7 @@ UNSUPPORTED = {
 
 
 def _train_defaults() -> dict:
-    from mpmoe.train.args import parse_args
+    from mpmoe.run.args import parse_args
 
     return vars(parse_args(["--train-iters", "1"], check=False))
 
