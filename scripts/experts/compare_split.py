@@ -31,6 +31,13 @@ import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from mpmoe.analysis.metrics import mean_std  # noqa: E402  (shared with scripts/reproduce/)
+from mpmoe.eval.scores import evaluate_checkpoint  # noqa: E402
+
 PARTITIONERS = ("ilp", "moefication", "random-homogeneous", "random-heterogeneous", "contiguous")
 QUICK_MODEL = ["--num-layers", "3", "--hidden-size", "64", "--ffn-hidden-size", "128",
                "--num-attention-heads", "2", "--seq-length", "64", "--max-position-embeddings", "64"]
@@ -66,30 +73,6 @@ def _heldout(ckpt: Path, num_tokens: int) -> float:
         destroy_distributed()
 
 
-def _eval_local(ckpt: Path, dest: Path, limit) -> dict:
-    from mpmoe.eval.cli import build_parser, evaluate
-
-    if not (dest / "results.json").is_file():
-        evaluate(build_parser().parse_args(["--load", str(ckpt), "--tasks", "mpmoe_local", "--limit", str(limit),
-                                            "--output-path", str(dest), "--no-progress", "--bootstrap-iters", "0",
-                                            "--batch-size", "8"]))
-    res = json.loads((dest / "results.json").read_text())
-    scores = {}
-    for task, metrics in res.get("results", {}).items():
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and "stderr" not in key and not key.startswith("sample_len"):
-                scores[f"{task}/{key.split(',')[0]}"] = value
-    return scores
-
-
-def mean_std(xs) -> tuple:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    if not xs:
-        return float("nan"), float("nan")
-    m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("out")
@@ -109,6 +92,7 @@ def main(argv=None) -> int:
     quick = a.quick
     seeds = [int(s) for s in (a.seeds or ("1" if quick else "1,2")).split(",")]
     parts = (a.partitioners or ("ilp,random-heterogeneous" if quick else ",".join(PARTITIONERS))).split(",")
+    parts.sort(key=lambda x: PARTITIONERS.index(x) if x in PARTITIONERS else len(PARTITIONERS))  # the ILP first
     dense_iters = a.dense_iters or (12 if quick else 300)
     ft_iters = a.ft_iters or (2 if quick else 60)
     ilp_limit = a.ilp_time_limit or (2.0 if quick else 30.0)
@@ -149,15 +133,19 @@ def main(argv=None) -> int:
         _train(ctrl, [*base, "--seed", str(seed), "--load", str(dense_ckpt), *ft_common,
                       "--train-iters", str(dense_iters + ft_iters), "--eval-interval", str(dense_iters + ft_iters)])
         summary["runs"][f"dense/all/s{seed}"] = {"val": _heldout(ctrl / "ckpt", heldout_tokens),
-                                                 "local": _eval_local(ctrl / "ckpt", out / "eval" / ctrl.name, limit)}
+                                                 "local": evaluate_checkpoint(ctrl / "ckpt", out / "eval" / ctrl.name, limit=limit)}
         for part in parts:
             split = out / f"split-{part}-s{seed}"
             if not (split / "surgery.json").is_file() and not any(split.glob("**/surgery.json")):
                 log(f"split {part} seed {seed}")
                 from mpmoe.experts.split import main as split_main
 
+                # random-heterogeneous takes the sizes of this seed's ILP split (a time-limited
+                # solve run again could stop elsewhere); without an ILP split it solves its own
+                ilp_split = out / f"split-ilp-s{seed}"
+                same_sizes = ["--sizes-from", str(ilp_split)] if part == "random-heterogeneous" and "ilp" in parts else []
                 split_main(["--load", str(dense_ckpt), "--save", str(split), "--partitioner", part,
-                            "--seed", str(seed), *split_flags])
+                            "--seed", str(seed), *split_flags, *same_sizes])
             surgery = json.loads(next(split.glob("**/surgery.json")).read_text())
             before = _heldout(split, heldout_tokens)
             for mode in modes:
@@ -170,7 +158,7 @@ def main(argv=None) -> int:
                              *(["--embedded-cache-dir", a.embedded_cache_dir] if a.embedded_cache_dir else [])])
                 summary["runs"][f"{part}/{mode}/s{seed}"] = {
                     "val_split": before, "val": _heldout(run / "ckpt", heldout_tokens),
-                    "local": _eval_local(run / "ckpt", out / "eval" / run.name, limit),
+                    "local": evaluate_checkpoint(run / "ckpt", out / "eval" / run.name, limit=limit),
                     "ilp": {k: {kk: v.get(kk) for kk in ("status", "mip_gap", "sizes_neurons")}
                             for k, v in surgery["layers"].items()}}
                 _write(out, summary, start)  # after every run: an interrupted comparison still reports
