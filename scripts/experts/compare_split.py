@@ -25,6 +25,7 @@ states what was measured, whichever way it comes out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -45,6 +46,21 @@ QUICK_MODEL = ["--num-layers", "3", "--hidden-size", "64", "--ffn-hidden-size", 
 
 def log(msg: str) -> None:
     print(f"[compare_split {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+#: stage -> [wall s, CPU s (all threads of this process)], summed over the runs of this invocation
+TIMES: dict = {}
+
+
+@contextlib.contextmanager
+def timed(stage: str):
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        t = TIMES.setdefault(stage, [0.0, 0.0])
+        t[0] += time.perf_counter() - wall
+        t[1] += time.process_time() - cpu
 
 
 def _train(run: Path, argv: list) -> dict:
@@ -120,20 +136,26 @@ def main(argv=None) -> int:
     else:
         log(f"dense model, {dense_iters} iterations")
         dense_dir = out / "dense"
-        _train(dense_dir, [*base, "--train-iters", str(dense_iters), "--eval-interval", str(dense_iters)])
+        with timed("dense training"):
+            _train(dense_dir, [*base, "--train-iters", str(dense_iters), "--eval-interval", str(dense_iters)])
         dense_ckpt = dense_dir / "ckpt"
     heldout_tokens = 1024 if quick else 4096
-    summary["dense_val"] = _heldout(dense_ckpt, heldout_tokens)
+    with timed("held-out loss"):
+        summary["dense_val"] = _heldout(dense_ckpt, heldout_tokens)
     ft_common = ["--train-iters", str(ft_iters), "--eval-interval", str(ft_iters), "--lr-warmup-fraction", "0",
                  "--lr-decay-style", "constant", "--lr", "1e-3", "--no-load-optim", "--no-load-rng"]
     for seed in seeds:
         log(f"dense control, seed {seed}")
         ctrl = out / f"dense-ft-s{seed}"
         # a trainer checkpoint resumes its iteration count: the control runs to dense + ft iterations
-        _train(ctrl, [*base, "--seed", str(seed), "--load", str(dense_ckpt), *ft_common,
-                      "--train-iters", str(dense_iters + ft_iters), "--eval-interval", str(dense_iters + ft_iters)])
-        summary["runs"][f"dense/all/s{seed}"] = {"val": _heldout(ctrl / "ckpt", heldout_tokens),
-                                                 "local": evaluate_checkpoint(ctrl / "ckpt", out / "eval" / ctrl.name, limit=limit)}
+        with timed("fine-tuning"):
+            _train(ctrl, [*base, "--seed", str(seed), "--load", str(dense_ckpt), *ft_common,
+                          "--train-iters", str(dense_iters + ft_iters), "--eval-interval", str(dense_iters + ft_iters)])
+        with timed("held-out loss"):
+            val = _heldout(ctrl / "ckpt", heldout_tokens)
+        with timed("mpmoe_local eval"):
+            local = evaluate_checkpoint(ctrl / "ckpt", out / "eval" / ctrl.name, limit=limit)
+        summary["runs"][f"dense/all/s{seed}"] = {"val": val, "local": local}
         for part in parts:
             split = out / f"split-{part}-s{seed}"
             if not (split / "surgery.json").is_file() and not any(split.glob("**/surgery.json")):
@@ -144,21 +166,27 @@ def main(argv=None) -> int:
                 # solve run again could stop elsewhere); without an ILP split it solves its own
                 ilp_split = out / f"split-ilp-s{seed}"
                 same_sizes = ["--sizes-from", str(ilp_split)] if part == "random-heterogeneous" and "ilp" in parts else []
-                split_main(["--load", str(dense_ckpt), "--save", str(split), "--partitioner", part,
-                            "--seed", str(seed), *split_flags, *same_sizes])
+                with timed(f"split ({part})"):
+                    split_main(["--load", str(dense_ckpt), "--save", str(split), "--partitioner", part,
+                                "--seed", str(seed), *split_flags, *same_sizes])
             surgery = json.loads(next(split.glob("**/surgery.json")).read_text())
-            before = _heldout(split, heldout_tokens)
+            with timed("held-out loss"):
+                before = _heldout(split, heldout_tokens)
             for mode in modes:
                 name = f"{part}-{mode}-s{seed}"
                 log(f"fine-tune {name}")
                 run = out / f"ft-{name}"
-                _train(run, ["--preset", str(split / "preset.toml"), "--load", str(split), "--seed", str(seed),
-                             "--trainable-params", mode, *ft_common, "--eval-iters", str(eval_iters),
-                             "--log-interval", "10",
-                             *(["--embedded-cache-dir", a.embedded_cache_dir] if a.embedded_cache_dir else [])])
+                with timed("fine-tuning"):
+                    _train(run, ["--preset", str(split / "preset.toml"), "--load", str(split), "--seed", str(seed),
+                                 "--trainable-params", mode, *ft_common, "--eval-iters", str(eval_iters),
+                                 "--log-interval", "10",
+                                 *(["--embedded-cache-dir", a.embedded_cache_dir] if a.embedded_cache_dir else [])])
+                with timed("held-out loss"):
+                    val = _heldout(run / "ckpt", heldout_tokens)
+                with timed("mpmoe_local eval"):
+                    local = evaluate_checkpoint(run / "ckpt", out / "eval" / run.name, limit=limit)
                 summary["runs"][f"{part}/{mode}/s{seed}"] = {
-                    "val_split": before, "val": _heldout(run / "ckpt", heldout_tokens),
-                    "local": evaluate_checkpoint(run / "ckpt", out / "eval" / run.name, limit=limit),
+                    "val_split": before, "val": val, "local": local,
                     "ilp": {k: {kk: v.get(kk) for kk in ("status", "mip_gap", "sizes_neurons")}
                             for k, v in surgery["layers"].items()}}
                 _write(out, summary, start)  # after every run: an interrupted comparison still reports
@@ -169,6 +197,8 @@ def main(argv=None) -> int:
 
 def _write(out: Path, summary: dict, start: float) -> None:
     summary["wall_s"] = round(time.time() - start, 1)
+    summary["cpu_s"] = round(time.process_time(), 1)  # this process, all threads, since it started
+    summary["stages_s"] = {k: {"wall": round(w, 1), "cpu": round(c, 1)} for k, (w, c) in TIMES.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(report(summary))
 
@@ -193,6 +223,9 @@ def report(s: dict) -> str:
         cells = [fmt(mean_std([r.get("val_split") for r in runs])), fmt(mean_std([r["val"] for r in runs]))]
         cells += [fmt(mean_std([r["local"].get(k, float("nan")) for r in runs])) for k in SHOWN]
         lines.append(f"| {part} | {mode} | " + " | ".join(cells) + " |")
+    if s.get("stages_s"):
+        lines += ["", "Time per stage (this invocation; wall / CPU seconds, CPU summed over threads): "
+                  + "; ".join(f"{k} {v['wall']} / {v['cpu']}" for k, v in s["stages_s"].items()) + "."]
     lines += ["", "Per run (ILP status, MIP gap and expert sizes per layer, every mpmoe_local metric) in "
               "summary.json."]
     return "\n".join(lines) + "\n"
