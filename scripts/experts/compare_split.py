@@ -6,11 +6,12 @@
     python scripts/experts/compare_split.py OUT            # the full comparison (tiny-cpu-dense)
     python scripts/experts/compare_split.py OUT --quick    # minutes; what the test runs
 
-1. trains the dense model (``--preset tiny-cpu-dense``, ``--dense-iters``);
-2. per seed and partitioner (``ilp``, ``moefication``, ``random-homogeneous``,
-   ``random-heterogeneous`` with the ILP's sizes, ``contiguous``): ``mpmoe experts split``
-   (E = 8, top-4, unit gates, domains clustered from hidden states);
-3. fine-tunes each split for the same budget (``--ft-iters``) with only the routers
+1. trains the dense model (``--preset tiny-cpu-dense``, ``--dense-iters``, default 300);
+2. per seed (default 1,2,3) and partitioner (``ilp``, ``moefication``, ``random-homogeneous``,
+   ``random-heterogeneous`` with the ILP split's sizes via ``--sizes-from``, ``contiguous``):
+   ``mpmoe experts split`` (E = 8, top-4, unit gates, 32 modules, 4 domains clustered from
+   hidden states x 16 sequences, ILP limit 60 s per layer);
+3. fine-tunes each split for the same budget (``--ft-iters``, default 60) with only the routers
    trainable and with everything trainable (``mpmoe train --load SPLIT --no-load-optim``),
    and the dense model for the same budget as the control;
 4. measures the held-out loss (``mpmoe.store.heldout_loss``: the same windows of the
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("out")
     p.add_argument("--quick", action="store_true", help="a smaller model, fewer steps and runs (the test)")
-    p.add_argument("--seeds", default=None, help="comma-separated (default 1,2; quick: 1)")
+    p.add_argument("--seeds", default=None, help="comma-separated (default 1,2,3; quick: 1)")
     p.add_argument("--partitioners", default=None, help=f"default: all of {','.join(PARTITIONERS)}")
     p.add_argument("--dense-iters", type=int, default=None)
     p.add_argument("--ft-iters", type=int, default=None)
@@ -106,12 +107,12 @@ def main(argv=None) -> int:
     p.add_argument("--embedded-cache-dir", default=None)
     a = p.parse_args(argv)
     quick = a.quick
-    seeds = [int(s) for s in (a.seeds or ("1" if quick else "1,2")).split(",")]
+    seeds = [int(s) for s in (a.seeds or ("1" if quick else "1,2,3")).split(",")]
     parts = (a.partitioners or ("ilp,random-heterogeneous" if quick else ",".join(PARTITIONERS))).split(",")
     parts.sort(key=lambda x: PARTITIONERS.index(x) if x in PARTITIONERS else len(PARTITIONERS))  # the ILP first
     dense_iters = a.dense_iters or (12 if quick else 300)
     ft_iters = a.ft_iters or (2 if quick else 60)
-    ilp_limit = a.ilp_time_limit or (2.0 if quick else 30.0)
+    ilp_limit = a.ilp_time_limit or (2.0 if quick else 60.0)  # mpmoe experts split's default
     limit = a.limit or ("4" if quick else "40")
     modes = (a.modes or ("routers" if quick else "routers,all")).split(",")
     eval_iters = 1 if quick else 4
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
                    "--samples-per-domain", str(a.samples_per_domain or (16 if not quick else 2)), "--ilp-time-limit", str(ilp_limit)]
     start = time.time()
     summary = {"quick": quick, "seeds": seeds, "partitioners": parts, "dense_iters": dense_iters,
-               "ft_iters": ft_iters, "modes": modes, "runs": {}}
+               "ft_iters": ft_iters, "modes": modes, "split_flags": split_flags, "local_limit": limit, "runs": {}}
 
     if a.dense_load:
         from mpmoe.train.checkpoint import latest_iteration
@@ -226,7 +227,15 @@ def report(s: dict) -> str:
     if s.get("stages_s"):
         lines += ["", "Time per stage (this invocation; wall / CPU seconds, CPU summed over threads): "
                   + "; ".join(f"{k} {v['wall']} / {v['cpu']}" for k, v in s["stages_s"].items()) + "."]
-    lines += ["", "Per run (ILP status, MIP gap and expert sizes per layer, every mpmoe_local metric) in "
+    ilp = [(key, layer, v) for key, run in s["runs"].items() if key.startswith("ilp/") and key.split("/")[1] == s["modes"][0]
+           for layer, v in run.get("ilp", {}).items()]
+    if ilp:
+        lines += ["", "ILP per seed and layer (status, MIP gap, expert sizes in neurons): " + "; ".join(
+            f"{key.split('/')[2]} layer {layer}: {v['status']}, "
+            f"{'-' if v['mip_gap'] is None else format(v['mip_gap'], '.1%')}, {v['sizes_neurons']}"
+            for key, layer, v in ilp) + "."]
+    lines += ["", "Split flags: `" + " ".join(s.get("split_flags", [])) + f"`; mpmoe_local: {s.get('local_limit')} "
+              "documents per task.", "", "Per run (ILP status, MIP gap and expert sizes per layer, every mpmoe_local metric) in "
               "summary.json."]
     return "\n".join(lines) + "\n"
 
