@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mpmoe.megatron import settings
-from mpmoe.train.args import ConfigError, parse_args
+from mpmoe.run.args import ConfigError, parse_args
 
 TINY = ["--train-iters", "1", "--num-layers", "2", "--moe-layer-freq", "1", "--num-experts", "4", "--moe-router-topk", "2"]
 REMOE = ["--moe-relu-routing", "--moe-router-load-balancing-type", "none"]
@@ -72,19 +72,20 @@ def test_a_stop_signal_in_set_up_is_one_line_of_its_own_and_leaves_no_run_folder
 
     from train_testing import make_indexed_dataset, tiny_flags
 
-    from mpmoe.train import cli, loop
+    from mpmoe.run import model as run_model
+    from mpmoe.train import cli
 
     prefix = make_indexed_dataset(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RANK", raising=False)
-    real = loop.build_model
+    real = run_model.build_model
 
     def interrupted(*a, **kw):
         assert any((tmp_path / "runs").iterdir())  # the run folder is claimed by now
         os.kill(os.getpid(), getattr(signal, sig))
         return real(*a, **kw)  # (SIGINT and SIGTERM raise in the handler, before this)
 
-    monkeypatch.setattr(loop, "build_model", interrupted)
+    monkeypatch.setattr(run_model, "build_model", interrupted)
     code = cli.main(tiny_flags(prefix, None, **{"run-dir": None}))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 128 + getattr(signal, sig)

@@ -59,7 +59,7 @@ def _main(argv: list) -> int:
 
 def _train(argv: list) -> int:
     from mpmoe.errors import UserError
-    from mpmoe.train.args import ConfigError, parse_args
+    from mpmoe.run.args import ConfigError, parse_args
 
     try:
         args = parse_args(argv)
