@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from mpmoe.errors import UserError
+from mpmoe.errors import UserError, folder_problem
 
 __all__ = ["ExportError", "HF_CODE_DIR", "PROVENANCE", "export_hf", "hf_config", "hf_kind",
            "hf_state_dict", "main", "qkv_split", "qkv_merge"]
@@ -349,6 +349,9 @@ def _check_out(out) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out} exists and is not an empty folder")
+    problem = folder_problem(out)
+    if problem:
+        raise ExportError(f"--out {out}: {problem}")
     return out
 
 
@@ -357,7 +360,7 @@ def export_hf(load, out, *, routing: str = "auto", dtype: str = "fp32", tokenize
     """Export the checkpoint ``load`` to the folder ``out``; returns ``out``."""
     from mpmoe import __version__, store
     from mpmoe.megatron import init_distributed
-    from mpmoe.train.checkpoint import saved_run_info
+    from mpmoe.run.checkpoint import saved_run_info
 
     out = _check_out(out)
     if dtype not in ("fp32", "bf16"):
