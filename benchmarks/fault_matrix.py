@@ -945,6 +945,23 @@ def cases(fx: Fixture) -> list[Case]:
     add("experts split --domain-data empty file", err("is empty"), lambda d: (d / "dom").mkdir() or (
         d / "dom" / "a.txt").write_text(" ") and sh([*MPMOE, "experts", "split", "--load", str(fx.ckpt), "--save",
                                                      "o", "--domain-data", str(d / "dom")], d))
+
+    # == round 3, leftovers (issues 23, 28): valued flags of the scripts, ... ==
+    R3X = "r3x "  # -k r3x runs this family (-k r3 both)
+    for label, argv in (("--micro-batch-size (no value)", ("--lr", "1e-3", "--micro-batch-size")),
+                        ("--data-path (no value)", ("--data-path",)),
+                        ("--expert-model-parallel-size then a flag", ("--expert-model-parallel-size", "--lr", "1")),
+                        ("--moe-sigma-shrinkage (no value)", ("--moe-sigma-shrinkage",))):
+        add(f"{R3X}script pretrain.sh {label}", err(argv[-1] if argv[-1].startswith("--") else argv[0]),
+            pretrain(*argv))
+    add(f"{R3X}script pretrain.sh PYTHON not a command", err("PYTHON"),
+        pretrain(env={"PYTHON": "/nonexistent/python"}))
+    add(f"{R3X}script train.sh --train-iters (no value)", err("--train-iters"),
+        lambda d: sh(["bash", train_sh, "tiny-cpu", "--train-iters"], d))
+    add(f"{R3X}script train.sh --num-experts abc", err("--num-experts"),
+        lambda d: sh(["bash", train_sh, "tiny-cpu", "--num-experts", "abc"], d))
+    add(f"{R3X}script train.sh PYTHON not a command", err("PYTHON"),
+        lambda d: sh(["bash", train_sh, "tiny-cpu"], d, env={"PYTHON": "/nonexistent/python"}))
     return C
 
 

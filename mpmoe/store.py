@@ -66,7 +66,7 @@ __all__ = ["StoreError", "LoadedModel", "load_model", "save_model", "calibration
            "heldout_loss", "ROUTING_MODES", "DTYPES", "SPLITS"]
 
 ROUTING_MODES = ("auto", "mope", "topk")
-DTYPES = ("auto", "fp32", "bf16")
+DTYPES = ("auto", "fp32", "bf16", "checkpoint")
 SPLITS = ("train", "valid", "test")
 
 # Options that only concern training or this process's parallel layout: reset when loading.
@@ -186,7 +186,7 @@ def _resolve_device(device, dtype: str) -> tuple[str, str]:
                          "hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU")
     if dtype == "auto":
         dtype = "bf16" if device == "cuda" else "fp32"
-    return device, dtype
+    return device, dtype  # "checkpoint" is resolved once the flags are read
 
 
 def load_model(
@@ -210,7 +210,9 @@ def load_model(
             record them (they replace the recorded ones otherwise).
         tokenizer: a tokenizer folder / ``tokenizer.json`` overriding the checkpoint's (it
             must be the one the model was trained with).
-        dtype: ``"fp32"`` (default), ``"bf16"`` or ``"auto"`` (bf16 on CUDA, fp32 on CPU).
+        dtype: ``"fp32"`` (default), ``"bf16"``, ``"auto"`` (bf16 on CUDA, fp32 on CPU) or
+            ``"checkpoint"``: the dtype the run trained its weights in (its ``--bf16``), so
+            no converted copy of the weights is made (export reads the weights this way).
         device: ``"cpu"`` or ``"cuda"`` (default: CUDA when available). The model is built
             where megatron builds it (CUDA when available); ``"cpu"`` on a CUDA machine is
             refused rather than silently ignored.
@@ -252,7 +254,7 @@ def load_model(
     args = _flags_namespace(info.get("args"), model_flags)
     for key, value in _LAYOUT.items():
         setattr(args, key, value)
-    args.bf16 = dtype == "bf16"
+    args.bf16 = bool(getattr(args, "bf16", False)) if dtype == "checkpoint" else dtype == "bf16"
     trained = trained_routing(args)
     if routing == "mope" and trained != "mope":
         raise StoreError(f"{it_dir} was trained with {trained} routing: it has no Sigma to route "

@@ -5,7 +5,13 @@
 #   NNODES NODE_RANK MASTER_ADDR MASTER_PORT   the environment's, else SLURM's, else one node
 # Checked here (one line on stderr, exit 2, before torchrun's own usage text): NPROC_PER_NODE
 # and NNODES positive integers, NODE_RANK in 0..NNODES-1, MASTER_PORT in 1..65535, MASTER_ADDR
-# not empty.
+# not empty, PYTHON a command.
+
+_launch_prog="$(basename "${0:-launch_env.sh}")"
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    echo "$_launch_prog: error: PYTHON '$PYTHON' is not a command (set PYTHON to a python with mpmoe installed)" >&2
+    exit 2
+fi
 
 PHYSICAL_GPUS=0
 if command -v nvidia-smi >/dev/null 2>&1; then
@@ -29,7 +35,6 @@ if [[ -z "${MASTER_ADDR:-}" ]]; then
 fi
 MASTER_PORT="${MASTER_PORT:-29500}"
 
-_launch_prog="$(basename "${0:-launch_env.sh}")"
 _launch_int() {  # NAME VALUE MIN [MAX]: an integer in range, else one line and exit 2
     local name=$1 value=$2 min=$3 max=${4:-}
     if ! [[ "$value" =~ ^[0-9]+$ ]] || (( 10#$value < min )) || [[ -n "$max" && $(( 10#$value )) -gt $max ]]; then

@@ -75,20 +75,24 @@ WORLD=$(( NPROC * NNODES ))
 EP=$("$PYTHON" - "$PRESET" "$WORLD" "$@" <<'PY'
 import sys
 from mpmoe.layout import expert_parallel_size
-from mpmoe.megatron_lm.launch import _int
+from mpmoe.megatron_lm.launch import _int, check_values
 from mpmoe.train.presets import load_preset
 preset, world, argv = load_preset(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 get = lambda flag, key, default: _int(argv, flag, preset.get(key, default))
-experts = get("--num-experts", "num_experts", 0) or 0
-if "--expert-model-parallel-size" in argv or not experts:
-    print(0)
-else:
-    print(expert_parallel_size(experts, world, get("--tensor-model-parallel-size", "tensor_model_parallel_size", 1),
-                               get("--pipeline-model-parallel-size", "pipeline_model_parallel_size", 1),
-                               get("--context-parallel-size", "context_parallel_size", 1),
-                               get("--expert-tensor-parallel-size", "expert_tensor_parallel_size", None)))
+try:
+    check_values(argv)  # a valued flag without its value: one line here, not once per rank
+    experts = get("--num-experts", "num_experts", 0) or 0
+    if "--expert-model-parallel-size" in argv or not experts:
+        print(0)
+    else:
+        print(expert_parallel_size(experts, world, get("--tensor-model-parallel-size", "tensor_model_parallel_size", 1),
+                                   get("--pipeline-model-parallel-size", "pipeline_model_parallel_size", 1),
+                                   get("--context-parallel-size", "context_parallel_size", 1),
+                                   get("--expert-tensor-parallel-size", "expert_tensor_parallel_size", None)))
+except ValueError as exc:
+    sys.exit(f"train.sh: error: {exc}")
 PY
-) || { echo "train.sh: error: cannot choose the expert-parallel size for world size $WORLD" >&2; exit 2; }
+) || exit 2
 if [[ "$EP" -gt 0 ]]; then EXTRA+=(--expert-model-parallel-size "$EP"); fi
 
 echo "train.sh: preset $PRESET, $NNODES node(s) x $NPROC process(es) ($([[ $GPUS -gt 0 ]] && echo "$GPUS GPU(s)" || echo CPU/gloo)), EP=${EP/#0/given}" >&2

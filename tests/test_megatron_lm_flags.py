@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,49 @@ def test_launcher_runs_patched_pretrain_gpt_with_the_preset(tmp_path):
 def test_launcher_errors(tmp_path, args, message):
     proc = _launch(tmp_path, *args)
     assert proc.returncode == 2 and message in proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train-iters"], "--train-iters needs a value"),
+    (["--train-iters", "--log-interval", "1"], "--train-iters needs a value"),
+    (["--lr", "1e-3", "--micro-batch-size"], "--micro-batch-size needs a value"),
+    (["--expert-model-parallel-size"], "--expert-model-parallel-size needs a value"),
+    (["--data-path"], "--data-path needs a value"),
+    (["--moe-sigma-shrinkage"], "--moe-sigma-shrinkage needs a value"),  # a setting the patch set adds
+    (["--train-iters", "abc"], "--train-iters 'abc' is not an integer"),
+    (["--train-iters="], "--train-iters '' is not an integer"),
+    (["--num-experts", "x"], "--num-experts 'x' is not an integer"),
+])
+def test_plan_refuses_a_valued_flag_without_its_value(argv, message):
+    """A bare flag would reach megatron's parser (its whole usage text, once per rank)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        plan("tiny-cpu", "mope", argv, {}, 0)
+
+
+def test_plan_accepts_flags_without_values_and_negative_numbers():
+    args = plan("tiny-cpu", "mope", ["--recompute-modules", "--mock-data", "--lr-warmup-init", "-1",
+                                     "--use-flash-attn"], {}, 0).args
+    assert args[-5:] == ["--recompute-modules", "--mock-data", "--lr-warmup-init", "-1", "--use-flash-attn"]
+
+
+@pytest.mark.parametrize("script, args", [
+    (LAUNCHER, ["tiny-cpu", "mope", "TREE", "--lr", "1e-3", "--train-iters"]),
+    (ROOT / "scripts" / "train.sh", ["tiny-cpu", "--lr", "1e-3", "--train-iters"]),
+])
+def test_scripts_refuse_a_valued_flag_without_its_value_in_one_line(tmp_path, script, args):
+    tree = tmp_path / "Megatron-LM"
+    tree.mkdir()
+    (tree / "pretrain_gpt.py").write_text("from mpmoe import megatron_lm as mpmoe_megatron_lm\n")
+    env = dict(os.environ, PYTHON=str(_fake_python(tmp_path)), PATH="/usr/bin:/bin")
+    proc = subprocess.run(["bash", str(script), *[str(tree) if a == "TREE" else a for a in args]], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == f"{script.name}: error: --train-iters needs a value\n"
+    env["PYTHON"] = str(tmp_path / "no-such-python")
+    proc = subprocess.run(["bash", str(script), *[str(tree) if a == "TREE" else a for a in args]], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"{script.name}: error: PYTHON ")
+    assert len(proc.stderr.splitlines()) == 1
 
 
 def test_launcher_refuses_an_unpatched_checkout(tmp_path):

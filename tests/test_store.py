@@ -89,6 +89,26 @@ def test_round_trip_keeps_logits_and_routing_state(ckpts, kind, tmp_path, dist):
     assert _counters(b.model) == counters_a
 
 
+def test_dtype_checkpoint_loads_the_weights_in_the_dtype_they_were_saved_in(ckpts, tmp_path, dist):
+    """dtype="checkpoint": an fp32 run loads in fp32, a model saved in bf16 loads in bf16 with
+    the very tensors saved (no fp32 copy); Sigma stays fp32 either way."""
+    a = store.load_model(ckpts["mope"], dtype="checkpoint")
+    assert a.dtype == torch.float32 and not a.args.bf16
+    h = store.load_model(ckpts["mope"], dtype="bf16")
+    assert h.dtype == torch.bfloat16
+    args = type(h.args)(**vars(h.args))
+    out = store.save_model(tmp_path / "bf16", h, args=args)
+    b = store.load_model(out, dtype="checkpoint")
+    assert b.dtype == torch.bfloat16 and b.args.bf16
+    saved, loaded = _tensors(h.model), _tensors(b.model)
+    assert saved.keys() == loaded.keys()
+    assert loaded["embedding.word_embeddings.weight"].dtype == torch.bfloat16
+    sigma = [k for k in loaded if k.endswith("cooccurrence_stats.covariance")]
+    assert sigma and all(loaded[k].dtype == torch.float32 for k in sigma)
+    for k in saved:
+        assert saved[k].dtype == loaded[k].dtype and torch.equal(saved[k], loaded[k]), k
+
+
 def test_readers_accept_a_saved_model(ckpts, tmp_path, capsys, embedded_cache):
     """mpmoe eval's loader, analyze checkpoint and train --load --no-load-optim read it."""
     from mpmoe.analysis.cli import main as analyze

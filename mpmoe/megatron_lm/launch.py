@@ -36,7 +36,7 @@ from mpmoe.layout import expert_parallel_size, fit_micro_batch, visible_gpus
 from mpmoe.megatron_lm.flags import ROUTER_ALIASES, preset_flags
 from mpmoe.train.presets import PresetError, load_preset
 
-__all__ = ["DATA_FLAGS", "Plan", "plan"]
+__all__ = ["DATA_FLAGS", "Plan", "check_values", "plan"]
 
 #: Megatron-LM's data sources (one per run): any of them means no automatic --mock-data.
 DATA_FLAGS = ("--data-path", "--train-data-path", "--valid-data-path", "--test-data-path",
@@ -74,11 +74,31 @@ def _int(argv, flag, default):
         raise ValueError(f"{flag} {v!r} is not an integer") from None
 
 
+def _valued_options() -> set:
+    """Options that take a value: ``mpmoe train``'s (Megatron-LM's names; the routing
+    settings the patch set adds included) and the data sources the launcher reads."""
+    from mpmoe.train.args import build_parser
+
+    out = {s for a in build_parser()._actions if a.nargs not in (0, "?", "*") for s in a.option_strings}
+    return out | (set(DATA_FLAGS) - {"--mock-data"})
+
+
+def check_values(argv: Sequence[str]) -> None:
+    """``ValueError`` (one line) for an option given without its value (the last word, or
+    followed by another ``--option``): the launcher would read it as absent and hand
+    the bare flag on (megatron's parser answers with its whole usage text)."""
+    valued = _valued_options()
+    for i, a in enumerate(argv):
+        if a in valued and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            raise ValueError(f"{a} needs a value")
+
+
 def plan(preset: str, router: str, argv: Sequence[str], env: Mapping[str, str], physical_gpus: int,
          nnodes: int = 1) -> Plan:
     """The launch of ``preset`` with ``router`` and the user's ``argv`` (``ValueError`` /
     :class:`PresetError` on a layout that cannot start)."""
     argv = list(argv)
+    check_values(argv)
     gpus = visible_gpus(env, physical_gpus)
     nproc = int(env.get("NPROC_PER_NODE") or 0) or gpus or 1
     world = nproc * nnodes
