@@ -205,6 +205,13 @@ def main(argv=None) -> int:
                                  "--calibration-tokens", cfg["calib"], "--seed", seed)
                         rows.append((routing, seed, size, "MC-SMoE", measure(comp, cfg, out)))
     elapsed = time.perf_counter() - start
+    write_report(out, cfg, rows, elapsed)
+    log(f"done in {elapsed:.0f} s: {out / 'report.md'}")
+    return 0
+
+
+def write_report(out: Path, cfg: dict, rows: list, elapsed: float) -> None:
+    """``OUT/summary.json`` and ``OUT/report.md`` from ``rows`` [(routing, seed, experts, method, measure)]."""
     table = {}
     for routing, seed, size, method, rec in rows:
         table.setdefault((routing, size, method), []).append(rec)
@@ -243,8 +250,6 @@ def main(argv=None) -> int:
                          f"MoPE {d['MoPE'][0]:+.4f} ± {d['MoPE'][1]:.4f} (difference "
                          f"{d['MoPE'][0] - d['top-k'][0]:+.4f})")
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    log(f"done in {elapsed:.0f} s: {out / 'report.md'}")
-    return 0
 
 
 if __name__ == "__main__":
