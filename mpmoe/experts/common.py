@@ -13,13 +13,26 @@ import torch
 
 from mpmoe.errors import UserError
 
-__all__ = ["surgery_flags", "ExpertsError", "check_save", "moe_layers", "expert_stack", "set_expert", "routing_statistics",
+__all__ = ["surgery_flags", "ExpertsError", "add_source_arguments", "check_save", "moe_layers", "expert_stack",
+           "set_expert", "routing_statistics",
            "count_parameters", "folder_bytes", "load_source", "copy_non_experts", "rebuild", "surgery_run",
            "save_surgery"]
 
 
 class ExpertsError(UserError, ValueError):
     """A bad ``mpmoe experts`` input (one line)."""
+
+
+def add_source_arguments(p, *, seed_help: str) -> None:
+    """The flags of a rewrite's source and its calibration data: ``--seed``, ``--data-path``,
+    ``--model-flags`` (last: it takes the rest of the command line)."""
+    import argparse
+
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--data-path", nargs="+", default=None,
+                   help="the run's data, if it moved (default: as the checkpoint records it)")
+    p.add_argument("--model-flags", nargs=argparse.REMAINDER, default=None,
+                   help="mpmoe train flags for a checkpoint that does not record them (last)")
 
 
 def check_save(save) -> Path:

@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from mpmoe.experts.common import (ExpertsError, count_parameters, folder_bytes, moe_layers, rebuild, save_surgery,
-                                  surgery_run)
+from mpmoe.experts.common import (ExpertsError, add_source_arguments, count_parameters, folder_bytes, moe_layers,
+                                  rebuild, save_surgery, surgery_run)
 from mpmoe.surgery import compress as C
 
 
@@ -36,11 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta1", type=float, default=0.85, help="PLATON moving-average factor")
     p.add_argument("--calibration-tokens", type=int, default=16384,
                    help="calibration tokens in all (training split), spread over --steps")
-    p.add_argument("--seed", type=int, default=0, help="calibration sample seed")
-    p.add_argument("--data-path", nargs="+", default=None,
-                   help="the run's data, if it moved (default: as the checkpoint records it)")
-    p.add_argument("--model-flags", nargs=argparse.REMAINDER, default=None,
-                   help="mpmoe train flags for a checkpoint that does not record them (last)")
+    add_source_arguments(p, seed_help="calibration sample seed")
 
 
 def _check(args) -> None:

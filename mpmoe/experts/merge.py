@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from mpmoe.experts.common import (ExpertsError, count_parameters, expert_stack, moe_layers, rebuild, routing_statistics,
-                                  save_surgery, set_expert, surgery_run)
+from mpmoe.experts.common import (ExpertsError, add_source_arguments, count_parameters, expert_stack, moe_layers,
+                                  rebuild, routing_statistics, save_surgery, set_expert, surgery_run)
 from mpmoe.surgery import merge as M
 
 LAYOUTS = ("bind", "collapsed")
@@ -61,11 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="usage frequencies from calibration tokens, or a MoPE checkpoint's saved counters")
     p.add_argument("--calibration-tokens", type=int, default=32768, help="calibration tokens (training split)")
     p.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward")
-    p.add_argument("--seed", type=int, default=0, help="calibration sample and random grouping seed")
-    p.add_argument("--data-path", nargs="+", default=None,
-                   help="the run's data, if it moved (default: as the checkpoint records it)")
-    p.add_argument("--model-flags", nargs=argparse.REMAINDER, default=None,
-                   help="mpmoe train flags for a checkpoint that does not record them (last)")
+    add_source_arguments(p, seed_help="calibration sample and random grouping seed")
 
 
 def _check(args) -> None:
@@ -243,8 +239,8 @@ def run(args) -> int:
     print(f"mpmoe experts merge: {args.method} ({args.layout}) {num_experts} -> "
           f"{gpl[0] if len(gpl) == 1 else gpl} experts per layer in {len(layers)} layers; expert "
           f"parameters {surgery['parameters']['before']['experts']} -> {surgery['parameters']['after']['experts']}; "
-          f"{time.perf_counter() - start:.1f} s ("
-          + ", ".join(f"{k} {v:.1f}" for k, v in times.items()) + f", save {time.perf_counter() - start - sum(times.values()):.1f}) -> {out}")
+          f"{time.perf_counter() - start:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in times.items())
+          + f", save {time.perf_counter() - start - sum(times.values()):.1f}) -> {out}")
     import shlex
 
     print("recovery fine-tuning: mpmoe train --load " + shlex.quote(str(out)) + " --no-load-optim <the run's "
