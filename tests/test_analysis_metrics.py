@@ -141,3 +141,14 @@ def test_matrix_cka_ignores_the_diagonal():
     assert M.matrix_cka(weak_a, weak_b) == pytest.approx(M.matrix_cka(a, b))
     with pytest.raises(ValueError):
         M.matrix_cka(a, b[:4, :4])
+
+
+def test_mean_std_is_the_sample_mean_and_std_of_the_finite_values():
+    import statistics
+
+    xs = [6.79, 6.81, 6.74]
+    m, s = M.mean_std([*xs, None, float("nan")])
+    assert m == pytest.approx(statistics.fmean(xs), rel=1e-12)
+    assert s == pytest.approx(statistics.stdev(xs), rel=1e-12)  # ddof 1: the seed spread
+    assert M.mean_std([2.5]) == (2.5, 0.0)
+    assert all(math.isnan(v) for v in M.mean_std([None, float("inf")]))

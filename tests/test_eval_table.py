@@ -232,3 +232,13 @@ def test_errors(tmp_path, capsys):
     (bad / "results.json").write_text("{not json")
     with pytest.raises(EvalError, match="cannot read results file"):
         collect([bad])
+
+
+def test_flat_scores_keeps_every_metric_without_filters_stderr_or_lengths():
+    from mpmoe.eval.scores import flat_scores
+
+    res = {"results": {"t1": {"alias": "t1", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.25},
+                       "t2": {"bits_per_byte,none": 2.4, "sample_len": 10, "word_perplexity,none": 30.0}}}
+    assert flat_scores(res) == {"t1/acc": 0.5, "t1/acc_norm": 0.25, "t2/bits_per_byte": 2.4,
+                                "t2/word_perplexity": 30.0}
+    assert flat_scores({}) == {}

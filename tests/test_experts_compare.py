@@ -24,7 +24,8 @@ def test_compare_split_quick(tmp_path, embedded_cache):
         assert math.isfinite(run["val"]) and run["local"]
     ilp = summary["runs"]["ilp/routers/s1"]["ilp"]
     rnd = summary["runs"]["random-heterogeneous/routers/s1"]["ilp"]
-    assert [sum(v["sizes_neurons"]) for v in rnd.values()] == [sum(v["sizes_neurons"]) for v in ilp.values()]
-    if all(v["status"] == "optimal" for v in ilp.values()):  # a time-limited solve may differ between runs
-        assert [v["sizes_neurons"] for v in ilp.values()] == [v["sizes_neurons"] for v in rnd.values()]
+    # random-heterogeneous has exactly the ILP split's sizes (--sizes-from), solving no ILP of its own
+    assert [v["sizes_neurons"] for v in ilp.values()] == [v["sizes_neurons"] for v in rnd.values()]
+    assert all(v["status"] is None for v in rnd.values()) and all(v["status"] for v in ilp.values())
+    assert summary["stages_s"]["fine-tuning"]["wall"] > 0 and summary["cpu_s"] > 0
     assert "| ilp | routers |" in (tmp_path / "report.md").read_text()

@@ -106,6 +106,43 @@ def _run_cli(argv, capsys):
     return rc, capsys.readouterr().err.strip()
 
 
+def test_sizes_from_gives_random_heterogeneous_the_ilp_split_sizes(dense, tmp_path, capsys):
+    ilp = _split(dense, tmp_path / "ilp", "--num-experts", "4", "--moe-router-topk", "2")
+    rnd = _split(dense, tmp_path / "rnd", "--num-experts", "4", "--moe-router-topk", "2",
+                 "--partitioner", "random-heterogeneous", "--sizes-from", str(ilp), "--seed", "3")
+    a, b = (json.loads((p / "surgery.json").read_text())["layers"]["2"] for p in (ilp, rnd))
+    assert b["sizes_neurons"] == a["sizes_neurons"] and b["sizes_from"] == str(ilp)
+    assert "status" not in b  # no ILP solved again
+    # other neurons than the ILP's: the experts' fc2 columns differ where the sizes agree
+    from mpmoe.megatron import init_distributed
+    from mpmoe.store import load_model
+
+    init_distributed()
+    ea = load_model(str(ilp)).model.decoder.layers[1].mlp.experts.local_experts
+    eb = load_model(str(rnd)).model.decoder.layers[1].mlp.experts.local_experts
+    assert any(not torch.equal(x.linear_fc2.weight, y.linear_fc2.weight) for x, y in zip(ea, eb))
+    # sizes of another shape: one line, nothing written
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"layers": {"2": {"sizes_neurons": [64, 64]}}}))
+    rc, err = _run_cli(["--load", str(dense), "--save", str(tmp_path / "x"), *SMALL, "--num-experts", "4",
+                        "--partitioner", "random-heterogeneous", "--sizes-from", str(bad)], capsys)
+    assert rc == 2 and "are not 4 experts" in err and len(err.splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_split_router_goes_through_the_registry(dense):
+    """A dense run that recorded another router's mark (ReMoE's) still splits into top-k + unit gates."""
+    from mpmoe.experts.split import split_model
+    from mpmoe.megatron import init_distributed, routers
+    from mpmoe.store import load_model
+
+    init_distributed()
+    loaded = load_model(str(dense))
+    loaded.args.moe_relu_routing = True
+    _, args, _ = split_model(loaded, num_experts=4, topk=2, partitioner="contiguous", num_modules=8)
+    assert routers.kind_of(args) == "topk" and args.router == "topk" and args.moe_relu_routing is False
+    assert args.moe_router_unit_gates and args.moe_router_load_balancing_type == "none"
+
+
 def test_refusals_are_one_line_and_write_nothing(dense, tmp_path, capsys):
     split = tmp_path / "split"
     empty_dir = tmp_path / "empty"
@@ -120,6 +157,9 @@ def test_refusals_are_one_line_and_write_nothing(dense, tmp_path, capsys):
         (["--domain-data", str(tmp_path / "missing")], "not a folder"),
         (["--domain-data", str(empty_dir)], "no files"),
         (["--domain-data", str(empty_file)], "is empty"),
+        (["--sizes-from", str(tmp_path / "missing")], "--sizes-from applies to"),  # default partitioner: ilp
+        (["--partitioner", "random-heterogeneous", "--sizes-from", str(tmp_path / "missing")], "no surgery.json"),
+        (["--partitioner", "random-heterogeneous", "--sizes-from", str(empty_file / "a.txt")], "not a surgery.json"),
     ]
     for extra, needle in cases:
         rc, err = _run_cli(["--load", str(dense), "--save", str(split), *SMALL, *extra], capsys)

@@ -196,3 +196,19 @@ def test_fraction_of_iters_rounds_down_like_the_launchers():
 
     for n in range(1, 20000, 7):
         assert fraction_of_iters(0.1, n) == max(1, n // 10)
+
+
+def test_router_constants_stay_on_cpu_when_first_imported_under_meta():
+    """Importing the router inside a meta-device block must not leave meta constants behind
+    (a meta -inf made every later CPU run in the process fail)."""
+    import importlib
+    import sys
+
+    saved = sys.modules.pop("mpmoe.megatron.router")
+    try:
+        with torch.device("meta"):
+            fresh = importlib.import_module("mpmoe.megatron.router")
+        assert fresh._NEG_INF.device.type == "cpu"
+    finally:
+        sys.modules["mpmoe.megatron.router"] = saved
+        sys.modules["mpmoe.megatron"].router = saved  # the import rebound the package attribute

@@ -19,6 +19,7 @@ __all__ = [
     "matrix_cka",
     "matrix_cka_baseline",
     "mean_offdiagonal",
+    "mean_std",
     "ot_distance",
     "ot_distance_matrix",
     "pmi_cooccurrence",
@@ -254,3 +255,12 @@ def ot_distance_matrix(samples, *, p: int = 2, progress: bool = False) -> np.nda
     for i, j in it:
         out[i, j] = out[j, i] = ot_distance(s[i], s[j], p=p)
     return out
+
+
+def mean_std(xs) -> tuple:
+    """``(mean, sample std)`` of the finite values of ``xs`` (``None`` and NaN skipped): std 0.0
+    for one value, ``(nan, nan)`` for none. The seed spread of the experiment scripts."""
+    xs = [float(x) for x in xs if x is not None and np.isfinite(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0

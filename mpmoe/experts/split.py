@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe-router-topk", type=int, default=4)
     p.add_argument("--partitioner", choices=PARTITIONERS, default="ilp",
                    help="ilp: HEMoE; the others are the baselines (random-heterogeneous uses the ILP's sizes)")
+    p.add_argument("--sizes-from", default=None, metavar="SPLIT",
+                   help="random-heterogeneous only: take the expert sizes from this split (its folder or "
+                        "surgery.json, e.g. the ILP split of the same model) instead of solving the ILP again")
     p.add_argument("--domain-data", default=None,
                    help="folder with one text file per domain (the reference's input); default: "
                         "domains clustered from the model's hidden states on its training data")
@@ -90,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SplitError(f"--save {out} exists and is not an empty folder")
     domains = _read_domain_files(args.domain_data) if args.domain_data else None
+    sizes_from = read_sizes(args.sizes_from) if args.sizes_from else None
     dense_layers = _parse_layers(args.dense_layers)
     init_distributed()
     loaded = _load(args)
@@ -98,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
         domain_texts=domains, num_domains=args.num_domains, samples_per_domain=args.samples_per_domain,
         num_modules=args.num_modules, size_ratio=args.size_ratio, coherence=args.coherence,
         time_limit=args.ilp_time_limit, dense_layers=dense_layers,
-        gates=args.gates, balance_coeff=args.balance_coeff, seed=args.seed)
+        gates=args.gates, balance_coeff=args.balance_coeff, seed=args.seed, expert_sizes=sizes_from)
+    if args.sizes_from:
+        for entry in report["layers"].values():
+            entry["sizes_from"] = str(args.sizes_from)
     report["source"] = str(args.load)
     path = _save(out, model, split_args, loaded, report)
     sizes = "; ".join(f"layer {k}: {v['sizes_neurons']}" for k, v in report["layers"].items())
@@ -122,6 +129,21 @@ def _check_options(a) -> None:
         raise SplitError("--num-domains and --samples-per-domain must be >= 1")
     if not a.coherence > 0 or not a.ilp_time_limit > 0 or a.balance_coeff < 0:
         raise SplitError("--coherence and --ilp-time-limit must be > 0, --balance-coeff >= 0")
+    if a.sizes_from is not None and a.partitioner != "random-heterogeneous":
+        raise SplitError(f"--sizes-from applies to --partitioner random-heterogeneous only, not {a.partitioner}")
+
+
+def read_sizes(path) -> Dict[int, List[int]]:
+    """``{layer: [neurons per expert]}`` of a split (its folder, iteration folder or surgery.json)."""
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(p.glob("**/surgery.json")) if p.is_dir() else []
+    if not files:
+        raise SplitError(f"--sizes-from {p}: no surgery.json there (a folder written by {PROG})")
+    try:
+        layers = json.loads(files[-1].read_text())["layers"]
+        return {int(k): [int(n) for n in v["sizes_neurons"]] for k, v in layers.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise SplitError(f"--sizes-from {files[-1]}: not a surgery.json of {PROG}") from None
 
 
 def _parse_layers(text: Optional[str]) -> Optional[List[int]]:
@@ -301,10 +323,13 @@ def split_model(loaded, *, num_experts: int, topk: int, partitioner: str = "ilp"
                 domain_texts: Optional[Dict[str, str]] = None, num_domains: int = 4,
                 samples_per_domain: int = 32, num_modules: int = 32, size_ratio: float = 4.0,
                 coherence: float = 2.0, time_limit: float = 60.0, dense_layers: Optional[List[int]] = None,
-                gates: str = "unit", balance_coeff: float = 5e-4, seed: int = 0):
+                gates: str = "unit", balance_coeff: float = 5e-4, seed: int = 0,
+                expert_sizes: Optional[Dict[int, List[int]]] = None):
     """Split ``loaded`` (a dense model from :func:`mpmoe.store.load_model`); returns
     ``(model, args, report)``: the new MoE model (weights filled), the ``mpmoe train`` flags
-    that rebuild it, and the ``surgery.json`` record. Raises :class:`SplitError`."""
+    that rebuild it, and the ``surgery.json`` record. ``expert_sizes`` (random-heterogeneous
+    only): ``{layer: neurons per expert}`` instead of the ILP's. Raises :class:`SplitError`."""
+    from mpmoe.megatron import routers
     from mpmoe.megatron.hetero import format_expert_sizes
     from mpmoe.surgery import split as S
 
@@ -331,7 +356,16 @@ def split_model(loaded, *, num_experts: int, topk: int, partitioner: str = "ilp"
         raise SplitError(f"{partitioner}: {f} neurons do not split into {num_experts} equal experts")
     if not size_ratio >= 1:
         raise SplitError(f"--size-ratio must be >= 1, got {size_ratio}")
-    if partitioner in ("ilp", "random-heterogeneous"):
+    if expert_sizes is not None:
+        if partitioner != "random-heterogeneous":
+            raise SplitError(f"expert sizes given apply to random-heterogeneous only, not {partitioner}")
+        if sorted(expert_sizes) != layers:
+            raise SplitError(f"--sizes-from has layers {sorted(expert_sizes)}, this split {layers}")
+        bad = [k for k, v in expert_sizes.items() if len(v) != num_experts or sum(v) != f or min(v) < 1]
+        if bad:
+            raise SplitError(f"--sizes-from layer {bad[0]}: sizes {expert_sizes[bad[0]]} are not {num_experts} "
+                             f"experts of >= 1 neurons summing to the FFN's {f}")
+    elif partitioner in ("ilp", "random-heterogeneous"):
         try:
             S.check_ilp_inputs(num_modules, len(domain_texts) if domain_texts else num_domains,
                                num_experts, size_ratio, coherence)
@@ -342,7 +376,7 @@ def split_model(loaded, *, num_experts: int, topk: int, partitioner: str = "ilp"
                     "coherence": coherence, "ilp_time_limit": time_limit, "seed": seed,
                     "dense_layers": dense, "layers": {}}
     model = loaded.model
-    needs_scores = partitioner in ("ilp", "random-heterogeneous")
+    needs_scores = partitioner == "ilp" or (partitioner == "random-heterogeneous" and expert_sizes is None)
     start = time.perf_counter()
     scores = None
     if needs_scores:
@@ -365,7 +399,9 @@ def split_model(loaded, *, num_experts: int, topk: int, partitioner: str = "ilp"
     for layer in layers:
         fc1, fc2 = _ffn(model, layer)
         entry = {"partitioner": partitioner}
-        if partitioner in ("ilp", "random-heterogeneous"):
+        if expert_sizes is not None:
+            lab = S.random_heterogeneous(f, expert_sizes[layer], seed=seed + layer)
+        elif partitioner in ("ilp", "random-heterogeneous"):
             modules = S.balanced_kmeans(S.gate_features(fc1, gated=gated), num_modules, seed=seed)
             res = S.solve_split_ilp(S.module_scores(scores[layer], modules, num_modules), num_experts,
                                     size_ratio=size_ratio, coherence=coherence, time_limit=time_limit)
@@ -397,14 +433,14 @@ def split_model(loaded, *, num_experts: int, topk: int, partitioner: str = "ilp"
     args.moe_ffn_hidden_size = max(1, f // num_experts)
     args.moe_expert_ffn_sizes = format_expert_sizes(sizes)
     args.moe_shared_expert_intermediate_size = None
-    args.moe_router_load_balancing_type = "none"
+    routers.select(vars(args), "topk")  # the split's router is top-k (with unit gates); clears MoPE/ReMoE marks
+    args.moe_router_load_balancing_type = "none"  # HEMoE's size-weighted balance loss instead
     args.moe_aux_loss_coeff = 0.0
     args.moe_z_loss_coeff = None
     args.moe_router_unit_gates = gates == "unit"
     args.moe_size_aux_loss_coeff = float(balance_coeff)
     args.moe_router_pre_softmax = False
     args.moe_grouped_gemm = False
-    args.moe_relu_routing = False
     args.moe_router_enable_expert_bias = False
     args.moe_router_score_function = "softmax"
     args.moe_expert_capacity_factor = None

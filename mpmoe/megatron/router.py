@@ -65,8 +65,10 @@ except ImportError:  # pragma: no cover - depends on the environment
     _HAVE_TE = False
 
 # -inf as a 0-dim CPU tensor: on CPU torch.where takes it (of any float dtype) for about
-# half the cost of a Python-scalar operand.
-_NEG_INF = torch.tensor(-math.inf)
+# half the cost of a Python-scalar operand. The device is explicit: this module may first be
+# imported inside a `with torch.device("meta")` block (building a model to count its
+# parameters), which would otherwise make the constant a meta tensor for the whole process.
+_NEG_INF = torch.tensor(-math.inf, device="cpu")
 
 __all__ = [
     "TopKStatsRouter",

@@ -6,11 +6,12 @@
     python scripts/experts/compare_split.py OUT            # the full comparison (tiny-cpu-dense)
     python scripts/experts/compare_split.py OUT --quick    # minutes; what the test runs
 
-1. trains the dense model (``--preset tiny-cpu-dense``, ``--dense-iters``);
-2. per seed and partitioner (``ilp``, ``moefication``, ``random-homogeneous``,
-   ``random-heterogeneous`` with the ILP's sizes, ``contiguous``): ``mpmoe experts split``
-   (E = 8, top-4, unit gates, domains clustered from hidden states);
-3. fine-tunes each split for the same budget (``--ft-iters``) with only the routers
+1. trains the dense model (``--preset tiny-cpu-dense``, ``--dense-iters``, default 300);
+2. per seed (default 1,2,3) and partitioner (``ilp``, ``moefication``, ``random-homogeneous``,
+   ``random-heterogeneous`` with the ILP split's sizes via ``--sizes-from``, ``contiguous``):
+   ``mpmoe experts split`` (E = 8, top-4, unit gates, 32 modules, 4 domains clustered from
+   hidden states x 16 sequences, ILP limit 60 s per layer);
+3. fine-tunes each split for the same budget (``--ft-iters``, default 60) with only the routers
    trainable and with everything trainable (``mpmoe train --load SPLIT --no-load-optim``),
    and the dense model for the same budget as the control;
 4. measures the held-out loss (``mpmoe.store.heldout_loss``: the same windows of the
@@ -25,11 +26,19 @@ states what was measured, whichever way it comes out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from mpmoe.analysis.metrics import mean_std  # noqa: E402  (shared with scripts/reproduce/)
+from mpmoe.eval.scores import evaluate_checkpoint  # noqa: E402
 
 PARTITIONERS = ("ilp", "moefication", "random-homogeneous", "random-heterogeneous", "contiguous")
 QUICK_MODEL = ["--num-layers", "3", "--hidden-size", "64", "--ffn-hidden-size", "128",
@@ -38,6 +47,21 @@ QUICK_MODEL = ["--num-layers", "3", "--hidden-size", "64", "--ffn-hidden-size", 
 
 def log(msg: str) -> None:
     print(f"[compare_split {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+#: stage -> [wall s, CPU s (all threads of this process)], summed over the runs of this invocation
+TIMES: dict = {}
+
+
+@contextlib.contextmanager
+def timed(stage: str):
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        t = TIMES.setdefault(stage, [0.0, 0.0])
+        t[0] += time.perf_counter() - wall
+        t[1] += time.process_time() - cpu
 
 
 def _train(run: Path, argv: list) -> dict:
@@ -66,35 +90,11 @@ def _heldout(ckpt: Path, num_tokens: int) -> float:
         destroy_distributed()
 
 
-def _eval_local(ckpt: Path, dest: Path, limit) -> dict:
-    from mpmoe.eval.cli import build_parser, evaluate
-
-    if not (dest / "results.json").is_file():
-        evaluate(build_parser().parse_args(["--load", str(ckpt), "--tasks", "mpmoe_local", "--limit", str(limit),
-                                            "--output-path", str(dest), "--no-progress", "--bootstrap-iters", "0",
-                                            "--batch-size", "8"]))
-    res = json.loads((dest / "results.json").read_text())
-    scores = {}
-    for task, metrics in res.get("results", {}).items():
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and "stderr" not in key and not key.startswith("sample_len"):
-                scores[f"{task}/{key.split(',')[0]}"] = value
-    return scores
-
-
-def mean_std(xs) -> tuple:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    if not xs:
-        return float("nan"), float("nan")
-    m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("out")
     p.add_argument("--quick", action="store_true", help="a smaller model, fewer steps and runs (the test)")
-    p.add_argument("--seeds", default=None, help="comma-separated (default 1,2; quick: 1)")
+    p.add_argument("--seeds", default=None, help="comma-separated (default 1,2,3; quick: 1)")
     p.add_argument("--partitioners", default=None, help=f"default: all of {','.join(PARTITIONERS)}")
     p.add_argument("--dense-iters", type=int, default=None)
     p.add_argument("--ft-iters", type=int, default=None)
@@ -107,11 +107,12 @@ def main(argv=None) -> int:
     p.add_argument("--embedded-cache-dir", default=None)
     a = p.parse_args(argv)
     quick = a.quick
-    seeds = [int(s) for s in (a.seeds or ("1" if quick else "1,2")).split(",")]
+    seeds = [int(s) for s in (a.seeds or ("1" if quick else "1,2,3")).split(",")]
     parts = (a.partitioners or ("ilp,random-heterogeneous" if quick else ",".join(PARTITIONERS))).split(",")
+    parts.sort(key=lambda x: PARTITIONERS.index(x) if x in PARTITIONERS else len(PARTITIONERS))  # the ILP first
     dense_iters = a.dense_iters or (12 if quick else 300)
     ft_iters = a.ft_iters or (2 if quick else 60)
-    ilp_limit = a.ilp_time_limit or (2.0 if quick else 30.0)
+    ilp_limit = a.ilp_time_limit or (2.0 if quick else 60.0)  # mpmoe experts split's default
     limit = a.limit or ("4" if quick else "40")
     modes = (a.modes or ("routers" if quick else "routers,all")).split(",")
     eval_iters = 1 if quick else 4
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
                    "--samples-per-domain", str(a.samples_per_domain or (16 if not quick else 2)), "--ilp-time-limit", str(ilp_limit)]
     start = time.time()
     summary = {"quick": quick, "seeds": seeds, "partitioners": parts, "dense_iters": dense_iters,
-               "ft_iters": ft_iters, "modes": modes, "runs": {}}
+               "ft_iters": ft_iters, "modes": modes, "split_flags": split_flags, "local_limit": limit, "runs": {}}
 
     if a.dense_load:
         from mpmoe.train.checkpoint import latest_iteration
@@ -136,41 +137,57 @@ def main(argv=None) -> int:
     else:
         log(f"dense model, {dense_iters} iterations")
         dense_dir = out / "dense"
-        _train(dense_dir, [*base, "--train-iters", str(dense_iters), "--eval-interval", str(dense_iters)])
+        with timed("dense training"):
+            _train(dense_dir, [*base, "--train-iters", str(dense_iters), "--eval-interval", str(dense_iters)])
         dense_ckpt = dense_dir / "ckpt"
     heldout_tokens = 1024 if quick else 4096
-    summary["dense_val"] = _heldout(dense_ckpt, heldout_tokens)
+    with timed("held-out loss"):
+        summary["dense_val"] = _heldout(dense_ckpt, heldout_tokens)
     ft_common = ["--train-iters", str(ft_iters), "--eval-interval", str(ft_iters), "--lr-warmup-fraction", "0",
                  "--lr-decay-style", "constant", "--lr", "1e-3", "--no-load-optim", "--no-load-rng"]
     for seed in seeds:
         log(f"dense control, seed {seed}")
         ctrl = out / f"dense-ft-s{seed}"
         # a trainer checkpoint resumes its iteration count: the control runs to dense + ft iterations
-        _train(ctrl, [*base, "--seed", str(seed), "--load", str(dense_ckpt), *ft_common,
-                      "--train-iters", str(dense_iters + ft_iters), "--eval-interval", str(dense_iters + ft_iters)])
-        summary["runs"][f"dense/all/s{seed}"] = {"val": _heldout(ctrl / "ckpt", heldout_tokens),
-                                                 "local": _eval_local(ctrl / "ckpt", out / "eval" / ctrl.name, limit)}
+        with timed("fine-tuning"):
+            _train(ctrl, [*base, "--seed", str(seed), "--load", str(dense_ckpt), *ft_common,
+                          "--train-iters", str(dense_iters + ft_iters), "--eval-interval", str(dense_iters + ft_iters)])
+        with timed("held-out loss"):
+            val = _heldout(ctrl / "ckpt", heldout_tokens)
+        with timed("mpmoe_local eval"):
+            local = evaluate_checkpoint(ctrl / "ckpt", out / "eval" / ctrl.name, limit=limit)
+        summary["runs"][f"dense/all/s{seed}"] = {"val": val, "local": local}
         for part in parts:
             split = out / f"split-{part}-s{seed}"
             if not (split / "surgery.json").is_file() and not any(split.glob("**/surgery.json")):
                 log(f"split {part} seed {seed}")
                 from mpmoe.experts.split import main as split_main
 
-                split_main(["--load", str(dense_ckpt), "--save", str(split), "--partitioner", part,
-                            "--seed", str(seed), *split_flags])
+                # random-heterogeneous takes the sizes of this seed's ILP split (a time-limited
+                # solve run again could stop elsewhere); without an ILP split it solves its own
+                ilp_split = out / f"split-ilp-s{seed}"
+                same_sizes = ["--sizes-from", str(ilp_split)] if part == "random-heterogeneous" and "ilp" in parts else []
+                with timed(f"split ({part})"):
+                    split_main(["--load", str(dense_ckpt), "--save", str(split), "--partitioner", part,
+                                "--seed", str(seed), *split_flags, *same_sizes])
             surgery = json.loads(next(split.glob("**/surgery.json")).read_text())
-            before = _heldout(split, heldout_tokens)
+            with timed("held-out loss"):
+                before = _heldout(split, heldout_tokens)
             for mode in modes:
                 name = f"{part}-{mode}-s{seed}"
                 log(f"fine-tune {name}")
                 run = out / f"ft-{name}"
-                _train(run, ["--preset", str(split / "preset.toml"), "--load", str(split), "--seed", str(seed),
-                             "--trainable-params", mode, *ft_common, "--eval-iters", str(eval_iters),
-                             "--log-interval", "10",
-                             *(["--embedded-cache-dir", a.embedded_cache_dir] if a.embedded_cache_dir else [])])
+                with timed("fine-tuning"):
+                    _train(run, ["--preset", str(split / "preset.toml"), "--load", str(split), "--seed", str(seed),
+                                 "--trainable-params", mode, *ft_common, "--eval-iters", str(eval_iters),
+                                 "--log-interval", "10",
+                                 *(["--embedded-cache-dir", a.embedded_cache_dir] if a.embedded_cache_dir else [])])
+                with timed("held-out loss"):
+                    val = _heldout(run / "ckpt", heldout_tokens)
+                with timed("mpmoe_local eval"):
+                    local = evaluate_checkpoint(run / "ckpt", out / "eval" / run.name, limit=limit)
                 summary["runs"][f"{part}/{mode}/s{seed}"] = {
-                    "val_split": before, "val": _heldout(run / "ckpt", heldout_tokens),
-                    "local": _eval_local(run / "ckpt", out / "eval" / run.name, limit),
+                    "val_split": before, "val": val, "local": local,
                     "ilp": {k: {kk: v.get(kk) for kk in ("status", "mip_gap", "sizes_neurons")}
                             for k, v in surgery["layers"].items()}}
                 _write(out, summary, start)  # after every run: an interrupted comparison still reports
@@ -181,6 +198,8 @@ def main(argv=None) -> int:
 
 def _write(out: Path, summary: dict, start: float) -> None:
     summary["wall_s"] = round(time.time() - start, 1)
+    summary["cpu_s"] = round(time.process_time(), 1)  # this process, all threads, since it started
+    summary["stages_s"] = {k: {"wall": round(w, 1), "cpu": round(c, 1)} for k, (w, c) in TIMES.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(report(summary))
 
@@ -205,7 +224,18 @@ def report(s: dict) -> str:
         cells = [fmt(mean_std([r.get("val_split") for r in runs])), fmt(mean_std([r["val"] for r in runs]))]
         cells += [fmt(mean_std([r["local"].get(k, float("nan")) for r in runs])) for k in SHOWN]
         lines.append(f"| {part} | {mode} | " + " | ".join(cells) + " |")
-    lines += ["", "Per run (ILP status, MIP gap and expert sizes per layer, every mpmoe_local metric) in "
+    if s.get("stages_s"):
+        lines += ["", "Time per stage (this invocation; wall / CPU seconds, CPU summed over threads): "
+                  + "; ".join(f"{k} {v['wall']} / {v['cpu']}" for k, v in s["stages_s"].items()) + "."]
+    ilp = [(key, layer, v) for key, run in s["runs"].items() if key.startswith("ilp/") and key.split("/")[1] == s["modes"][0]
+           for layer, v in run.get("ilp", {}).items()]
+    if ilp:
+        lines += ["", "ILP per seed and layer (status, MIP gap, expert sizes in neurons): " + "; ".join(
+            f"{key.split('/')[2]} layer {layer}: {v['status']}, "
+            f"{'-' if v['mip_gap'] is None else format(v['mip_gap'], '.1%')}, {v['sizes_neurons']}"
+            for key, layer, v in ilp) + "."]
+    lines += ["", "Split flags: `" + " ".join(s.get("split_flags", [])) + f"`; mpmoe_local: {s.get('local_limit')} "
+              "documents per task.", "", "Per run (ILP status, MIP gap and expert sizes per layer, every mpmoe_local metric) in "
               "summary.json."]
     return "\n".join(lines) + "\n"
 

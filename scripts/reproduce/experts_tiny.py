@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from mpmoe.analysis.metrics import mean_std  # noqa: E402
 
 SHAPE = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "256", "--num-attention-heads", "4",
          "--seq-length", "64", "--max-position-embeddings", "64", "--moe-ffn-hidden-size", "32",
@@ -141,14 +142,6 @@ def measure(path: Path, cfg: dict, out: Path, fold_select: bool = False) -> dict
         rec["loss_fold_select"] = loss_fold
     cache.write_text(json.dumps(rec))
     return rec
-
-
-def mean_std(xs):
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    if not xs:
-        return float("nan"), float("nan")
-    m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
 def main(argv=None) -> int:

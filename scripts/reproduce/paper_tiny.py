@@ -36,6 +36,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from mpmoe.analysis.metrics import mean_std  # noqa: E402  (the seed spread, shared with the other scripts)
+
 # Tiny models for the CPU. "full" is close to the paper's ratio (top-4 of 16 + a shared MLP
 # of 2x the expert FFN, pre-softmax gates as the authors' configs); "quick" is for tests.
 CONFIGS = {
@@ -193,32 +195,15 @@ def ablations(run: dict, draws: int) -> dict:
 
 def eval_tasks(run: dict, routing: str, limit, out: Path) -> dict:
     """``mpmoe eval --tasks mpmoe_local`` (offline) with one routing; the metric per task."""
-    from mpmoe.eval.cli import build_parser, evaluate
+    from mpmoe.eval.scores import evaluate_checkpoint
 
     dest = out / "eval" / f"{run['name']}-{routing}"
     if not (dest / "results.json").is_file():
         log(f"eval {run['name']} routing {routing}")
-        args = build_parser().parse_args(["--load", run["dir"] + "/ckpt", "--tasks", "mpmoe_local", "--routing",
-                                          routing, "--limit", str(limit), "--output-path", str(dest),
-                                          "--no-progress", "--bootstrap-iters", "0", "--batch-size", "8"])
-        evaluate(args)
-    res = json.loads((dest / "results.json").read_text())
-    scores = {}
-    for task, metrics in res.get("results", {}).items():
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and "stderr" not in key and not key.startswith("sample_len"):
-                scores[f"{task}/{key.split(',')[0]}"] = value
-    return scores
+    return evaluate_checkpoint(run["dir"] + "/ckpt", dest, limit=limit, extra=["--routing", routing])
 
 
 # --------------------------------------------------------------------------- report
-def mean_std(xs) -> tuple[float, float]:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    if not xs:
-        return float("nan"), float("nan")
-    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
-
-
 def plot_curves(runs: dict, path: Path) -> None:
     from mpmoe.analysis.plotting import pyplot
 
