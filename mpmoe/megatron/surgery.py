@@ -10,6 +10,9 @@ the same model):
   ``num_moe_experts`` = E' experts (a group index is an expert index). With E' = E the layer
   is the stock one except for the dropped experts (the ``drop`` baseline of the bind layout).
   Layers may use fewer than E' groups (global grouping): the extra experts are never routed to.
+  At evaluation, ``moe_expert_group_routing="fold-select"`` routes over the groups instead:
+  the router's probabilities summed over each group, then top-k (MoPE: OTEP with the groups'
+  pushed-forward Sigma) over the E' groups.
 * ``moe_expert_compression`` (``--moe-expert-compression "RANK:KEEP"``): every expert's
   ``linear_fc1`` / ``linear_fc2`` is a :class:`FactorisedExpertLinear`: ``L [out, r]``,
   ``R [r, in]`` and ``ceil(KEEP * out)`` rows of a sparse residual, really that small in
