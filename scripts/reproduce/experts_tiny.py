@@ -170,8 +170,8 @@ def main(argv=None) -> int:
     (out / "merged").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     rows = []  # (routing, seed, size, method, measure)
-    for routing in ROUTINGS:
-        for seed in cfg["seeds"]:
+    for i, seed in enumerate(cfg["seeds"]):  # seed by seed, both routings: a report after each pair
+        for routing in ROUTINGS:
             src = existing(Path(a.runs), routing, seed) if a.runs else train(out, routing, seed, cfg,
                                                                               a.train_flags.split())
             # the original, as a model-only checkpoint (E' = E: the identity, bit for bit) so that
@@ -197,6 +197,8 @@ def main(argv=None) -> int:
                                  "--sparse-keep", cfg["keep"], "--steps", 8, "--final-warmup", 2,
                                  "--calibration-tokens", cfg["calib"], "--seed", seed)
                         rows.append((routing, seed, size, "MC-SMoE", measure(comp, cfg, out)))
+        write_report(out, dict(cfg, seeds=cfg["seeds"][:i + 1]), rows, time.perf_counter() - start)
+        log(f"seeds {cfg['seeds'][:i + 1]} done: {out / 'report.md'}")
     elapsed = time.perf_counter() - start
     write_report(out, cfg, rows, elapsed)
     log(f"done in {elapsed:.0f} s: {out / 'report.md'}")
