@@ -158,8 +158,8 @@ def test_topk_run_of_the_patched_tree_equals_the_unpatched_tree(runs):
 def test_train_record_is_an_explicit_table_over_megatron_lms_args(runs):
     """Every `mpmoe train` option is either read under its own name from Megatron-LM's
     args, renamed, mpmoe-only, or not read; a setting mpmoe cannot build is named."""
-    from mpmoe.megatron_lm.checkpoint import MPMOE_ONLY, NOT_READ, RENAMED, read_common, train_record
-    from mpmoe.train.args import parse_args
+    from mpmoe.run.megatron_lm import MPMOE_ONLY, NOT_READ, RENAMED, read_common, train_record
+    from mpmoe.run.args import parse_args
 
     margs = read_common(runs["root"] / "mope" / "iter_0000004")["args"]
     stock = read_common(runs["root"] / "base-topk" / "iter_0000002")["args"]
@@ -219,7 +219,7 @@ def test_store_loads_megatron_lm_checkpoints_mope_and_stock_topk(runs, monkeypat
             assert model_keys == set(checked), (sorted(model_keys - set(checked)), sorted(set(checked) - model_keys))
             sigmas = [k for k in checked if k.endswith("cooccurrence_stats.covariance")]
             assert len(sigmas) == (3 if trained == "mope" else 0)
-        from mpmoe.megatron_lm import checkpoint as ck
+        from mpmoe.run import megatron_lm as ck
 
         real = ck.run_info  # a HuggingFaceTokenizer run whose tokenizer folder is not here
         monkeypatch.setattr(ck, "run_info", lambda it_dir, common=None: dict(

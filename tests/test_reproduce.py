@@ -60,7 +60,7 @@ def _paper_tiny():
 def test_paper_shape_is_the_papers_expert_shape_with_four_methods():
     """--shape paper: 64 experts top-8 + a shared MLP, pre-softmax, >= 1,500 iterations, 3 seeds,
     MoPE / top-k / top-k + bias / ReMoE with the same k (equal active compute)."""
-    from mpmoe.train.args import parse_args
+    from mpmoe.run.args import parse_args
 
     cfg = _paper_tiny().CONFIGS["paper"]
     assert cfg["iters"] >= 1500 and len(cfg["seeds"]) >= 3

@@ -103,7 +103,7 @@ def _rank() -> int:
 def _default_output(load: str, step: Optional[int], routing: str) -> Path:
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
-    from mpmoe.train.checkpoint import resolve_checkpoint
+    from mpmoe.run.checkpoint import resolve_checkpoint
 
     try:
         root, _, it = resolve_checkpoint(load, step)

@@ -172,7 +172,7 @@ def copy_non_experts(new_model, old_model) -> None:
 def rebuild(loaded, new_args):
     """The model ``new_args`` describe (other experts: merged, compressed), every tensor but the
     routed experts' copied from ``loaded.model``; the caller fills in every expert."""
-    from mpmoe.train.loop import build_model
+    from mpmoe.run.model import build_model
 
     padded = int(loaded.model.embedding.word_embeddings.weight.shape[0])
     _, model, _ = build_model(new_args, padded, initialize=False)  # every tensor is set by the caller

@@ -323,7 +323,7 @@ def export_hf(load, out, *, routing: str = "auto", dtype: str = "fp32", tokenize
     """Export the checkpoint ``load`` to the folder ``out``; returns ``out``."""
     from mpmoe import __version__, store
     from mpmoe.megatron import init_distributed
-    from mpmoe.train.checkpoint import saved_run_info
+    from mpmoe.run.checkpoint import saved_run_info
 
     out = _check_out(out)
     if dtype not in ("fp32", "bf16"):

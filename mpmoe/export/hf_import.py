@@ -277,8 +277,8 @@ def import_hf(model_dir, save) -> Path:
     from mpmoe.export.hf import _check_out
     from mpmoe.store import save_model
     from mpmoe.megatron import init_distributed
-    from mpmoe.train.args import args_from_saved
-    from mpmoe.train.loop import build_model, padded_vocab_size
+    from mpmoe.run.args import args_from_saved
+    from mpmoe.run.model import build_model, padded_vocab_size
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():

@@ -212,6 +212,7 @@ class Setting:
     env: Optional[str] = None                 # the reference demo's environment variable
     aliases: tuple = ()                       # further option strings
     config: bool = True                       # a MoPEConfig field
+    state: bool = False                       # its value changes which tensors the model has
     group: str = "routing"
 
     @property
@@ -263,7 +264,7 @@ SETTINGS: tuple = (
             needs=(("moe_router_score_function", "softmax"),), group="balancing"),
     Setting("moe_router_enable_expert_bias", Flag(), False,
             "aux-loss-free balancing: per-expert bias on the scores for selection only",
-            routers=_NOT_REMOE, megatron=True, group="balancing"),
+            routers=_NOT_REMOE, megatron=True, state=True, group="balancing"),
     Setting("moe_router_expert_bias_mode", Choice("prob", "logit", "prob-scaled"), "prob",
             "expert bias with softmax scores: added to the probabilities (prob), to the logits "
             "(logit; MoPE: p = softmax(logits + b)), or to the probabilities times 4/E (prob-scaled: "
@@ -319,7 +320,7 @@ SETTINGS: tuple = (
     Setting("moe_expert_groups", Spec("mpmoe.surgery.merge:parse_expert_groups"), None,
             "merged experts (written by `mpmoe experts merge`): per MoE layer, the group of each "
             "router expert (-1: dropped); the router selects over them, then folds into --num-experts "
-            "experts (docs/experts.md)", group="experts"),
+            "experts (docs/experts.md)", state=True, group="experts"),
     Setting("moe_expert_group_routing", Choice("select-fold", "fold-select"), "select-fold",
             "merged experts (collapsed layout), at evaluation: select over the router's E experts, then "
             "sum each group's gates (select-fold: the merged model's function); or fold the router's "
@@ -328,10 +329,11 @@ SETTINGS: tuple = (
             group="experts"),
     Setting("moe_expert_compression", Spec("mpmoe.surgery.compress:parse_compression"), None,
             "compressed experts (written by `mpmoe experts compress`): every expert weight is low rank "
-            "RANK + KEEP of its residual rows (docs/experts.md)", group="experts"),
+            "RANK + KEEP of its residual rows (docs/experts.md)", state=True, group="experts"),
     Setting("moe_expert_ffn_sizes", Spec("mpmoe.surgery.split:parse_expert_sizes"), None,
             "experts of different sizes (written by `mpmoe experts split`): per MoE layer, one FFN size "
-            "per expert, 'LAYER:S,S,...;LAYER:...' (1-based layers; docs/experts.md)", group="experts"),
+            "per expert, 'LAYER:S,S,...;LAYER:...' (1-based layers; docs/experts.md)", state=True,
+            group="experts"),
     Setting("moe_router_unit_gates", Flag(), False,
             "HEMoE's gates: weight 1 for every routed expert, straight-through gradient of the softmax "
             "probability (any selection rule but ReMoE's)", routers=_NOT_REMOE, group="experts"),

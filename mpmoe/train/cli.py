@@ -45,7 +45,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _main(argv: list) -> int:
     from mpmoe.errors import UserError
-    from mpmoe.train.args import ConfigError, parse_args
+    from mpmoe.run.args import ConfigError, parse_args
 
     try:
         args = parse_args(argv)

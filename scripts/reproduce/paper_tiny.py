@@ -88,7 +88,7 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------- training
 def train_run(out: Path, name: str, base: list, seed: int, routing: str, iters: int, extra=()) -> dict:
     """Train one run (reused when its folder holds a finished run); returns its metrics."""
-    from mpmoe.train.args import parse_args
+    from mpmoe.run.args import parse_args
     from mpmoe.train.loop import train
 
     run = out / "runs" / name
@@ -133,7 +133,7 @@ def ablations(run: dict, draws: int) -> dict:
     from mpmoe.eval.loader import load_eval_model
     from mpmoe.megatron import destroy_distributed, init_distributed
     from mpmoe.megatron.router import MoPERouter, iter_routers
-    from mpmoe.train.data import build_datasets, micro_batches, resolve_data
+    from mpmoe.run.data import build_datasets, micro_batches, resolve_data
 
     init_distributed(seed=1234)
     try:
@@ -288,7 +288,7 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     from mpmoe.errors import UserError
-    from mpmoe.train.args import FRACTION, POSITIVE, ConfigError, parse_args
+    from mpmoe.run.args import FRACTION, POSITIVE, ConfigError, parse_args
 
     p = _Parser(prog="paper_tiny", description=__doc__.splitlines()[0])
     p.add_argument("out")

@@ -56,6 +56,7 @@ from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from mpmoe.errors import UserError
+from mpmoe.megatron import routers, settings
 
 __all__ = ["latest_iteration", "load_checkpoint", "resolve_checkpoint", "resolve_load",
            "save_checkpoint", "save_tokenizer", "saved_run_info", "writer_dies_with_trainer",
@@ -245,14 +246,15 @@ def _layout(saved_args: Optional[dict]) -> dict:
 
 
 # Flags whose value decides which tensors the model has (named when a checkpoint and a
-# model differ in their tensors); everything else only changes how a run trains.
+# model differ in their tensors); everything else only changes how a run trains. The routing
+# ones come from the router registry (its marks) and the settings table (``state=True``).
 MODEL_STATE_FLAGS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
     "group_query_attention", "kv_channels", "swiglu", "normalization", "position_embedding_type",
     "max_position_embeddings", "untie_embeddings_and_output_weights", "add_bias_linear", "qk_layernorm",
     "num_experts", "moe_layer_freq", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
-    "moe_router_load_balancing_type", "moe_relu_routing", "moe_router_enable_expert_bias",
-    "moe_router_score_function", "moe_grouped_gemm", "vocab_size", "make_vocab_size_divisible_by",
+    "moe_grouped_gemm", "vocab_size", "make_vocab_size_divisible_by",
+    *routers.MARKS, *(s.name for s in settings.SETTINGS if s.state),
 )
 
 

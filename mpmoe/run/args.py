@@ -21,7 +21,7 @@ from mpmoe.layout import fit_micro_batch
 from mpmoe.megatron import routers, settings
 from mpmoe.megatron.routers import ConfigError
 from mpmoe.megatron.settings import Range
-from mpmoe.train.presets import PresetError, list_presets, load_preset, preset_path
+from mpmoe.run.presets import PresetError, fraction_of_iters, list_presets, load_preset, preset_path
 
 __all__ = ["ConfigError", "DEFAULT_PRESET", "build_parser", "parse_args", "validate",
            "model_config_kwargs", "Range"]
@@ -460,6 +460,20 @@ def fill_defaults(args: argparse.Namespace) -> None:
         args.recompute_num_layers = 1
 
 
+def schedule_lengths(args) -> dict:
+    """Warm-up, decay and WSD-decay lengths in iterations."""
+    decay = args.lr_decay_iters or max(args.train_iters, 1)
+    warmup = args.lr_warmup_iters
+    if args.lr_warmup_fraction is not None:
+        # not rounded: Megatron-LM's training.py passes fraction x decay steps as is
+        # (21.21 iterations of warm-up for 0.01 of 2121)
+        warmup = args.lr_warmup_fraction * decay
+    wsd = args.lr_wsd_decay_iters
+    if wsd is None:
+        wsd = fraction_of_iters(args.lr_wsd_decay_fraction, decay)
+    return {"warmup": warmup, "decay": decay, "wsd_decay": wsd}
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -528,7 +542,7 @@ def args_from_saved(saved: Optional[dict], flags: Optional[Sequence[str]] = None
     """The options of a run rebuilt from a checkpoint's record of them.
 
     ``saved``: the ``args`` a checkpoint written by ``mpmoe train`` stores (see
-    :func:`mpmoe.train.checkpoint.saved_run_info`): the run's preset is parsed, then every
+    :func:`mpmoe.run.checkpoint.saved_run_info`): the run's preset is parsed, then every
     recorded value laid over it. ``flags``: ``mpmoe train`` flags that describe the model
     instead (for checkpoints that record nothing, or to override the record). Raises
     :class:`ConfigError` (one line).

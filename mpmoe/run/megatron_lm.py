@@ -3,7 +3,7 @@
 Megatron-LM 0.19 (``--ckpt-format torch_dist``, the default) writes no ``common.pt``: the
 common state (``args``, ``iteration``, ...) is stored inside the ``.distcp`` files and
 megatron's ``dist_checkpointing.load_common_state_dict`` reads it. :func:`run_info` turns
-its ``args`` into the record :func:`mpmoe.train.args.args_from_saved` takes (the run's
+its ``args`` into the record :func:`mpmoe.run.args.args_from_saved` takes (the run's
 ``mpmoe train`` options) through an explicit table, and :func:`load_weights` loads the
 model's tensors; :func:`mpmoe.store.load_model` calls both for such a checkpoint.
 
@@ -40,25 +40,21 @@ RENAMED = {"norm_epsilon": "layernorm_epsilon"}
 
 #: ``mpmoe train`` options a Megatron-LM run may not record: mpmoe's own routing settings
 #: (every setting of :data:`mpmoe.megatron.settings.SETTINGS` that is not one of Megatron-LM's
-#: flags; the patch set adds them, a stock tree has none) and the router marks: absent
-#: means the run did not use the feature, so mpmoe's default is what ran.
-MPMOE_ONLY = frozenset(s.name for s in _settings.SETTINGS if not getattr(s, "megatron", False)) | frozenset({
-    "moe_relu_routing", "moe_relu_l1_reg_coeff_init", "moe_relu_l1_reg_coeff_multiplier",
-    "moe_sigma_shrinkage", "moe_sigma_decay_rate", "moe_otep_warmup_fraction",
-    "moe_sigma_update_every", "moe_otep_eps", "moe_otep_inference_topk", "moe_stats_dir",
-    "moe_plot_every", "moe_stats_layers", "moe_mask_experts", "moe_dynamic_mask_mode",
-    "moe_cooccurrence_stats_dir", "moe_dynamic_mask_layers", "moe_dynamic_mask_seed",
-    "moe_eval_dump_dir", "moe_router_expert_bias_mode", "moe_mask_experts_semantics",
-})
+#: flags; the patch set adds them, a stock tree has none) and the router marks Megatron-LM
+#: lacks: absent means the run did not use the feature, so mpmoe's default is what ran.
+MPMOE_ONLY = (frozenset(s.name for s in _settings.SETTINGS if not s.megatron)
+              | frozenset(_routers.MARKS) - _routers.MEGATRON_MARKS)
 
 #: ``mpmoe train`` options that do not describe the model (this process, logging, data
-#: location, training control, eval-time ablations): never read from a checkpoint.
+#: location, training control, eval-time ablations): never read from a checkpoint. The
+#: routing ones: ``--router`` (the marks say it), the run options of the settings table
+#: (``config=False``), the names older runs recorded, and the dynamic mask's statistics source.
 NOT_READ = frozenset({
-    "preset", "router", "last_trainable_layers", "moe_dynamic_mask", "moe_dynamic_mask_source",
+    "preset", "moe_dynamic_mask_source",
     "lr_wsd_decay_fraction", "embedded_cache_dir", "no_save_on_signal", "on_nan", "run_dir",
     "no_tensorboard", "progress", "save", "load", "data_path", "split", "tokenizer_model",
     "distributed_backend", "use_distributed_optimizer", "no_load_optim", "no_load_rng", "allow_model_change",
-})
+}) | {"router"} | {s.name for s in _settings.SETTINGS if not s.config} | frozenset(_settings.LEGACY)
 
 #: Megatron-LM arguments that shape the model but have no ``mpmoe train`` option: the value
 #: mpmoe's model builder implies (a checkpoint with another value cannot be rebuilt).
@@ -76,7 +72,7 @@ UNSUPPORTED = {
 
 
 def _train_defaults() -> dict:
-    from mpmoe.train.args import parse_args
+    from mpmoe.run.args import parse_args
 
     return vars(parse_args(["--train-iters", "1"], check=False))
 
