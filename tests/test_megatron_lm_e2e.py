@@ -9,6 +9,7 @@ and ``mpmoe analyze checkpoint`` on these checkpoints) reuse them. Needs Python 
 megatron-core 0.19 (``make test-megatron-latest``); skipped elsewhere.
 """
 
+import os
 import re
 import socket
 import subprocess
@@ -304,6 +305,41 @@ def test_mpmoe_eval_and_run_all_evals_on_a_megatron_lm_run_folder(runs, embedded
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert any(out.iterdir())
+
+
+def test_export_hf_of_megatron_lm_checkpoints_matches_mpmoes_forward(runs, embedded_cache, tmp_path, monkeypatch):
+    """`mpmoe export hf` of the patched tree's MoPE checkpoint (remote code, Sigma) and of
+    the stock tree's top-k one (qwen2_moe): the folders' logits equal mpmoe's forward of the
+    checkpoint (fp32) on random ids and on real text."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    import json
+    from pathlib import Path
+
+    from export_testing import hf_logits, real_text_ids, set_hf_home
+    from mpmoe import store
+    from mpmoe.data import prepare_embedded
+    from mpmoe.export.hf import export_hf
+    from mpmoe.megatron import destroy_distributed, init_distributed
+
+    for key in ("HF_HOME", "HF_HUB_OFFLINE", "HF_MODULES_CACHE"):
+        monkeypatch.setenv(key, os.environ.get(key, ""))  # restored after the test
+    set_hf_home(tmp_path / "hf-home")
+    tok = Path(prepare_embedded(embedded_cache, progress=False).tokenizer_dir)
+    ids = torch.cat([torch.randint(0, 8192, (2, 32), generator=torch.Generator().manual_seed(0)),
+                     real_text_ids(tok)])
+    init_distributed(seed=1)
+    try:
+        for name, model_type in (("mope/iter_0000004", "mpmoe"), ("base-topk/iter_0000002", "qwen2_moe")):
+            path = runs["root"] / name
+            folder = export_hf(path, tmp_path / name.replace("/", "-"), tokenizer=tok)
+            conf = json.loads((folder / "config.json").read_text())
+            assert conf["model_type"] == model_type and conf["mlp_only_layers"] == [0]
+            ref = store.load_model(path, tokenizer=tok, dtype="fp32").forward(ids).float()
+            got = hf_logits(folder, ids, trust_remote_code=model_type == "mpmoe")
+            assert ref.abs().max() > 1.0 and (got - ref).abs().max().item() <= 1e-4, name
+    finally:
+        destroy_distributed()
 
 
 # --------------------------------------------------------------------------- on a GPU
