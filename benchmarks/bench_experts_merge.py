@@ -29,8 +29,8 @@ def build_source(out: Path, cache) -> Path:
     from mpmoe import store
     from mpmoe.data import prepare_embedded
     from mpmoe.megatron import destroy_distributed, init_distributed
-    from mpmoe.train.args import parse_args
-    from mpmoe.train.loop import build_model, padded_vocab_size
+    from mpmoe.run.args import parse_args
+    from mpmoe.run.model import build_model, padded_vocab_size
 
     flags = ["--preset", "flame-moe-38m", "--train-iters", "1", "--no-bf16"]
     if cache:

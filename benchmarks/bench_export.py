@@ -47,8 +47,8 @@ def phase(name: str, work: Path, routing: str) -> dict:
     from mpmoe.export.hf import export_hf
     from mpmoe.export.hf_import import import_hf
     from mpmoe.megatron import init_distributed
-    from mpmoe.train.args import args_from_saved
-    from mpmoe.train.loop import build_model, padded_vocab_size
+    from mpmoe.run.args import args_from_saved
+    from mpmoe.run.model import build_model, padded_vocab_size
 
     init_distributed()
     base = _rss_now()

@@ -66,7 +66,7 @@ def build(config, router_cls, seed):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from mpmoe.train.args import NON_NEGATIVE, POSITIVE
+    from mpmoe.run.args import NON_NEGATIVE, POSITIVE
 
     ap.add_argument("--tokens", type=POSITIVE, default=8192)
     ap.add_argument("--hidden", type=POSITIVE, default=256)

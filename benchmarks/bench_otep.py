@@ -144,7 +144,7 @@ def timeit(fns: dict, repeats: int, burst: int = 5, cuda: bool = False) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated TxExK (default: %(default)s)")
-    from mpmoe.train.args import POSITIVE
+    from mpmoe.run.args import POSITIVE
 
     ap.add_argument("--repeats", type=POSITIVE, default=7, help="rounds (each function runs --burst calls per round)")
     ap.add_argument("--burst", type=POSITIVE, default=5)

@@ -51,10 +51,10 @@ ROUTERS = {
 
 
 def _build(preset: str, router_flags: list[str], extra: list[str]):
-    from mpmoe.train.args import parse_args
-    from mpmoe.train.loop import build_model
+    from mpmoe.run.args import parse_args
+    from mpmoe.run.model import build_model
     from mpmoe.train.optim import build_optimizer, wrap_model
-    from mpmoe.train.presets import count_parameters
+    from mpmoe.run.model import count_parameters
 
     bf16 = [] if torch.cuda.is_available() else ["--no-bf16"]
     args = parse_args(["--preset", preset, *router_flags, "--train-iters", "1000", *bf16, *extra])

@@ -87,7 +87,7 @@ def _record_bias(trace: list):
 
 
 def _run(preset: str, flags: list[str], seed: int, iters: int, workdir: Path, windows: int = 2) -> dict:
-    from mpmoe.train.args import parse_args
+    from mpmoe.run.args import parse_args
     from mpmoe.train.loop import train
 
     run_dir = workdir / f"run-{abs(hash((tuple(flags), seed)))}"
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
-    from mpmoe.train.args import parse_args
+    from mpmoe.run.args import parse_args
 
     iters = ns.iters or (30 if ns.quick else parse_args(["--preset", ns.preset], check=False).train_iters)
     results = {}

@@ -19,8 +19,8 @@ one of them is read by all the others. See docs/checkpoints.md for the on-disk f
     store.save_model("runs/x-merged", new_model, args=args, tokenizer_dir=m.tokenizer_dir,
                      extra_files={"surgery.json": {...}})
 
-:func:`load_model` rebuilds the model only through the trainer's public functions
-(``args_from_saved`` -> ``build_model`` -> ``load_checkpoint``), with tensor, pipeline and
+:func:`load_model` rebuilds the model only through :mod:`mpmoe.run`, the code the trainer
+builds with (``args_from_saved`` -> ``build_model`` -> ``load_checkpoint``), with tensor, pipeline and
 expert parallelism 1: every process holds the whole model (a checkpoint written with expert
 parallelism loads into it).
 
@@ -60,7 +60,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from mpmoe.errors import UserError
+from mpmoe.errors import UserError, folder_problem
 
 __all__ = ["StoreError", "LoadedModel", "load_model", "save_model", "calibration_tokens",
            "heldout_loss", "ROUTING_MODES", "DTYPES", "SPLITS"]
@@ -75,8 +75,10 @@ _LAYOUT = dict(
     recompute_granularity=None, recompute_method=None, recompute_num_layers=None,
     recompute_modules=None, moe_stats_dir=None, load=None, save=None,
 )
-# ... and for the model built here only (it runs in eval mode): no dropout.
-_BUILD_ONLY = dict(hidden_dropout=0.0, attention_dropout=0.0)
+# ... and for the model built here only (it runs in eval mode): no dropout; the alltoall token
+# dispatcher (one process, EP 1: the dispatcher moves no tokens between ranks, so the result is
+# the same; flex needs CUDA and DeepEP, and routes exactly k experts, which a dynamic mask breaks).
+_BUILD_ONLY = dict(hidden_dropout=0.0, attention_dropout=0.0, moe_token_dispatcher_type="alltoall")
 
 
 class StoreError(UserError, ValueError):
@@ -133,7 +135,7 @@ class LoadedModel:
 
 # --------------------------------------------------------------------------- load
 def _flags_namespace(saved: Optional[dict], model_flags: Optional[Sequence[str]]) -> argparse.Namespace:
-    from mpmoe.train.args import ConfigError, args_from_saved
+    from mpmoe.run.args import ConfigError, args_from_saved
 
     try:
         return args_from_saved(saved, model_flags)
@@ -145,7 +147,7 @@ def _flags_namespace(saved: Optional[dict], model_flags: Optional[Sequence[str]]
 
 
 def _find_tokenizer(tokenizer, root: Path, it_dir: Path, args) -> Optional[Path]:
-    from mpmoe.train.checkpoint import TOKENIZER_DIR
+    from mpmoe.run.checkpoint import TOKENIZER_DIR
 
     if tokenizer is not None:
         return Path(tokenizer)
@@ -230,8 +232,9 @@ def load_model(
     from mpmoe.data.errors import DataError
     from mpmoe.megatron.router import MoPERouter, iter_routers
     from mpmoe.megatron import settings
-    from mpmoe.train.checkpoint import TOKENIZER_DIR, load_checkpoint, resolve_checkpoint, saved_run_info
-    from mpmoe.train.loop import build_model, padded_vocab_size
+    from mpmoe.run.megatron_lm import OPT_IN
+    from mpmoe.run.checkpoint import TOKENIZER_DIR, load_checkpoint, resolve_checkpoint, saved_run_info
+    from mpmoe.run.model import build_model, padded_vocab_size
 
     if routing not in ROUTING_MODES:
         raise StoreError(f"routing must be one of {', '.join(ROUTING_MODES)}, got {routing!r}")
@@ -243,7 +246,7 @@ def load_model(
         raise StoreError(str(exc)) from None
     megatron_lm = None
     if not info.get("args"):  # a Megatron-LM pretrain_gpt.py checkpoint? (its args, mapped)
-        from mpmoe.megatron_lm.checkpoint import run_info
+        from mpmoe.run.megatron_lm import run_info
 
         try:
             megatron_lm = run_info(it_dir)
@@ -263,7 +266,7 @@ def load_model(
         raise StoreError(f"{it_dir} was trained with ReMoE (ReLU) routing, which has no top-k rule; "
                          "use --routing auto")
     if trained == "mope" and routing != "topk":  # a bad MPMOE_OTEP_BACKEND: now, not at the first forward
-        from mpmoe.train.args import ConfigError, check_otep_backend
+        from mpmoe.run.args import ConfigError, check_otep_backend
 
         try:
             check_otep_backend(args)
@@ -334,14 +337,14 @@ def load_model(
         raise StoreError(f"model flags: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") from None
     try:
         if megatron_lm is not None:
-            from mpmoe.megatron_lm.checkpoint import load_weights
+            from mpmoe.run.megatron_lm import load_weights
 
-            load_weights(it_dir, model)
+            load_weights(it_dir, model, info.get("args"), vars(build_args))
         else:
             load_checkpoint(root, model, None, None, load_optim=False, load_rng=False, iteration=iteration,
-                            run_args=vars(build_args), opt_in="the model flags must describe it")
+                            run_args=vars(build_args), opt_in=OPT_IN)
     except Exception as exc:  # noqa: BLE001 - one line for a model/checkpoint mismatch
-        from mpmoe.train.checkpoint import ModelMismatch
+        from mpmoe.run.checkpoint import ModelMismatch
 
         if isinstance(exc, ModelMismatch):  # names the changed flags already
             raise StoreError(str(exc)) from None
@@ -394,8 +397,9 @@ def _check_out(out: Path) -> Path:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(f"{out}: cannot create its parent folder ({exc.strerror or exc})") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise StoreError(f"{out}: its parent folder {parent} is not writable")
+    problem = folder_problem(parent)
+    if problem:
+        raise StoreError(f"{out}: its parent folder {problem}")
     return parent
 
 
@@ -460,8 +464,8 @@ def save_model(
     from megatron.core import dist_checkpointing
 
     from mpmoe.megatron.router import iter_routers, sync_routing_state
-    from mpmoe.train.checkpoint import TRACKER, iteration_dir, save_tokenizer
-    from mpmoe.train.loop import padded_vocab_size
+    from mpmoe.run.checkpoint import TRACKER, iteration_dir, save_tokenizer
+    from mpmoe.run.model import padded_vocab_size
 
     out = Path(out)
     parent = _check_out(out)
@@ -569,7 +573,7 @@ def _windows(loaded: LoadedModel, num_seqs: int, split: str, seed: int, seq_leng
     import numpy as np
 
     from mpmoe.data.errors import DataError
-    from mpmoe.train.data import build_datasets, resolve_data
+    from mpmoe.run.data import build_datasets, resolve_data
 
     if split not in SPLITS:
         raise StoreError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")

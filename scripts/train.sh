@@ -76,7 +76,7 @@ EP=$("$PYTHON" - "$PRESET" "$WORLD" "$@" <<'PY'
 import sys
 from mpmoe.layout import expert_parallel_size
 from mpmoe.megatron_lm.launch import _int, check_values
-from mpmoe.train.presets import load_preset
+from mpmoe.run.presets import load_preset
 preset, world, argv = load_preset(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 get = lambda flag, key, default: _int(argv, flag, preset.get(key, default))
 try:

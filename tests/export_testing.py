@@ -43,7 +43,7 @@ def hf_home(tmp_path_factory):
 
 
 def build_args(flags=(), dense=False):
-    from mpmoe.train.args import args_from_saved
+    from mpmoe.run.args import args_from_saved
 
     args = args_from_saved(None, [*BASE, *(f for f in flags if f != "--no-shared-expert")])
     if "--no-shared-expert" in flags:
@@ -57,7 +57,7 @@ def build_args(flags=(), dense=False):
 def build(flags=(), *, dense=False, seed=0, sigma_seed=None):
     """``(args, model)``: a megatron model with random weights (norms included)."""
     from mpmoe.megatron import init_distributed
-    from mpmoe.train.loop import build_model, padded_vocab_size
+    from mpmoe.run.model import build_model, padded_vocab_size
 
     init_distributed()
     args = build_args(flags, dense)

@@ -15,7 +15,7 @@ from mpmoe.analysis.cli import main as analyze
 def _train(rank, world_size, flags):
     import os
 
-    from mpmoe.train.args import parse_args
+    from mpmoe.run.args import parse_args
     from mpmoe.train.loop import train
 
     os.environ["WORLD_SIZE"] = str(world_size)

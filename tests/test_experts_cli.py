@@ -267,7 +267,7 @@ def test_readers_accept_the_outputs(sources, tmp_path, embedded_cache):
 def _fabricate(source, out, **changes):
     """A checkpoint of the source's shape with ``changes`` to its flags (dense, ReMoE)."""
     from mpmoe.megatron import destroy_distributed, init_distributed
-    from mpmoe.train.loop import build_model
+    from mpmoe.run.model import build_model
 
     init_distributed(seed=1)
     try:

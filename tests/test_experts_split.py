@@ -222,7 +222,7 @@ def test_eval_and_analyze_read_a_split_checkpoint(dense, tmp_path):
 
 def test_preset_text_round_trips_the_flags(tmp_path):
     from mpmoe.experts.split import preset_text
-    from mpmoe.train.args import parse_args
+    from mpmoe.run.args import parse_args
 
     a = parse_args(["--preset", "tiny-cpu-dense", "--data-path", "x", "y", "--hidden-size", "96"], check=False)
     a.num_experts, a.moe_layer_freq, a.moe_expert_ffn_sizes = 4, [0, 1, 1, 0], "2:64,64,64,320;3:128,128,128,128"

@@ -59,7 +59,7 @@ def test_import_parity(kind, imported, tok_dir):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_import_records_flags_and_tokenizer(kind, imported, tok_dir):
-    from mpmoe.train.checkpoint import saved_run_info
+    from mpmoe.run.checkpoint import saved_run_info
 
     _, hf_dir, ckpt = imported[kind]
     info = saved_run_info(ckpt / "iter_0000000")
@@ -124,7 +124,7 @@ def test_qwen2_moe_plain_shared_expert(tmp_path, tok_dir):
     from mpmoe.eval.loader import load_eval_model
     from mpmoe.export.hf import export_hf
     from mpmoe.export.hf_import import import_hf, read_hf_tensors
-    from mpmoe.train.checkpoint import saved_run_info
+    from mpmoe.run.checkpoint import saved_run_info
 
     hf = tiny_hf_folder("qwen2_moe", tmp_path / "hf", tok_dir, seed=5)
     from safetensors.torch import load_file, save_file

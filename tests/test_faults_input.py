@@ -16,7 +16,7 @@ from hypothesis import given, strategies as st
 
 from mpmoe.data.errors import DataError
 from mpmoe.errors import MAX_CHARS, UserError, run_verb, user_message
-from mpmoe.train.args import POSITIVE, PROBABILITY, ConfigError, Range, parse_args
+from mpmoe.run.args import POSITIVE, PROBABILITY, ConfigError, Range, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--train-iters", "1"]
@@ -153,7 +153,7 @@ def _tok(sha="a" * 64, vocab=100):
 
 
 def test_data_files_are_checked_before_training(tmp_path):
-    from mpmoe.train.data import check_data_path
+    from mpmoe.run.data import check_data_path
 
     prefix = _dataset(tmp_path, [[1, 2, 3, 90], [4, 5]])
     check_data_path([prefix], 100, None)  # fits
@@ -169,7 +169,7 @@ def test_data_files_are_checked_before_training(tmp_path):
 
 
 def test_manifest_tokenizer_must_match_the_training_tokenizer(tmp_path):
-    from mpmoe.train.data import check_data_path
+    from mpmoe.run.data import check_data_path
 
     prefix = _dataset(tmp_path, [[1, 2, 3]], manifest_tok={"name": "tok-a", "sha256": "b" * 64, "vocab_size": 50})
     with pytest.raises(DataError, match=r"tokenized with tok-a .*not --tokenizer-model tok-x"):
@@ -223,7 +223,7 @@ def test_checkpoint_exception_is_unwrapped_to_its_cause():
     wrapped = CheckpointException("load failed", {0: (inner, traceback.extract_tb(inner.__traceback__))})
     message = user_message(wrapped)
     assert message.startswith("checkpoint: KeyError:") and "FrameSummary" not in message
-    from mpmoe.train.checkpoint import _last_line
+    from mpmoe.run.checkpoint import _last_line
 
     assert "FrameSummary" not in _last_line(wrapped) and "KeyError" in _last_line(wrapped)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mpmoe.megatron.settings import moe_layer_numbers
-from mpmoe.train.args import ConfigError, parse_args
+from mpmoe.run.args import ConfigError, parse_args
 
 TINY = ["--train-iters", "1", "--num-layers", "3", "--num-experts", "4", "--moe-router-topk", "2"]
 
@@ -56,7 +56,7 @@ def test_resume_with_another_tokenizer_of_the_same_size_is_refused(tmp_path, mon
     """The checkpoint's recorded tokenizer (or its save folder's copy) decides, manifest or not."""
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
-    from mpmoe.train import checkpoint as ckpt
+    from mpmoe.run import checkpoint as ckpt
 
     it_dir = tmp_path / "ck" / "iter_0000004"
     it_dir.mkdir(parents=True)

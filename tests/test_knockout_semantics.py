@@ -89,7 +89,7 @@ def test_knockout_semantics_agree_with_identity_sigma(pre_softmax):
 
 def test_semantics_flag_on_train_and_eval_and_its_errors():
     from mpmoe.eval.cli import build_parser as eval_parser
-    from mpmoe.train.args import ConfigError, model_config_kwargs, parse_args
+    from mpmoe.run.args import ConfigError, model_config_kwargs, parse_args
 
     args = parse_args(["--train-iters", "1", "--moe-mask-experts", "2:1", "--moe-mask-experts-semantics",
                        "reference"])

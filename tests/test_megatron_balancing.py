@@ -272,7 +272,7 @@ def test_mope_logit_bias_runs_otep_on_the_biased_softmax():
 
 
 def test_a_run_saved_before_the_bias_mode_existed_keeps_probability_bias():
-    from mpmoe.train.args import args_from_saved
+    from mpmoe.run.args import args_from_saved
 
     saved = {"preset": "tiny-cpu", "moe_router_enable_expert_bias": True}
     assert args_from_saved(saved).moe_router_expert_bias_mode == "prob"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mpmoe.megatron_lm.flags import expert_parallel_size, main, preset_flags
-from mpmoe.train.presets import load_preset
+from mpmoe.run.presets import load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "scripts" / "megatron_lm" / "pretrain.sh"
@@ -313,9 +313,9 @@ def _one(value):
 def test_every_preset_resolves_to_the_same_hyperparameters_in_both_launchers():
     from mpmoe.megatron import routers
     from mpmoe.megatron_lm.flags import HYPERPARAMETER_GROUPS
-    from mpmoe.train.args import build_parser, fill_defaults, parse_args
-    from mpmoe.train.optim import schedule_lengths
-    from mpmoe.train.presets import list_presets
+    from mpmoe.run.args import build_parser, fill_defaults, parse_args
+    from mpmoe.run.args import schedule_lengths
+    from mpmoe.run.presets import list_presets
 
     megatron = _megatron_lm_parser()
     groups = [g for g in build_parser()._action_groups if g.title in HYPERPARAMETER_GROUPS]

@@ -11,7 +11,7 @@ from test_megatron_router_support import build_moe_layer, make_config, single_pr
 
 from mpmoe.megatron.router import set_training_progress, sync_routing_state
 from mpmoe.routing import CooccurrenceStats, covariance_from_counts, dynamic_drop_one, otep_select, parse_expert_mask
-from mpmoe.train.args import ConfigError, parse_args
+from mpmoe.run.args import ConfigError, parse_args
 
 H, E = 32, 8
 
@@ -161,7 +161,7 @@ def _args(*flags):
 
 
 def test_train_flags_reach_the_config():
-    from mpmoe.train.args import model_config_kwargs
+    from mpmoe.run.args import model_config_kwargs
 
     a = _args("--moe-router-pre-softmax", "--moe-mask-experts", "2:3;3:0,1", "--moe-dynamic-mask", "random",
               "--moe-dynamic-mask-layers", "2,4", "--moe-sigma-shrinkage", "0.1", "--moe-sigma-decay-rate",
@@ -212,7 +212,7 @@ def test_demo_environment_variables(monkeypatch, capsys):
 
 def test_last_trainable_layers_freezes_the_rest():
     from mpmoe.train.optim import freeze_all_but_last_layers
-    from mpmoe.train.loop import build_model
+    from mpmoe.run.model import build_model
 
     a = _args("--num-layers", "3", "--moe-layer-freq", "[0,1,1]", "--hidden-size", "32",
               "--ffn-hidden-size", "64", "--num-attention-heads", "2", "--seq-length", "16")

@@ -11,7 +11,7 @@ import pytest
 
 from mpmoe.megatron import routers, settings
 from mpmoe.megatron.settings import SETTINGS, Choice, Flag, Range
-from mpmoe.train.args import ConfigError, build_parser, parse_args
+from mpmoe.run.args import ConfigError, build_parser, parse_args
 
 
 def _args(*flags):

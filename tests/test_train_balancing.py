@@ -26,7 +26,7 @@ def _train_recording(rank, world_size, flags):
 
     from mpmoe.megatron import remoe as balancing
     from mpmoe.megatron.router import iter_routers
-    from mpmoe.train.args import parse_args
+    from mpmoe.run.args import parse_args
     from mpmoe.train.loop import train
 
     os.environ["WORLD_SIZE"] = str(world_size)
@@ -149,7 +149,7 @@ def test_remoe_checkpoint_evaluates_with_relu_routing(tmp_path, embedded_cache):
     (["--moe-router-score-function", "sigmoid"], "--moe-router-score-function does not apply: .* router is MoPE"),
 ])
 def test_flag_errors_are_one_line(flags, match):
-    from mpmoe.train.args import ConfigError, parse_args
+    from mpmoe.run.args import ConfigError, parse_args
 
     with pytest.raises(ConfigError, match=match):
         parse_args(flags)

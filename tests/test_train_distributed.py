@@ -9,7 +9,7 @@ from train_testing import make_indexed_dataset, read_metrics, tiny_flags
 
 
 def _train(rank, world_size, flags):
-    from mpmoe.train.args import parse_args
+    from mpmoe.run.args import parse_args
     from mpmoe.train.loop import train
 
     import os

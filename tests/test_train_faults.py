@@ -382,7 +382,7 @@ def test_metrics_keep_lines_up_to_the_resumed_iteration(tmp_path):
 def _train_rank(rank, world_size, flags):
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
-    from mpmoe.train.args import parse_args
+    from mpmoe.run.args import parse_args
     from mpmoe.train.loop import train
 
     os.environ["WORLD_SIZE"] = str(world_size)

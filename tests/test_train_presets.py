@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from mpmoe.train.args import ConfigError, model_config_kwargs, parse_args
-from mpmoe.train.presets import list_presets, load_preset
+from mpmoe.run.args import ConfigError, model_config_kwargs, parse_args
+from mpmoe.run.presets import list_presets, load_preset
 
 # FLAME-MoE model cards: (active, total) parameters and layers.
 CARDS = {
@@ -73,7 +73,7 @@ def _build_on_meta(argv):
     """Build the preset's GPTModel on the meta device (no memory) and count its parameters."""
     from mpmoe.megatron import build_gpt_model, destroy_distributed, init_distributed
     from mpmoe.megatron.config import MoPEConfig
-    from mpmoe.train.presets import count_parameters
+    from mpmoe.run.model import count_parameters
 
     args = parse_args(argv)
     init_distributed(seed=1)
@@ -126,7 +126,7 @@ def test_config_errors(argv, message):
 
 
 def test_micro_batch_is_lowered_to_fit_the_global_batch(capsys):
-    from mpmoe.train.args import validate
+    from mpmoe.run.args import validate
 
     args = parse_args(["--global-batch-size", "10", "--micro-batch-size", "4"])
     assert args.micro_batch_size == 2
@@ -172,8 +172,8 @@ AUTHORS = {"lr": 3e-4, "min_lr": 3e-5, "lr_decay_style": "WSD", "lr_wsd_decay_st
 @pytest.mark.parametrize("iters", [None, 1000, 3001])
 def test_paper_presets_resolve_to_the_authors_optimizer_in_both_launchers(name, iters):
     from mpmoe.megatron_lm.flags import preset_flags
-    from mpmoe.train.args import parse_args
-    from mpmoe.train.optim import schedule_lengths
+    from mpmoe.run.args import parse_args
+    from mpmoe.run.args import schedule_lengths
 
     train_iters = iters or PAPER[name][2]
     argv = ["--preset", name] + ([] if iters is None else ["--train-iters", str(iters)])
@@ -192,7 +192,7 @@ def test_paper_presets_resolve_to_the_authors_optimizer_in_both_launchers(name, 
 
 
 def test_fraction_of_iters_rounds_down_like_the_launchers():
-    from mpmoe.train.presets import fraction_of_iters
+    from mpmoe.run.presets import fraction_of_iters
 
     for n in range(1, 20000, 7):
         assert fraction_of_iters(0.1, n) == max(1, n // 10)

@@ -53,7 +53,7 @@ def load_model(load_dir, train_argv: list[str]):
     """
     from mpmoe.store import StoreError
     from mpmoe.store import load_model as store_load
-    from mpmoe.train.data import resolve_data
+    from mpmoe.run.data import resolve_data
 
     try:
         loaded = store_load(load_dir, model_flags=list(train_argv) or None, dtype="fp32")
@@ -73,7 +73,7 @@ def sample_tokens(args, spec, num_tokens: int):
 
     import torch
 
-    from mpmoe.train.data import build_datasets
+    from mpmoe.run.data import build_datasets
 
     seqs = max(1, math.ceil(num_tokens / args.seq_length))
     a = copy.copy(args)

@@ -114,7 +114,7 @@ def run(args) -> int:
     from mpmoe import store
     from mpmoe.experts.merge import _copy_into
     from mpmoe.megatron import destroy_distributed, init_distributed
-    from mpmoe.train.loop import build_model
+    from mpmoe.run.model import build_model
 
     _check(args)
     out = check_save(args.save)

@@ -199,7 +199,7 @@ def _copy_into(new_model, old_model) -> None:
 def run(args) -> int:
     from mpmoe import store
     from mpmoe.megatron import destroy_distributed, init_distributed
-    from mpmoe.train.loop import build_model
+    from mpmoe.run.model import build_model
 
     _check(args)
     out = check_save(args.save)

@@ -210,7 +210,7 @@ def preset_text(args: argparse.Namespace) -> str:
     """A preset (TOML) with every model, routing and training flag of ``args`` (the split model's):
     ``mpmoe train --preset OUT/preset.toml --load OUT --no-load-optim`` then builds the split model
     (the trainer's flags must describe the model it loads); flags after it override it."""
-    from mpmoe.train.args import build_parser
+    from mpmoe.run.args import build_parser
 
     lines = ["# written by `mpmoe experts split`: the flags of the split model (docs/experts.md)",
              "# mpmoe train --preset THIS_FILE --load THIS_FOLDER --no-load-optim [--trainable-params routers]"]
@@ -458,7 +458,7 @@ def split_model(loaded, *, num_experts: int, topk: int, partitioner: str = "ilp"
 def _build_split(args, loaded, labels: Dict[int, torch.Tensor], gated: bool, seed: int):
     """The MoE model of ``args`` with the dense weights, the experts sliced by ``labels``."""
     from mpmoe.surgery.split import split_ffn
-    from mpmoe.train.loop import build_model
+    from mpmoe.run.model import build_model
 
     dense_model = loaded.model
     vocab = dense_model.embedding.word_embeddings.weight.shape[0] if hasattr(dense_model, "embedding") else None

@@ -57,6 +57,9 @@ KINDS: dict = {}
 #: config field -> its value when no kind marks it (the field's default).
 MARKS: dict = {}
 
+#: the marks Megatron-LM's own parser declares (the patch set adds the others).
+MEGATRON_MARKS = frozenset({"moe_router_load_balancing_type"})
+
 
 def register(kind: RouterKind, **mark_defaults: Any) -> RouterKind:
     """Add a router kind. ``mark_defaults``: the default of each new mark field."""
@@ -165,7 +168,7 @@ def add_arguments(parser, *, megatron_lm: bool = False) -> None:
     if megatron_lm:
         g = parser.add_argument_group("mpmoe routers")
         for name, default in MARKS.items():
-            if name != "moe_router_load_balancing_type":
+            if name not in MEGATRON_MARKS:
                 g.add_argument("--" + name.replace("_", "-"), action="store_true", default=default,
                                help=f"select the {_owner(name).label} router ({_owner(name).help})")
         return
@@ -176,7 +179,7 @@ def add_arguments(parser, *, megatron_lm: bool = False) -> None:
     g.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "none", "otep"],
                    default=LBT_DEFAULT, help="megatron's top-k balancing loss; otep = --router mope")
     for name, default in MARKS.items():
-        if name != "moe_router_load_balancing_type":
+        if name not in MEGATRON_MARKS:
             g.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction,
                            default=default, help=f"= --router {_owner(name).name}")
 

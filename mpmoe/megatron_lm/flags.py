@@ -68,9 +68,8 @@ def preset_flags(
     mock_data: bool = False,
 ) -> list[str]:
     """Megatron-LM flags of a preset (raises :class:`UserError`)."""
-    from mpmoe.train.args import build_parser, fill_defaults, parse_args
-    from mpmoe.train.optim import schedule_lengths
-    from mpmoe.train.presets import load_preset
+    from mpmoe.run.args import build_parser, fill_defaults, parse_args, schedule_lengths
+    from mpmoe.run.presets import load_preset
 
     preset = load_preset(name)
     argv = ["--preset", name]
@@ -124,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: list) -> int:
-    from mpmoe.train.args import POSITIVE
+    from mpmoe.run.args import POSITIVE
 
     p = ArgumentParser(prog=PROG,
                                 description="Print a preset's Megatron-LM flags, one per line.")

@@ -169,7 +169,7 @@ class _LoadMonitor:
 def _collect(state) -> dict:
     from mpmoe.megatron.remoe import balancing_scalars
     from mpmoe.megatron.router import MoPERouter, iter_routers
-    from mpmoe.train.metrics import sigma_summary
+    from mpmoe.routing.cooccurrence import sigma_summary
 
     out = {}
     for layer, (c, tokens) in state["load"].collect().items():

@@ -34,7 +34,7 @@ from typing import Mapping, Optional, Sequence
 
 from mpmoe.layout import expert_parallel_size, fit_micro_batch, visible_gpus
 from mpmoe.megatron_lm.flags import ROUTER_ALIASES, preset_flags
-from mpmoe.train.presets import PresetError, load_preset
+from mpmoe.run.presets import PresetError, load_preset
 
 __all__ = ["DATA_FLAGS", "Plan", "check_values", "plan"]
 
@@ -77,7 +77,7 @@ def _int(argv, flag, default):
 def _valued_options() -> set:
     """Options that take a value: ``mpmoe train``'s (Megatron-LM's names; the routing
     settings the patch set adds included) and the data sources the launcher reads."""
-    from mpmoe.train.args import build_parser
+    from mpmoe.run.args import build_parser
 
     out = {s for a in build_parser()._actions if a.nargs not in (0, "?", "*") for s in a.option_strings}
     return out | (set(DATA_FLAGS) - {"--mock-data"})

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["CooccurrenceStats", "covariance_from_counts"]
+__all__ = ["CooccurrenceStats", "covariance_from_counts", "sigma_summary"]
 
 
 def covariance_from_counts(
@@ -175,3 +175,18 @@ class CooccurrenceStats(torch.nn.Module):
         for t in (self._pending_tokens, self._pending_usage, self._pending_cooccurrence):
             t.zero_()
         self.covariance.copy_(torch.eye(self.num_experts, dtype=torch.float32, device=self.covariance.device))
+
+
+@torch.no_grad()
+def sigma_summary(sigma: torch.Tensor) -> dict:
+    """Diagonal mean, mean |off-diagonal| and the largest |correlation| of a covariance."""
+    s = sigma.detach().double()
+    d = s.diagonal()
+    e = s.shape[0]
+    off = s - torch.diag(d)
+    corr = off / torch.sqrt(torch.outer(d, d)).clamp_min(1e-30)
+    return {
+        "sigma_diag_mean": float(d.mean()),
+        "sigma_offdiag_abs_mean": float(off.abs().sum() / max(e * (e - 1), 1)),
+        "sigma_max_corr": float(corr.abs().max()),
+    }

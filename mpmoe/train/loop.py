@@ -2,7 +2,7 @@
 
 ::
 
-    args = mpmoe.train.args.parse_args(["--preset", "tiny-cpu", "--train-iters", "50"])
+    args = mpmoe.run.args.parse_args(["--preset", "tiny-cpu", "--train-iters", "50"])
     result = mpmoe.train.loop.train(args)      # {"iteration": 50, "val_loss": ..., ...}
 
 1. processes and parallel groups (megatron ``parallel_state``: TP / EP / DP, RNG seeds);
@@ -24,7 +24,8 @@ stop``) or skips that step's update (``--on-nan skip``).
 from __future__ import annotations
 
 import json
-import math
+import os
+import shutil
 import sys
 import time
 from functools import partial
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-__all__ = ["train", "evaluate", "forward_backward", "build_model", "padded_vocab_size"]
+__all__ = ["train", "evaluate", "forward_backward"]
 
 
 # --------------------------------------------------------------------------- one micro-batch
@@ -88,7 +89,7 @@ def evaluate(model, dataset, args, dp_rank: int, dp_size: int) -> float:
     so validation routes with every token counted so far, as a checkpoint would.
     """
     from mpmoe.megatron.router import sync_routing_state
-    from mpmoe.train.data import micro_batches
+    from mpmoe.run.data import micro_batches
 
     sync_routing_state(model)
     model.eval()
@@ -100,46 +101,6 @@ def evaluate(model, dataset, args, dp_rank: int, dp_size: int) -> float:
         reports += forward_backward(model, it, nmb, args, forward_only=True)
     model.train()
     return _reduce_losses(reports)
-
-
-def build_model(args, vocab_size: int, *, initialize: bool = True):
-    """The model ``args`` describe: ``(config, model, module)``.
-
-    ``initialize=False`` leaves the weights uninitialised (megatron's
-    ``perform_initialization``): for callers that overwrite every tensor at once (loading
-    a checkpoint, importing a model), where initialising a flame-moe-38m on a 2-core CPU
-    alone takes about a minute.
-
-    ``model`` is megatron's ``GPTModel`` (MoE or MoPE layers, :class:`MoPEConfig`);
-    ``module`` is what trains: the model itself, or wrapped in megatron's
-    ``Float16Module`` under ``--bf16``; on the GPU when there is one. Used by the loop,
-    the training benchmark and ``mpmoe analyze checkpoint`` alike.
-    """
-    from mpmoe.megatron import build_gpt_model
-    from mpmoe.megatron.config import MoPEConfig
-    from mpmoe.train.args import model_config_kwargs
-
-    config = MoPEConfig(**model_config_kwargs(args), perform_initialization=initialize)
-    model = build_gpt_model(
-        config, vocab_size=vocab_size, max_sequence_length=args.max_position_embeddings,
-        position_embedding_type=args.position_embedding_type,
-        rotary_base=getattr(args, "rotary_base", 10000),
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-    )
-    module = model
-    if args.bf16:
-        from megatron.core.transformer.module import Float16Module
-
-        module = Float16Module(config, model)
-    if torch.cuda.is_available():
-        module.cuda()
-    return config, model, module
-
-
-def padded_vocab_size(vocab: int, divisible_by: int, tp: int = 1) -> int:
-    """Megatron-LM's padding of the vocabulary to a multiple of ``divisible_by * tp``."""
-    multiple = divisible_by * tp
-    return int(math.ceil(vocab / multiple) * multiple)
 
 
 def _default_run_dir(args, rank: int = 0) -> str:
@@ -171,18 +132,19 @@ def _broadcast_str(text: str) -> str:
 
 # --------------------------------------------------------------------------- the run
 def train(args) -> dict:
-    """Run training as configured by ``args`` (see :mod:`mpmoe.train.args`); returns a summary."""
+    """Run training as configured by ``args`` (see :mod:`mpmoe.run.args`); returns a summary."""
     from mpmoe.megatron import destroy_distributed, init_distributed
     from mpmoe.megatron.remoe import (balancing_flags, balancing_scalars, discard_balancing_state,
                                       nonfinite_balancing_state, update_balancing_state)
     from mpmoe.megatron.router import set_training_progress
-    from mpmoe.train import checkpoint as ckpt
-    from mpmoe.train.args import validate
-    from mpmoe.train.data import build_datasets, micro_batches, resolve_data
+    from mpmoe.run import checkpoint as ckpt
+    from mpmoe.run.args import schedule_lengths, validate
+    from mpmoe.run.data import build_datasets, micro_batches, resolve_data
+    from mpmoe.run.model import build_model, count_parameters, padded_vocab_size
     from mpmoe.train.faults import NonFiniteLoss, StopSignals, TrainingStopped, agree, local_nonfinite
     from mpmoe.train.metrics import ExpertLoadMonitor, RunLogger, Throughput, environment_summary
     from mpmoe.train.optim import (build_optimizer, build_scheduler, freeze_all_but_last_layers,
-                                   freeze_all_but_routers, schedule_lengths, wrap_model)
+                                   freeze_all_but_routers, wrap_model)
 
     # 1. processes and parallel groups ------------------------------------------------
     info = init_distributed(
@@ -191,11 +153,14 @@ def train(args) -> dict:
         backend=args.distributed_backend, seed=args.seed,
     )
     signals = StopSignals()
+    claimed, started = None, False  # a default run dir this run made; the iterations began
     try:
         validate(args, world_size=info.world_size)
         dp_rank, dp_size = info.data_parallel_rank, info.data_parallel_size
         num_microbatches = args.global_batch_size // (args.micro_batch_size * dp_size)
         run_dir = Path(_broadcast_str(str(args.run_dir) if args.run_dir else _default_run_dir(args, info.rank)))
+        if not args.run_dir and info.rank == 0:
+            claimed = run_dir
 
         # 2. data -----------------------------------------------------------------------
         spec = resolve_data(args)
@@ -238,14 +203,15 @@ def train(args) -> dict:
 
         tokens_per_iter = args.global_batch_size * args.seq_length
         logger = RunLogger(run_dir, args, args.train_iters, iteration, tokens_per_iter=tokens_per_iter)
-        if logger.rank0:
-            (run_dir / "config.json").write_text(json.dumps(
+        if logger.rank0:  # whole or not at all (a stop signal may come at any time)
+            (run_dir / "config.json.tmp").write_text(json.dumps(
                 {"args": {k: v for k, v in vars(args).items() if _jsonable(v)},
                  "data": {"source": spec.source, "vocab_size": spec.vocab_size, "padded_vocab": vocab,
                           "tokenizer_dir": spec.tokenizer_dir},
                  "schedule": schedule_lengths(args), "num_microbatches": num_microbatches,
-                 "parameters": _count_parameters(model), "environment": environment_summary()},
+                 "parameters": count_parameters(model), "environment": environment_summary()},
                 indent=2))
+            os.replace(run_dir / "config.json.tmp", run_dir / "config.json")
         # What `mpmoe eval` / `mpmoe analyze` need to rebuild the model from a checkpoint
         # alone: the run's flags (in every checkpoint) and its tokenizer (next to them).
         run_info = {"args": {k: v for k, v in vars(args).items() if _jsonable(v)},
@@ -265,6 +231,7 @@ def train(args) -> dict:
 
         # 6. iterations -----------------------------------------------------------------
         signals.__enter__()
+        started = True
         while iteration < args.train_iters and not stop_signal:
             set_training_progress(model, iteration, args.train_iters)  # MoPE warm-up clock
             optimizer.zero_grad()
@@ -337,6 +304,10 @@ def train(args) -> dict:
         return {"iteration": iteration, "train_loss": train_loss, "val_loss": val_loss,
                 "run_dir": str(run_dir), "consumed_samples": consumed, "steps": iteration - first_iteration,
                 "nan_skipped": nan_skipped}
+    except BaseException:
+        if claimed is not None and not started:  # stopped or failed in set-up: no empty run folder left
+            shutil.rmtree(claimed, ignore_errors=True)
+        raise
     finally:
         signals.__exit__()
         destroy_distributed()
@@ -349,9 +320,3 @@ def _jsonable(v) -> bool:
     except TypeError:
         return False
 
-
-def _count_parameters(model) -> dict:
-    """Total and per-token active parameters of this rank's model (see presets test)."""
-    from mpmoe.train.presets import count_parameters
-
-    return count_parameters(model)

@@ -32,7 +32,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-__all__ = ["ExpertLoadMonitor", "RunLogger", "sigma_summary"]
+from mpmoe.routing.cooccurrence import sigma_summary
+
+__all__ = ["ExpertLoadMonitor", "RunLogger"]
 
 
 def _rank0() -> bool:
@@ -88,21 +90,6 @@ class ExpertLoadMonitor:
             }
         self.counts = {}
         return out
-
-
-@torch.no_grad()
-def sigma_summary(sigma: torch.Tensor) -> dict:
-    """Diagonal mean, mean |off-diagonal| and the largest |correlation| of a covariance."""
-    s = sigma.detach().double()
-    d = s.diagonal()
-    e = s.shape[0]
-    off = s - torch.diag(d)
-    corr = off / torch.sqrt(torch.outer(d, d)).clamp_min(1e-30)
-    return {
-        "sigma_diag_mean": float(d.mean()),
-        "sigma_offdiag_abs_mean": float(off.abs().sum() / max(e * (e - 1), 1)),
-        "sigma_max_corr": float(corr.abs().max()),
-    }
 
 
 def _aux_losses(iterations: int, num_microbatches: int) -> dict:

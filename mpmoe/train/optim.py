@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["build_optimizer", "freeze_all_but_last_layers", "build_scheduler", "schedule_lengths", "use_distributed_optimizer",
+__all__ = ["build_optimizer", "freeze_all_but_last_layers", "build_scheduler", "use_distributed_optimizer",
            "wrap_model"]
 
 
@@ -60,25 +60,11 @@ def build_optimizer(wrapped, config, args):
     return get_megatron_optimizer(oc, [wrapped])
 
 
-def schedule_lengths(args) -> dict:
-    """Warm-up, decay and WSD-decay lengths in iterations."""
-    from mpmoe.train.presets import fraction_of_iters
-
-    decay = args.lr_decay_iters or max(args.train_iters, 1)
-    warmup = args.lr_warmup_iters
-    if args.lr_warmup_fraction is not None:
-        # not rounded: Megatron-LM's training.py passes fraction x decay steps as is
-        # (21.21 iterations of warm-up for 0.01 of 2121)
-        warmup = args.lr_warmup_fraction * decay
-    wsd = args.lr_wsd_decay_iters
-    if wsd is None:
-        wsd = fraction_of_iters(args.lr_wsd_decay_fraction, decay)
-    return {"warmup": warmup, "decay": decay, "wsd_decay": wsd}
-
-
 def build_scheduler(optimizer, args):
     """megatron's OptimizerParamScheduler, stepped once per iteration."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from mpmoe.run.args import schedule_lengths
 
     n = schedule_lengths(args)
     return OptimizerParamScheduler(

@@ -65,7 +65,7 @@ def timed(stage: str):
 
 
 def _train(run: Path, argv: list) -> dict:
-    from mpmoe.train.args import parse_args
+    from mpmoe.run.args import parse_args
     from mpmoe.train.loop import train
 
     done = run / "done.json"
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
                "ft_iters": ft_iters, "modes": modes, "split_flags": split_flags, "local_limit": limit, "runs": {}}
 
     if a.dense_load:
-        from mpmoe.train.checkpoint import latest_iteration
+        from mpmoe.run.checkpoint import latest_iteration
 
         dense_ckpt = Path(a.dense_load)
         dense_iters = summary["dense_iters"] = int(latest_iteration(dense_ckpt) or 0)

@@ -69,28 +69,3 @@ def load_preset(name_or_path: str) -> dict:
                 raise PresetError(f"{path}: option {k!r} is set twice")
             flat[k] = v
     return flat
-
-
-def count_parameters(model) -> dict:
-    """``{"total": N, "active": A}`` parameters of a (single-rank) GPT MoE model.
-
-    Active = what one token uses: everything except the routed experts it is not sent to,
-    i.e. per MoE layer only ``moe_router_topk`` of its ``num_moe_experts`` routed experts
-    (shared experts, router, attention, norms and embeddings all count).
-    """
-    import re
-
-    cfg = model.config
-    total = sum(p.numel() for p in model.parameters())
-    expert_re = re.compile(r"(.*\.mlp\.experts)\.")
-    per_layer: dict = {}
-    for name, p in model.named_parameters():
-        m = expert_re.match(name)
-        if m:
-            per_layer[m.group(1)] = per_layer.get(m.group(1), 0) + p.numel()
-    active = total
-    if cfg.num_moe_experts:
-        local = cfg.num_moe_experts // cfg.expert_model_parallel_size
-        for n in per_layer.values():
-            active -= n - n // local * cfg.moe_router_topk
-    return {"total": int(total), "active": int(active)}

@@ -56,6 +56,7 @@ from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from mpmoe.errors import UserError
+from mpmoe.megatron import routers, settings
 
 __all__ = ["latest_iteration", "load_checkpoint", "resolve_checkpoint", "resolve_load",
            "save_checkpoint", "save_tokenizer", "saved_run_info", "writer_dies_with_trainer",
@@ -245,14 +246,15 @@ def _layout(saved_args: Optional[dict]) -> dict:
 
 
 # Flags whose value decides which tensors the model has (named when a checkpoint and a
-# model differ in their tensors); everything else only changes how a run trains.
+# model differ in their tensors); everything else only changes how a run trains. The routing
+# ones come from the router registry (its marks) and the settings table (``state=True``).
 MODEL_STATE_FLAGS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
     "group_query_attention", "kv_channels", "swiglu", "normalization", "position_embedding_type",
     "max_position_embeddings", "untie_embeddings_and_output_weights", "add_bias_linear", "qk_layernorm",
     "num_experts", "moe_layer_freq", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
-    "moe_router_load_balancing_type", "moe_relu_routing", "moe_router_enable_expert_bias",
-    "moe_router_score_function", "moe_grouped_gemm", "vocab_size", "make_vocab_size_divisible_by",
+    "moe_grouped_gemm", "vocab_size", "make_vocab_size_divisible_by",
+    *routers.MARKS, *(s.name for s in settings.SETTINGS if s.state),
 )
 
 
@@ -297,7 +299,8 @@ def _layers_of(keys: set) -> str:
     import re
 
     names = sorted(keys)
-    layers = sorted({int(m.group(1)) for k in names for m in [re.match(r"decoder\.layers\.(\d+)\.", k)] if m})
+    # 1-based, as --moe-mask-experts and the statistics files count layers (megatron's keys are 0-based)
+    layers = sorted({int(m.group(1)) + 1 for k in names for m in [re.match(r"decoder\.layers\.(\d+)\.", k)] if m})
     leaves = sorted({k.rsplit(".", 1)[-1] for k in names})
     if layers and all(re.match(r"decoder\.layers\.\d+\.", k) for k in names):
         what = f" ({', '.join(leaves)})" if len(leaves) <= 2 else ""
@@ -318,16 +321,22 @@ def changed_model_settings(saved_args: Optional[dict], run_args: Optional[dict])
 
 
 def check_model_matches(path, model, saved_args: Optional[dict] = None, run_args: Optional[dict] = None,
-                        *, allow_change: bool = False, opt_in: str = TRAIN_OPT_IN) -> tuple[set, set]:
+                        *, allow_change: bool = False, opt_in: str = TRAIN_OPT_IN,
+                        keys: Optional[tuple[dict, dict]] = None) -> tuple[set, set]:
     """Refuse (:class:`CheckpointingException`, one line naming the differing flags) a
     checkpoint whose tensors differ from the model's: state the model would drop (more
     layers, MoPE's Sigma, ReMoE's coefficient, expert biases...) or lack. Returns
-    ``(dropped, missing)`` tensor names (empty unless ``allow_change``)."""
-    try:
-        saved = _model_keys_of_checkpoint(path)
-    except Exception:  # noqa: BLE001 - unreadable metadata: the load itself reports it
-        return set(), set()
-    wanted = _model_keys_of(model)
+    ``(dropped, missing)`` tensor names (empty unless ``allow_change``). ``keys``: the
+    checkpoint's and the model's ``{tensor name: global shape}`` when the caller maps
+    names (a Megatron-LM checkpoint); else both are read here."""
+    if keys is not None:
+        saved, wanted = keys
+    else:
+        try:
+            saved = _model_keys_of_checkpoint(path)
+        except Exception:  # noqa: BLE001 - unreadable metadata: the load itself reports it
+            return set(), set()
+        wanted = _model_keys_of(model)
     # routing statistics (MoPE's Sigma counts) a checkpoint lacks start fresh (top-k or imported
     # checkpoints trained on as MoPE; load_checkpoint names it): not a refusal
     dropped = set(saved) - set(wanted)

@@ -21,7 +21,7 @@ from mpmoe.layout import fit_micro_batch
 from mpmoe.megatron import routers, settings
 from mpmoe.megatron.routers import ConfigError
 from mpmoe.megatron.settings import Range
-from mpmoe.train.presets import PresetError, list_presets, load_preset, preset_path
+from mpmoe.run.presets import PresetError, fraction_of_iters, list_presets, load_preset, preset_path
 
 __all__ = ["ConfigError", "DEFAULT_PRESET", "build_parser", "parse_args", "validate",
            "model_config_kwargs", "Range"]
@@ -266,7 +266,8 @@ def resolve_routing(args: argparse.Namespace, explicit: dict, preset: dict, *, p
     checked = settings.check(values, kind if args.num_experts is not None else None, explicit=set(explicit),
                              flags=True, num_experts=args.num_experts, topk=args.moe_router_topk,
                              moe_layers=settings.moe_layer_numbers(args.num_layers, args.moe_layer_freq,
-                                                                   args.num_experts))
+                                                                   args.num_experts),
+                             dispatcher=args.moe_token_dispatcher_type)
     for note in notes:  # only for values that hold (an error is then the one line)
         print(note, file=sys.stderr)
     for name, value in checked.items():
@@ -328,18 +329,11 @@ def check_ranges(args: argparse.Namespace, parser: Optional[argparse.ArgumentPar
 
 def _check_output_dir(flag: str, path: Optional[str]) -> None:
     """``path`` is (or can be created as) a writable folder; else a one-line error."""
-    if path is None:
-        return
-    p = os.path.abspath(os.path.expanduser(path))
-    if os.path.exists(p) and not os.path.isdir(p):
-        raise ConfigError(f"{flag} {path}: exists and is not a directory")
-    probe = p
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ConfigError(f"{flag} {path}: {probe} is a file, not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {path}: {probe} is not writable")
+    from mpmoe.errors import folder_problem
+
+    problem = None if path is None else folder_problem(path)
+    if problem:
+        raise ConfigError(f"{flag} {path}: {problem}")
 
 
 def _data_prefixes(data_path: list[str]) -> list[str]:
@@ -460,6 +454,20 @@ def fill_defaults(args: argparse.Namespace) -> None:
         args.recompute_num_layers = 1
 
 
+def schedule_lengths(args) -> dict:
+    """Warm-up, decay and WSD-decay lengths in iterations."""
+    decay = args.lr_decay_iters or max(args.train_iters, 1)
+    warmup = args.lr_warmup_iters
+    if args.lr_warmup_fraction is not None:
+        # not rounded: Megatron-LM's training.py passes fraction x decay steps as is
+        # (21.21 iterations of warm-up for 0.01 of 2121)
+        warmup = args.lr_warmup_fraction * decay
+    wsd = args.lr_wsd_decay_iters
+    if wsd is None:
+        wsd = fraction_of_iters(args.lr_wsd_decay_fraction, decay)
+    return {"warmup": warmup, "decay": decay, "wsd_decay": wsd}
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -528,7 +536,7 @@ def args_from_saved(saved: Optional[dict], flags: Optional[Sequence[str]] = None
     """The options of a run rebuilt from a checkpoint's record of them.
 
     ``saved``: the ``args`` a checkpoint written by ``mpmoe train`` stores (see
-    :func:`mpmoe.train.checkpoint.saved_run_info`): the run's preset is parsed, then every
+    :func:`mpmoe.run.checkpoint.saved_run_info`): the run's preset is parsed, then every
     recorded value laid over it. ``flags``: ``mpmoe train`` flags that describe the model
     instead (for checkpoints that record nothing, or to override the record). Raises
     :class:`ConfigError` (one line).
