@@ -27,8 +27,8 @@ CAL = ["--calibration-tokens", "512", "--batch-size", "4"]
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory, embedded_cache):
     root = tmp_path_factory.mktemp("experts-src")
-    return {"topk": train_checkpoint(root / "topk", embedded_cache, iters=3, extra=TOPK),
-            "mope": train_checkpoint(root / "mope", embedded_cache, iters=3)}
+    return {"topk": train_checkpoint(root / "topk", str(embedded_cache), iters=3, extra=TOPK),
+            "mope": train_checkpoint(root / "mope", str(embedded_cache), iters=3)}
 
 
 @pytest.fixture()
@@ -257,7 +257,7 @@ def test_readers_accept_the_outputs(sources, tmp_path, embedded_cache):
         assert not Path(str(out) + "-hf").exists()
     run = [*MODEL_FLAGS, "--global-batch-size", "4", "--micro-batch-size", "4", "--eval-iters", "1",
            "--eval-interval", "100", "--no-tensorboard", "--no-progress", "--load", str(small), "--no-load-optim",
-           "--embedded-cache-dir", embedded_cache, "--run-dir", str(tmp_path / "run"), "--train-iters", "2",
+           "--embedded-cache-dir", str(embedded_cache), "--run-dir", str(tmp_path / "run"), "--train-iters", "2",
            "--save", str(tmp_path / "cont"), *json.loads((small / "surgery.json").read_text())["train_flags"]]
     assert train(run) == 0
     _, m = _logits(tmp_path / "cont")
