@@ -63,7 +63,7 @@ def embedded_cache(tmp_path_factory):
     if os.environ.get("MPMOE_TEST_CACHE"):
         return os.environ["MPMOE_TEST_CACHE"]
     # the folder only: whoever uses it first fills it (mpmoe locks the cache while it writes)
-    return _once(tmp_path_factory, "embedded-cache", lambda d: {"dir": d.mkdir(parents=True, exist_ok=True) or d})["dir"]
+    return str(_once(tmp_path_factory, "embedded-cache", lambda d: {"dir": d.mkdir(parents=True, exist_ok=True) or d})["dir"])
 
 
 @pytest.fixture(scope="session")
