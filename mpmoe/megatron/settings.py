@@ -18,8 +18,8 @@ inf/nan), then the settings that cannot apply to the chosen router kind
 as a config field, as the caller asks.
 
 To add a routing setting: add a ``MoPEConfig`` field with its default and append a
-:class:`Setting` to :data:`SETTINGS` (``routers=`` the kinds it applies to). Nothing else
-declares it. This module imports neither torch nor megatron; it builds on :mod:`mpmoe.megatron.routers`.
+:class:`Setting` to its section of :data:`SETTINGS` (``routers=`` the kinds it applies to,
+``state=True`` if it changes which tensors the model has). Nothing else declares it. This module imports neither torch nor megatron; it builds on :mod:`mpmoe.megatron.routers`.
 """
 
 from __future__ import annotations

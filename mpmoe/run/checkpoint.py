@@ -296,8 +296,6 @@ def _model_keys_of(model) -> dict:
 
 def _layers_of(keys: set) -> str:
     """A short description of tensor names: the layers they belong to, else the first name."""
-    import re
-
     names = sorted(keys)
     layers = sorted({int(m.group(1)) for k in names for m in [re.match(r"decoder\.layers\.(\d+)\.", k)] if m})
     leaves = sorted({k.rsplit(".", 1)[-1] for k in names})
