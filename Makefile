@@ -22,6 +22,9 @@ TORCH_SPEC ?= torch==2.13.0
 # in `make test-megatron-latest`, which is the whole suite, and in `make test PYTEST_ARGS=`.
 PYTEST_ARGS ?= -m "not slow"
 PYTEST_ARGS_LATEST ?=
+# pytest-xdist: one worker per core (at most 4), a test file per worker so module fixtures
+# are built once; `make test PYTEST_PARALLEL=` runs in one process.
+PYTEST_PARALLEL ?= -n auto --maxprocesses 4 --dist loadfile
 PYTHON312 ?= $(shell for p in python3.12 "$$(pyenv prefix 3.12 2>/dev/null)/bin/python3.12"; do \
 	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12); print(sys.executable)' 2>/dev/null \
 	&& break; done)
@@ -48,7 +51,7 @@ demo: $(STAMP)
 	$(BIN)/mpmoe train
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 $(STAMP312): pyproject.toml
 	@test -n "$(PYTHON312)" || { echo "Python 3.12 not found: install it (e.g. pyenv install 3.12) or pass PYTHON312=/path/to/python3.12"; exit 2; }
@@ -61,7 +64,7 @@ install-megatron-latest: $(STAMP312)
 
 test-megatron-latest: $(STAMP312)
 	$(VENV312)/bin/python -c 'import sys, megatron.core as m; print("Python", sys.version.split()[0], "megatron-core", m.__version__)'
-	$(VENV312)/bin/python -m pytest $(PYTEST_ARGS_LATEST)
+	$(VENV312)/bin/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS_LATEST)
 
 clean:
 	rm -rf $(VENV) $(VENV312) .pytest_cache .hypothesis build *.egg-info

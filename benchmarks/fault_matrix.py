@@ -962,6 +962,56 @@ def cases(fx: Fixture) -> list[Case]:
         lambda d: sh(["bash", train_sh, "tiny-cpu", "--num-experts", "abc"], d))
     add(f"{R3X}script train.sh PYTHON not a command", err("PYTHON"),
         lambda d: sh(["bash", train_sh, "tiny-cpu"], d, env={"PYTHON": "/nonexistent/python"}))
+
+    # -- variable experts per token with the flex dispatcher (DeepEP routes exactly k) -------
+    for label, flags in (("dynamic mask", ("--moe-dynamic-mask", "random")), ("ReMoE", remoe)):
+        add(f"{R3X}train {label} with --moe-token-dispatcher-type flex",
+            err("--moe-token-dispatcher-type flex", "variable number of experts"),
+            T(*flags, "--moe-token-dispatcher-type", "flex"))
+    add(f"{R3X}eval dynamic mask of a flex-trained model (evaluated with alltoall)", ("exit 0", exit_ok()),
+        lambda d: sh([*MPMOE, "eval", "--load", str(fx.ckpt), "--model-flags", " ".join(
+            [*fx.train_flags(), "--moe-token-dispatcher-type", "flex"]), "--moe-dynamic-mask", "random",
+            "--tasks", "mpmoe_docs_mc", "--limit", "2", "--no-progress", "--output-path", "out"], d))
+
+    # -- output paths checked before the work (root writes anywhere os.access says yes) ----
+    for label, argv, needle in (
+            ("train --moe-stats-dir in /proc", ["train", *fx.train_flags(), "--train-iters", "2",
+                                                "--moe-stats-dir", "/proc/mpmoe-x/s"], "--moe-stats-dir"),
+            ("train --tensorboard-dir in /sys", ["train", *fx.train_flags(), "--train-iters", "2",
+                                                 "--tensorboard-dir", "/sys/mpmoe-x"], "--tensorboard-dir"),
+            ("eval --routing-dump-dir in /proc", ["eval", "--load", fx.ckpt, "--tasks", "mpmoe_docs_mc",
+                                                  "--routing-dump-dir", "/proc/mpmoe-x"], "--routing-dump-dir"),
+            ("analyze checkpoint --out in /proc", ["analyze", "checkpoint", "--load", fx.ckpt, "--out",
+                                                   "/proc/mpmoe-x"], "--out"),
+            ("analyze stats --out in /sys", ["analyze", "stats", fx.root, "--out", "/sys/mpmoe-x"], "--out"),
+            ("export hf --out in /proc", ["export", "hf", "--load", fx.ckpt, "--out", "/proc/mpmoe-x"], "--out"),
+            ("experts compress --save in /proc", ["experts", "compress", "--load", fx.ckpt, "--save",
+                                                  "/proc/mpmoe-x"], "--save"),
+            ("data tokenizer --output-dir in /proc", ["data", "tokenizer", "--input", fx.text, "--vocab-size", "300",
+                                                      "--output-dir", "/proc/mpmoe-x"], "--output-dir"),
+            ("data prepare --output-prefix in /sys", ["data", "prepare", "--input", fx.text, "--tokenizer-model",
+                                                      fx.tok, "--output-prefix", "/sys/mpmoe-x/p"], "--output-prefix")):
+        add(f"{R3X}{label}", err(needle, max_s=60), mpmoe(*argv))
+
+    # -- a stop signal in train's set-up: its own line, no run folder left ------------------
+    def setup_signal(sig):
+        inner = timed_signal(lambda d: [*MPMOE, "train", *fx.train_flags(), "--train-iters", "50"], sig, 1.5)
+
+        def run(d):
+            r = inner(d)
+            left = sorted(str(p.relative_to(d)) for p in (d / "runs").rglob("*")) if (d / "runs").is_dir() else []
+            r.note += f"; left under runs/: {left or 'nothing'}"
+            return r
+        return run
+
+    for sig, rc in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        name = signal.Signals(sig).name
+        add(f"{R3X}train {name} in set-up", (f"exit {rc}, 'before training started', no run folder left",
+                                            lambda r, rc=rc: (r.rc == rc and "Traceback" not in r.err
+                                                              and "before training started" in r.err
+                                                              and "signal sent" in r.note
+                                                              and "left under runs/: nothing" in r.note,
+                                                              f"rc={r.rc}; {r.note}")), setup_signal(sig))
     return C
 
 

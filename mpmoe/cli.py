@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         if debug_enabled():
             raise
         name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
-        print(f"mpmoe{' ' + verb if verb else ''}: stopped by {name}", file=sys.stderr)
+        end = ""
+        if verb == "train":  # while `mpmoe train` imports, it is in its set-up: its own line
+            from mpmoe.train.cli import SET_UP_STOP as end
+        print(f"mpmoe{' ' + verb if verb else ''}: stopped by {name}{end}", file=sys.stderr)
         return 130 if name == "SIGINT" else 143
 
 

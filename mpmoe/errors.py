@@ -21,7 +21,7 @@ import threading
 from typing import Callable, Optional
 
 __all__ = ["MAX_CHARS", "STOP_GRACE_S", "ArgumentParser", "Terminated", "UserError", "debug_enabled",
-           "innermost_error", "install_stop_handlers", "one_line", "run_verb", "stop_signals_received",
+           "folder_problem", "innermost_error", "install_stop_handlers", "one_line", "run_verb", "stop_signals_received",
            "user_message"]
 
 #: Longest error line printed (longer messages are cut with "...").
@@ -89,6 +89,30 @@ def user_message(exc: BaseException) -> Optional[str]:
         return f"{exc.filename}: {what}"
     if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:  # e.g. ENOSPC
         return f"{type(exc).__name__}: {exc.strerror}"
+    return None
+
+
+def folder_problem(path) -> Optional[str]:
+    """Why ``path`` cannot be (or become) a folder this process writes in, else None; for
+    output flags, checked before any work. Writability is tried (a temporary file in the
+    nearest existing folder, removed at once): ``os.access`` says yes to root everywhere,
+    also under ``/proc`` or on a read-only file system. Creates nothing."""
+    import tempfile
+
+    p = os.path.abspath(os.path.expanduser(str(path)))
+    if os.path.exists(p) and not os.path.isdir(p):
+        return "exists and is not a folder"
+    probe = p
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{probe} is a file, not a folder"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".mpmoe-write-check-", dir=probe)
+    except OSError as exc:
+        return f"{probe} is not writable ({exc.strerror or type(exc).__name__})"
+    os.close(fd)
+    os.unlink(tmp)
     return None
 
 

@@ -60,7 +60,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from mpmoe.errors import UserError
+from mpmoe.errors import UserError, folder_problem
 
 __all__ = ["StoreError", "LoadedModel", "load_model", "save_model", "calibration_tokens",
            "heldout_loss", "ROUTING_MODES", "DTYPES", "SPLITS"]
@@ -75,8 +75,10 @@ _LAYOUT = dict(
     recompute_granularity=None, recompute_method=None, recompute_num_layers=None,
     recompute_modules=None, moe_stats_dir=None, load=None, save=None,
 )
-# ... and for the model built here only (it runs in eval mode): no dropout.
-_BUILD_ONLY = dict(hidden_dropout=0.0, attention_dropout=0.0)
+# ... and for the model built here only (it runs in eval mode): no dropout; the alltoall token
+# dispatcher (one process, EP 1: the dispatcher moves no tokens between ranks, so the result is
+# the same; flex needs CUDA and DeepEP, and routes exactly k experts, which a dynamic mask breaks).
+_BUILD_ONLY = dict(hidden_dropout=0.0, attention_dropout=0.0, moe_token_dispatcher_type="alltoall")
 
 
 class StoreError(UserError, ValueError):
@@ -230,6 +232,7 @@ def load_model(
     from mpmoe.data.errors import DataError
     from mpmoe.megatron.router import MoPERouter, iter_routers
     from mpmoe.megatron import settings
+    from mpmoe.run.megatron_lm import OPT_IN
     from mpmoe.run.checkpoint import TOKENIZER_DIR, load_checkpoint, resolve_checkpoint, saved_run_info
     from mpmoe.run.model import build_model, padded_vocab_size
 
@@ -336,10 +339,10 @@ def load_model(
         if megatron_lm is not None:
             from mpmoe.run.megatron_lm import load_weights
 
-            load_weights(it_dir, model)
+            load_weights(it_dir, model, info.get("args"), vars(build_args))
         else:
             load_checkpoint(root, model, None, None, load_optim=False, load_rng=False, iteration=iteration,
-                            run_args=vars(build_args), opt_in="the model flags must describe it")
+                            run_args=vars(build_args), opt_in=OPT_IN)
     except Exception as exc:  # noqa: BLE001 - one line for a model/checkpoint mismatch
         from mpmoe.run.checkpoint import ModelMismatch
 
@@ -394,8 +397,9 @@ def _check_out(out: Path) -> Path:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(f"{out}: cannot create its parent folder ({exc.strerror or exc})") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise StoreError(f"{out}: its parent folder {parent} is not writable")
+    problem = folder_problem(parent)
+    if problem:
+        raise StoreError(f"{out}: its parent folder {problem}")
     return parent
 
 

@@ -17,7 +17,7 @@ def test_compare_split_quick(tmp_path, embedded_cache):
     spec = importlib.util.spec_from_file_location("compare_split", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main([str(tmp_path), "--quick", "--embedded-cache-dir", embedded_cache]) == 0
+    assert mod.main([str(tmp_path), "--quick", "--embedded-cache-dir", str(embedded_cache)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["runs"]) == {"dense/all/s1", "ilp/routers/s1", "random-heterogeneous/routers/s1"}
     for run in summary["runs"].values():

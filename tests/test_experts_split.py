@@ -21,7 +21,7 @@ def dense(tmp_path_factory, embedded_cache):
     save = root / "dense"
     assert main([*DENSE_FLAGS, "--train-iters", "2", "--global-batch-size", "4", "--micro-batch-size", "4",
                  "--eval-interval", "2", "--eval-iters", "1", "--save", str(save), "--run-dir", str(root / "run"),
-                 "--no-tensorboard", "--no-progress", "--embedded-cache-dir", embedded_cache]) == 0
+                 "--no-tensorboard", "--no-progress", "--embedded-cache-dir", str(embedded_cache)]) == 0
     return save
 
 
@@ -184,7 +184,7 @@ def test_train_from_split_keeps_sizes(dense, tmp_path, embedded_cache, mode):
                  "--trainable-params", mode, "--train-iters", "3", "--global-batch-size", "4",
                  "--micro-batch-size", "4", "--eval-interval", "3", "--eval-iters", "1", "--lr", "1e-2",
                  "--save", str(save), "--run-dir", str(tmp_path / "run"), "--no-tensorboard", "--no-progress",
-                 "--embedded-cache-dir", embedded_cache]) == 0
+                 "--embedded-cache-dir", str(embedded_cache)]) == 0
     from mpmoe.megatron import init_distributed
     from mpmoe.store import load_model
 

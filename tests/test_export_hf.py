@@ -168,6 +168,28 @@ def test_refusals(name):
         hf_kind(model, "topk")
 
 
+def test_save_safetensors_streams_a_file_safetensors_reads(tmp_path):
+    """The streaming writer's file, read by safetensors: each tensor cast to the asked
+    dtype (bf16 exactly as torch casts), ``.sigma`` kept fp32, non-contiguous views too."""
+    from safetensors import safe_open
+
+    from mpmoe.export.hf import save_safetensors
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 10, generator=gen)
+    tensors = {"a.weight": base[:, 1:7], "b.weight": base.t(), "c.bias": torch.randn(5, generator=gen).bfloat16(),
+               "model.layers.1.mlp.sigma": torch.randn(3, 3, generator=gen), "d": torch.ones(1, 1)}
+    for cast in (torch.float32, torch.bfloat16):
+        path = tmp_path / f"{cast}.safetensors"
+        save_safetensors(tensors, path, cast)
+        with safe_open(str(path), framework="pt") as fh:
+            assert sorted(fh.keys()) == sorted(tensors) and fh.metadata() == {"format": "pt"}
+            for key, t in tensors.items():
+                want = t.float() if key.endswith(".sigma") else t.to(cast)
+                got = fh.get_tensor(key)
+                assert got.dtype == want.dtype and torch.equal(got, want), key
+
+
 def test_state_left_over_is_refused():
     """A tensor the mapping does not know (e.g. a future router's state) is never dropped silently."""
     from mpmoe.export.hf import ExportError, hf_state_dict

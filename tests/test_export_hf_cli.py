@@ -71,6 +71,40 @@ def test_export_folder_contents(checkpoints, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
 
 
+def test_bf16_checkpoint_exports_its_own_weights(tmp_path, embedded_cache):
+    """A bf16 checkpoint is read in bf16 (no fp32 copy of the model): the fp32 folder holds
+    its weights upcast exactly, the bf16 folder the same bits, Sigma fp32 in both, and the
+    fp32 folder's logits equal mpmoe's forward of the checkpoint in fp32."""
+    from safetensors import safe_open
+
+    from export_testing import hf_logits, real_text_ids
+    from mpmoe import store
+    from mpmoe.data import prepare_embedded
+    from mpmoe.export.hf import export_hf
+
+    tok = prepare_embedded(embedded_cache, progress=False).tokenizer_dir
+    args, model = build(["--moe-router-load-balancing-type", "otep"], seed=4, sigma_seed=9)
+    model.bfloat16()
+    args.bf16 = True
+    ckpt = store.save_model(tmp_path / "ckpt", model, args=args, tokenizer_dir=tok)
+    folders = {d: export_hf(ckpt, tmp_path / f"hf-{d}", dtype=d) for d in ("fp32", "bf16")}
+    files = {d: safe_open(str(f / "model.safetensors"), framework="pt") for d, f in folders.items()}
+    assert set(files["fp32"].keys()) == set(files["bf16"].keys())
+    sigmas = [k for k in files["fp32"].keys() if k.endswith(".sigma")]
+    assert len(sigmas) == 2
+    for key in files["fp32"].keys():
+        a, b = files["fp32"].get_tensor(key), files["bf16"].get_tensor(key)
+        if key in sigmas:
+            assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+        else:
+            assert (a.dtype, b.dtype) == (torch.float32, torch.bfloat16) and torch.equal(a, b.float()), key
+    loaded = store.load_model(ckpt, dtype="fp32")
+    ids = real_text_ids(tok)
+    ref = loaded.forward(ids).float()
+    got = hf_logits(folders["fp32"], ids, trust_remote_code=True)
+    assert ref.abs().max() > 1.0 and (got - ref).abs().max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("case,words", [
     ("remoe", "ReMoE"),
     ("topk-as-mope", "no Sigma"),

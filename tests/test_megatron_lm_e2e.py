@@ -9,6 +9,7 @@ and ``mpmoe analyze checkpoint`` on these checkpoints) reuse them. Needs Python 
 megatron-core 0.19 (``make test-megatron-latest``); skipped elsewhere.
 """
 
+import os
 import re
 import socket
 import subprocess
@@ -230,6 +231,47 @@ def test_store_loads_megatron_lm_checkpoints_mope_and_stock_topk(runs, monkeypat
         destroy_distributed()
 
 
+def test_readers_refuse_a_megatron_lm_checkpoint_of_another_model(runs, capsys):
+    """State the rebuilt model would drop (a layer, MoPE's Sigma) is refused in one line
+    naming the flags that differ, as for mpmoe's own checkpoints; eval and analyze say so."""
+    from mpmoe import store
+    from mpmoe.analysis.cli import main as analyze
+    from mpmoe.eval.cli import main as evaluate
+    from mpmoe.megatron import destroy_distributed, init_distributed
+
+    mope = runs["root"] / "mope" / "iter_0000004"
+    init_distributed(seed=1)
+    try:
+        for flags, words in (
+                (["--router", "topk"], ["(--moe-router-load-balancing-type otep -> aux_loss)",
+                                        "would drop 12 tensor(s) of layer(s) 2,3,4"]),  # Sigma and its counts
+                (["--num-layers", "3", "--moe-layer-freq", "[0,1,1]"],
+                 ["(--num-layers 4 -> 3, --moe-layer-freq [0,1,1,1] -> [0,1,1])", "would drop 13 tensor(s)",
+                  "of layer(s) 4"]),
+                (["--num-layers", "5", "--moe-layer-freq", "[0,1,1,1,1]"], ["--num-layers 4 -> 5", "lacks",
+                                                                             "of layer(s) 5"])):
+            with pytest.raises(store.StoreError) as err:
+                store.load_model(mope, model_flags=["--preset", "tiny-cpu", *flags])
+            msg = str(err.value)
+            assert "holds another model" in msg and all(w in msg for w in words), msg
+        # a stock top-k run read as MoPE (explicit flags): Sigma starts from the identity, as on resume
+        m = store.load_model(runs["root"] / "base-topk" / "iter_0000002", model_flags=["--preset", "tiny-cpu"])
+        assert "holds no routing statistics" in capsys.readouterr().err
+        sigmas = [v for k, v in m.model.state_dict().items() if k.endswith("cooccurrence_stats.covariance")]
+        assert len(sigmas) == 3 and all(torch.equal(v, torch.eye(8, dtype=v.dtype)) for v in sigmas)
+    finally:
+        destroy_distributed()
+    topk = ["--preset", "tiny-cpu", "--router", "topk"]
+    for verb, argv in ((evaluate, ["--load", str(mope), "--model-flags", " ".join(topk), "--tasks",
+                                   "mpmoe_docs_mc"]),
+                       (analyze, ["checkpoint", "--load", str(mope), "--out", str(runs["root"] / "no-analysis"),
+                                  *topk])):
+        assert verb(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds another model (--moe-router-load-balancing-type otep -> aux_loss" in err[0]
+    assert not (runs["root"] / "no-analysis").exists()
+
+
 def test_mpmoe_eval_and_run_all_evals_on_a_megatron_lm_run_folder(runs, embedded_cache, tmp_path):
     """scripts/run_all_evals.sh over a Megatron-LM run folder (MoPE and stock top-k
     checkpoints; --tokenizer: a local folder of the vocabulary's size)."""
@@ -263,6 +305,41 @@ def test_mpmoe_eval_and_run_all_evals_on_a_megatron_lm_run_folder(runs, embedded
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert any(out.iterdir())
+
+
+def test_export_hf_of_megatron_lm_checkpoints_matches_mpmoes_forward(runs, embedded_cache, tmp_path, monkeypatch):
+    """`mpmoe export hf` of the patched tree's MoPE checkpoint (remote code, Sigma) and of
+    the stock tree's top-k one (qwen2_moe): the folders' logits equal mpmoe's forward of the
+    checkpoint (fp32) on random ids and on real text."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    import json
+    from pathlib import Path
+
+    from export_testing import hf_logits, real_text_ids, set_hf_home
+    from mpmoe import store
+    from mpmoe.data import prepare_embedded
+    from mpmoe.export.hf import export_hf
+    from mpmoe.megatron import destroy_distributed, init_distributed
+
+    for key in ("HF_HOME", "HF_HUB_OFFLINE", "HF_MODULES_CACHE"):
+        monkeypatch.setenv(key, os.environ.get(key, ""))  # restored after the test
+    set_hf_home(tmp_path / "hf-home")
+    tok = Path(prepare_embedded(embedded_cache, progress=False).tokenizer_dir)
+    ids = torch.cat([torch.randint(0, 8192, (2, 32), generator=torch.Generator().manual_seed(0)),
+                     real_text_ids(tok)])
+    init_distributed(seed=1)
+    try:
+        for name, model_type in (("mope/iter_0000004", "mpmoe"), ("base-topk/iter_0000002", "qwen2_moe")):
+            path = runs["root"] / name
+            folder = export_hf(path, tmp_path / name.replace("/", "-"), tokenizer=tok)
+            conf = json.loads((folder / "config.json").read_text())
+            assert conf["model_type"] == model_type and conf["mlp_only_layers"] == [0]
+            ref = store.load_model(path, tokenizer=tok, dtype="fp32").forward(ids).float()
+            got = hf_logits(folder, ids, trust_remote_code=model_type == "mpmoe")
+            assert ref.abs().max() > 1.0 and (got - ref).abs().max().item() <= 1e-4, name
+    finally:
+        destroy_distributed()
 
 
 # --------------------------------------------------------------------------- on a GPU

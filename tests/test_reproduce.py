@@ -18,10 +18,12 @@ def test_paper_tiny_quick(tmp_path, embedded_cache):
     env = dict(os.environ, OMP_NUM_THREADS="2")
     for var in ("WORLD_SIZE", "RANK", "MOE_MASK_EXPERTS", "MOE_DYNAMIC_MASK_MODE", "EACT_SAVE"):
         env.pop(var, None)
-    r = subprocess.run([str(REPO / "scripts/reproduce/paper_tiny.sh"), str(out), "--quick",
+    r = subprocess.run([str(REPO / "scripts/reproduce/paper_tiny.sh"), str(out), "--quick", "--jobs", "2",
                         "--train-flags", f"--embedded-cache-dir {embedded_cache}"],
                        env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
+    # --jobs 2: each seed trained in a process of its own, then reused by the report
+    assert sorted(p.name for p in (out / "runs").glob("train-seed*.log")) == ["train-seed1.log", "train-seed2.log"]
     summary = json.loads((out / "summary.json").read_text())
     val = summary["val_loss"]
     assert len(val["MoPE"]["per_seed"]) == len(val["top-k"]["per_seed"]) == 2

@@ -70,6 +70,11 @@ def _main(argv: list) -> int:
         value = getattr(args, flag, None)
         if value is not None and value < minimum:
             raise UserError(f"--{flag.replace('_', '-')} must be >= {minimum}, got {value}")
+    from mpmoe.errors import folder_problem
+
+    problem = folder_problem(args.out)
+    if problem:  # before the model is loaded or the statistics read
+        raise UserError(f"--out {args.out}: {problem}")
     start = time.perf_counter()
     if args.command == "stats":
         from mpmoe.analysis.stats import analyze_stats

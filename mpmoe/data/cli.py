@@ -233,6 +233,15 @@ def _main(argv: list) -> int:
         return 0
     if getattr(args, "hf_config", None) == "":
         args.hf_config = None
+    from mpmoe.errors import folder_problem
+
+    prefix = getattr(args, "output_prefix", None)
+    for flag, value, folder in (("--output-prefix", prefix, prefix and (os.path.dirname(prefix) or ".")),
+                                ("--output-dir", getattr(args, "output_dir", None), None),
+                                ("--cache-dir", getattr(args, "cache_dir", None), None)):
+        problem = folder_problem(folder or value) if value else None
+        if problem:  # before any work (a tokenizer trained or a corpus read for nothing)
+            raise DataError(f"{flag} {value}: {problem}")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -114,13 +114,11 @@ def _default_output(load: str, step: Optional[int], routing: str) -> Path:
 
 def _check_output(folder: Path, what: str) -> None:
     """Before any work: ``folder`` is (or can become) a writable folder."""
-    probe = folder
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise EvalError(f"{what} {folder}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise EvalError(f"{what} {folder}: {probe} is not writable")
+    from mpmoe.errors import folder_problem
+
+    problem = folder_problem(folder)
+    if problem:
+        raise EvalError(f"{what} {folder}: {problem}")
 
 
 def _write(out: Path, results: dict, meta: dict, log_samples: bool) -> Path:

@@ -3,13 +3,12 @@ model, calibration statistics, parameter and byte counts."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import torch
 
-from mpmoe.errors import UserError
+from mpmoe.errors import UserError, folder_problem
 
 __all__ = ["surgery_flags", "ExpertsError", "check_save", "moe_layers", "expert_stack", "set_expert", "routing_statistics",
            "count_parameters", "folder_bytes", "load_source"]
@@ -29,8 +28,9 @@ def check_save(save) -> Path:
         raise ExpertsError(f"--save {out}: {parent} is not a folder")
     if not parent.is_dir():
         raise ExpertsError(f"--save {out}: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExpertsError(f"--save {out}: {parent} is not writable")
+    problem = folder_problem(out)
+    if problem:
+        raise ExpertsError(f"--save {out}: {problem}")
     return out
 
 

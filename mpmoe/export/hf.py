@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from mpmoe.errors import UserError
+from mpmoe.errors import UserError, folder_problem
 
 __all__ = ["ExportError", "HF_CODE_DIR", "PROVENANCE", "export_hf", "hf_config", "hf_kind",
            "hf_state_dict", "main", "qkv_split", "qkv_merge"]
@@ -49,6 +49,8 @@ PROVENANCE = "mpmoe_export.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Keys of a MoPE router's state that routing does not read (the counters Sigma was built from).
 _SIGMA_COUNTERS = ("num_tokens", "usage", "cooccurrence")
+#: router kind (mpmoe.megatron.routers) -> the Hugging Face model_type its layers export to.
+HF_MODEL_TYPES = {"topk": "qwen2_moe", "mope": "mpmoe"}
 
 
 class ExportError(UserError):
@@ -84,11 +86,15 @@ def _layer_kinds(model) -> list[str]:
     return layer_kinds(model.config)
 
 
-def hf_kind(model, routing: str) -> str:
+def hf_kind(model, routing: str = "auto") -> str:
     """``"llama"``, ``"qwen2"``, ``"qwen2_moe"`` or ``"mpmoe"`` for this model routed as
-    ``routing`` (``"topk"``, ``"mope"``, ``"dense"``); :class:`ExportError` naming the
+    ``routing`` (``"auto"``: as its router kind says, :data:`HF_MODEL_TYPES`; ``"topk"``:
+    plain top-k whatever the kind; ``"mope"``; ``"dense"``); :class:`ExportError` naming the
     first thing transformers' classes cannot represent."""
+    from mpmoe.megatron import routers
+
     cfg = model.config
+    trained = routers.kind_of(cfg, dense="dense")
 
     def refuse(what: str):
         raise ExportError(f"cannot export to Hugging Face: {what}")
@@ -107,7 +113,7 @@ def hf_kind(model, routing: str) -> str:
         refuse("qk_layernorm")
     if cfg.kv_channels * cfg.num_attention_heads != cfg.hidden_size:
         refuse(f"kv_channels {cfg.kv_channels} x heads != hidden_size {cfg.hidden_size}")
-    if routing == "dense" or not cfg.num_moe_experts:
+    if routing == "dense" or trained == "dense":
         return "qwen2" if cfg.add_qkv_bias else "llama"
     if cfg.moe_expert_capacity_factor is not None:
         refuse(f"moe_expert_capacity_factor {cfg.moe_expert_capacity_factor} (token dropping depends on the batch)")
@@ -115,10 +121,10 @@ def hf_kind(model, routing: str) -> str:
         refuse(f"moe_router_topk_scaling_factor {cfg.moe_router_topk_scaling_factor}")
     if cfg.moe_router_score_function != "softmax":
         refuse(f"moe_router_score_function {cfg.moe_router_score_function} (only softmax)")
-    from mpmoe.megatron import routers
-
-    if routers.kind_of(cfg) not in ("topk", "mope"):
+    if trained not in HF_MODEL_TYPES:
         refuse(f"{routers.label(cfg)} routing has no transformers class yet")
+    if routing not in ("auto", "topk", trained):
+        refuse(f"--routing {routing}: the model routes with {routers.label(cfg)}")
     if getattr(cfg, "moe_router_enable_expert_bias", False):
         refuse("the expert bias (aux-loss-free balancing) has no transformers class yet")
     if getattr(cfg, "moe_expert_ffn_sizes", None):
@@ -142,13 +148,16 @@ def hf_kind(model, routing: str) -> str:
             if not hasattr(mlp.experts, "local_experts"):
                 refuse(f"experts of type {type(mlp.experts).__name__} (export loads models with "
                        "sequential experts, as mpmoe eval does on CPU)")
-    return "mpmoe" if routing == "mope" else "qwen2_moe"
+    return HF_MODEL_TYPES["topk" if routing == "topk" else trained]
 
 
 # ----------------------------------------------------------------------------- tensors
 def hf_state_dict(model, *, vocab_size: int, routing: str) -> dict[str, torch.Tensor]:
-    """The Hugging Face tensors of ``model`` (fp32; views of the model's own tensors where
-    no conversion is needed, so treat them as read-only; keys of the kind :func:`hf_kind` names). ``vocab_size``: the tokenizer's vocabulary (megatron's padding rows are cut).
+    """The Hugging Face tensors of ``model``, on the CPU in the model's own dtype (Sigma:
+    fp32) and views of the model's tensors where no conversion is needed, so treat them as
+    read-only (:func:`write_folder` casts them one at a time); keys of the kind
+    :func:`hf_kind` names. ``vocab_size``: the tokenizer's vocabulary (megatron's padding
+    rows are cut).
     Every tensor of the megatron state is consumed or an :class:`ExportError` says which
     is not."""
     kind = hf_kind(model, routing)
@@ -156,9 +165,9 @@ def hf_state_dict(model, *, vocab_size: int, routing: str) -> dict[str, torch.Te
     src = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     used: set[str] = set()
 
-    def take(key: str) -> torch.Tensor:  # the model's own tensor when it is fp32 on the CPU (no copy)
+    def take(key: str) -> torch.Tensor:  # the model's own tensor when it is on the CPU (no copy)
         used.add(key)
-        return src[key].detach().to(device="cpu", dtype=torch.float32)
+        return src[key].detach().to(device="cpu")
 
     heads, groups = cfg.num_attention_heads, cfg.num_query_groups or cfg.num_attention_heads
     d = cfg.kv_channels
@@ -201,7 +210,7 @@ def hf_state_dict(model, *, vocab_size: int, routing: str) -> dict[str, torch.Te
             if cfg.moe_shared_expert_gate:
                 gate_w = take(s + "gate_weight")
             else:  # Qwen2-MoE always gates: sigmoid(0) = 1/2, and x 2 is exact in floating point
-                gate_w, down = torch.zeros(1, cfg.hidden_size), down * 2
+                gate_w, down = down.new_zeros(1, cfg.hidden_size), down * 2
         else:  # no shared expert: one of width 1 that outputs exactly 0
             gate, up = torch.zeros(1, cfg.hidden_size), torch.zeros(1, cfg.hidden_size)
             down, gate_w = torch.zeros(cfg.hidden_size, 1), torch.zeros(1, cfg.hidden_size)
@@ -280,19 +289,44 @@ def _tokenizer_files(tokenizer_dir: Path, dst: Path, eod_token: str, max_length:
     conf_path.write_text(json.dumps(conf, indent=2) + "\n")
 
 
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16"}
+
+
+def save_safetensors(tensors: dict, path, cast: torch.dtype) -> None:
+    """Write ``tensors`` as one safetensors file, each cast to ``cast`` (keys ending in
+    ``.sigma``: fp32) one tensor at a time, so the only copy held is the tensor being
+    written (``safetensors.torch.save_file`` needs every converted tensor at once).
+    The format: an 8-byte little-endian header length, the JSON header (dtype, shape,
+    byte offsets per tensor), then the tensors' bytes in header order."""
+    def out_dtype(key):
+        return torch.float32 if key.endswith(".sigma") else cast
+
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, t in tensors.items():
+        size = t.numel() * torch.empty((), dtype=out_dtype(key)).element_size()
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[out_dtype(key)], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as fh:
+        fh.write(len(blob).to_bytes(8, "little"))
+        fh.write(blob)
+        for key, t in tensors.items():
+            data = t.detach().to(device="cpu", dtype=out_dtype(key)).contiguous()
+            if data.numel():
+                fh.write(data.reshape(-1).view(torch.uint8).numpy().data)
+
+
 def write_folder(out, tensors: dict, config: dict, *, tokenizer_dir: Path, eod_id: int, eod_token: str,
                  provenance: dict, dtype: str = "fp32") -> Path:
     """Write the folder atomically (a temporary sibling renamed at the end)."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        cast = torch.bfloat16 if dtype == "bf16" else torch.float32
         # Sigma stays fp32 (routing decisions must not move with the weights' precision)
-        save_file({k: (v if k.endswith(".sigma") else v.to(cast)).contiguous() for k, v in tensors.items()},
-                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(tensors, tmp / "model.safetensors", torch.bfloat16 if dtype == "bf16" else torch.float32)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": eod_id, "do_sample": False},
@@ -315,6 +349,9 @@ def _check_out(out) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out} exists and is not an empty folder")
+    problem = folder_problem(out)
+    if problem:
+        raise ExportError(f"--out {out}: {problem}")
     return out
 
 
@@ -329,7 +366,9 @@ def export_hf(load, out, *, routing: str = "auto", dtype: str = "fp32", tokenize
     if dtype not in ("fp32", "bf16"):
         raise ExportError(f"--dtype must be fp32 or bf16, got {dtype!r}")
     init_distributed()
-    loaded = store.load_model(load, routing=routing, dtype="fp32", tokenizer=tokenizer, model_flags=model_flags)
+    # the weights in the dtype they were saved in: no converted copy (the writer casts one at a time)
+    loaded = store.load_model(load, routing=routing, dtype="checkpoint", tokenizer=tokenizer,
+                              model_flags=model_flags)
     if loaded.tokenizer is None:
         raise ExportError(f"{loaded.root}: the model has no tokenizer; pass --tokenizer DIR")
     # an imported model keeps the vocabulary of its source (which may exceed its tokenizer's)
@@ -355,15 +394,21 @@ class _Parser(argparse.ArgumentParser):
         raise ExportError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="mpmoe export", description="Export a checkpoint to another format.")
+def hf_verb_parser(verb: str, what: str, *, help: str, description: str):
+    """``(parser of mpmoe <verb>, its "hf" subparser)``: the shape ``mpmoe export`` and
+    ``mpmoe import`` share (argparse errors on one line, exit 2)."""
+    p = _Parser(prog=f"mpmoe {verb}", description=what)
     sub = p.add_subparsers(dest="format", required=True)
-    h = sub.add_parser("hf", prog="mpmoe export hf",
-                       help="a Hugging Face transformers folder (Qwen2-MoE / Llama / MoPE remote code)",
-                       description="Write a Hugging Face transformers folder (config, safetensors, "
-                       "tokenizer, generation config, provenance). Top-k MoE -> qwen2_moe, dense -> "
-                       "llama (qwen2 with qkv biases), MoPE -> qwen2_moe layout + remote code "
-                       "(trust_remote_code=True). See docs/export.md.")
+    return p, sub.add_parser("hf", prog=f"mpmoe {verb} hf", help=help, description=description)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p, h = hf_verb_parser("export", "Export a checkpoint to another format.",
+                                help="a Hugging Face transformers folder (Qwen2-MoE / Llama / MoPE remote code)",
+                                description="Write a Hugging Face transformers folder (config, safetensors, "
+                                "tokenizer, generation config, provenance). Top-k MoE -> qwen2_moe, dense -> "
+                                "llama (qwen2 with qkv biases), MoPE -> qwen2_moe layout + remote code "
+                                "(trust_remote_code=True). See docs/export.md.")
     h.add_argument("--load", required=True, help="save folder (latest iteration) or iter_XXXXXXX folder")
     h.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     h.add_argument("--routing", choices=["auto", "topk", "mope"], default="auto",

@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from mpmoe.export.hf import ExportError, _Parser, qkv_merge
+from mpmoe.export.hf import ExportError, hf_verb_parser, qkv_merge
 
 __all__ = ["SUPPORTED", "hf_flags", "import_hf", "main", "fill_model", "read_hf_tensors"]
 
@@ -323,14 +323,12 @@ def import_hf(model_dir, save) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="mpmoe import", description="Import a model from another format.")
-    sub = p.add_subparsers(dest="format", required=True)
-    h = sub.add_parser("hf", prog="mpmoe import hf",
-                       help="a local Hugging Face folder (Llama, Qwen2, Qwen2-MoE, Mixtral)",
-                       description="Read a local Hugging Face folder (LlamaForCausalLM, Qwen2ForCausalLM, "
-                       "Qwen2MoeForCausalLM, MixtralForCausalLM; safetensors + tokenizer.json) into an "
-                       "mpmoe checkpoint (model only, iteration 0) that mpmoe eval / analyze / export / "
-                       "train --load read. See docs/export.md.")
+    p, h = hf_verb_parser("import", "Import a model from another format.",
+                                help="a local Hugging Face folder (Llama, Qwen2, Qwen2-MoE, Mixtral)",
+                                description="Read a local Hugging Face folder (LlamaForCausalLM, Qwen2ForCausalLM, "
+                                "Qwen2MoeForCausalLM, MixtralForCausalLM; safetensors + tokenizer.json) into an "
+                                "mpmoe checkpoint (model only, iteration 0) that mpmoe eval / analyze / export / "
+                                "train --load read. See docs/export.md.")
     h.add_argument("--model", required=True, help="the Hugging Face model folder")
     h.add_argument("--save", required=True, help="checkpoint folder to create (must not exist or be empty)")
     return p

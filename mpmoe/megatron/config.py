@@ -66,7 +66,8 @@ class MoPEConfig(TransformerConfig):
         kind = routers.kind_of(self, dense=None) if self.num_moe_experts is not None else None
         values = {s.name: getattr(self, s.name) for s in settings.SETTINGS if s.config}
         for name, value in settings.check(values, kind, num_experts=self.num_moe_experts,
-                                          topk=self.moe_router_topk).items():
+                                          topk=self.moe_router_topk,
+                                          dispatcher=self.moe_token_dispatcher_type).items():
             setattr(self, name, value)
         is_mope = kind == "mope"
         if is_mope:

@@ -411,14 +411,15 @@ def _check_layers(name: str, spell: Callable, layers, moe_layers: Optional[list]
 
 def check(values: Mapping, kind: Optional[str], *, explicit: Optional[Iterable[str]] = None,
           flags: bool = False, num_experts: Optional[int] = None, topk: Optional[int] = None,
-          moe_layers: Optional[list] = None) -> dict:
+          moe_layers: Optional[list] = None, dispatcher: Optional[str] = None) -> dict:
     """Validate the routing settings in ``values`` for router ``kind`` (None: dense model).
 
     Returns ``{name: normalised value}`` for the settings present. A setting that does not
     apply to the router and differs from its default is an error when it is in ``explicit``
     (``None``: every value counts as explicit, the config's view); otherwise it is reset to
-    its default in the result. ``flags``: name settings as flags in messages. Raises
-    ``ValueError`` (one line).
+    its default in the result. ``flags``: name settings as flags in messages.
+    ``dispatcher``: the run's ``moe_token_dispatcher_type`` (variable experts per token are
+    supported by the allgather and alltoall dispatchers only). Raises ``ValueError`` (one line).
     """
     spell = (lambda name: BY_NAME[name].flag) if flags else (lambda name: name)
     out: dict = {}
@@ -440,7 +441,34 @@ def check(values: Mapping, kind: Optional[str], *, explicit: Optional[Iterable[s
             raise ConfigError(f"{spell(s.name)} does not apply: {why}")
         out[s.name] = s.default
     _check_across(out, spell, num_experts, topk, moe_layers)
+    _check_dispatcher(out, kind, dispatcher, flags)
     return out
+
+
+#: token dispatchers that carry a variable number of experts per token
+#: (:func:`mpmoe.megatron.compat.allow_variable_experts_per_token` patches alltoall)
+VARIABLE_K_DISPATCHERS = ("allgather", "alltoall")
+
+
+def _check_dispatcher(v: Mapping, kind: Optional[str], dispatcher: Optional[str], flags: bool) -> None:
+    """ReMoE's ReLU gates, the dynamic mask (k -> k-1) and merged-expert groups route a
+    variable number of experts per token; the flex dispatcher (DeepEP / HybridEP) takes
+    each token's top ``moe_router_topk`` scores and would route k experts regardless."""
+    if dispatcher is None or dispatcher in VARIABLE_K_DISPATCHERS:
+        return
+    spell = (lambda s: s.flag) if flags else (lambda s: s.name)
+    if kind is not None and routers.KINDS[kind].variable_k:
+        what = f"{kind} routing"
+    elif v.get("moe_dynamic_mask_mode") is not None:
+        what = f"{spell(_BY_NAME['moe_dynamic_mask_mode'])} {v['moe_dynamic_mask_mode']}"
+    elif v.get("moe_expert_groups"):
+        what = f"{spell(_BY_NAME['moe_expert_groups'])} (merged experts)"
+    else:
+        return
+    name = "--moe-token-dispatcher-type " if flags else "moe_token_dispatcher_type="
+    raise ConfigError(f"{what} routes a variable number of experts per token, which mpmoe supports with "
+                      f"the {' and '.join(VARIABLE_K_DISPATCHERS)} token dispatchers only: {name}{dispatcher} "
+                      f"would route exactly k; use {name}alltoall")
 
 
 def _check_across(v: Mapping, spell: Callable, num_experts, topk, moe_layers: Optional[list] = None) -> None:

@@ -132,6 +132,13 @@ def _check_args(args) -> None:
     if getattr(args, "rank", 0) == 0:
         for note in notes:
             print(note, flush=True)
+    from mpmoe.errors import folder_problem
+
+    for name in ("moe_stats_dir", "moe_eval_dump_dir"):  # before training, not at the first window
+        folder = getattr(args, name, None)
+        problem = folder_problem(folder) if folder else None
+        if problem:
+            raise UserError(f"--{name.replace('_', '-')} {folder}: {problem}")
     if lbt == mope and args.moe_otep_warmup_fraction > 0 and args.train_iters is None:
         raise UserError("--moe-otep-warmup-fraction is a fraction of --train-iters: give --train-iters, "
                         "or --moe-otep-warmup-fraction 0 with --train-samples")

@@ -266,7 +266,8 @@ def resolve_routing(args: argparse.Namespace, explicit: dict, preset: dict, *, p
     checked = settings.check(values, kind if args.num_experts is not None else None, explicit=set(explicit),
                              flags=True, num_experts=args.num_experts, topk=args.moe_router_topk,
                              moe_layers=settings.moe_layer_numbers(args.num_layers, args.moe_layer_freq,
-                                                                   args.num_experts))
+                                                                   args.num_experts),
+                             dispatcher=args.moe_token_dispatcher_type)
     for note in notes:  # only for values that hold (an error is then the one line)
         print(note, file=sys.stderr)
     for name, value in checked.items():
@@ -328,18 +329,11 @@ def check_ranges(args: argparse.Namespace, parser: Optional[argparse.ArgumentPar
 
 def _check_output_dir(flag: str, path: Optional[str]) -> None:
     """``path`` is (or can be created as) a writable folder; else a one-line error."""
-    if path is None:
-        return
-    p = os.path.abspath(os.path.expanduser(path))
-    if os.path.exists(p) and not os.path.isdir(p):
-        raise ConfigError(f"{flag} {path}: exists and is not a directory")
-    probe = p
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ConfigError(f"{flag} {path}: {probe} is a file, not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {path}: {probe} is not writable")
+    from mpmoe.errors import folder_problem
+
+    problem = None if path is None else folder_problem(path)
+    if problem:
+        raise ConfigError(f"{flag} {path}: {problem}")
 
 
 def _data_prefixes(data_path: list[str]) -> list[str]:

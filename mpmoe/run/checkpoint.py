@@ -297,7 +297,8 @@ def _model_keys_of(model) -> dict:
 def _layers_of(keys: set) -> str:
     """A short description of tensor names: the layers they belong to, else the first name."""
     names = sorted(keys)
-    layers = sorted({int(m.group(1)) for k in names for m in [re.match(r"decoder\.layers\.(\d+)\.", k)] if m})
+    # 1-based, as --moe-mask-experts and the statistics files count layers (megatron's keys are 0-based)
+    layers = sorted({int(m.group(1)) + 1 for k in names for m in [re.match(r"decoder\.layers\.(\d+)\.", k)] if m})
     leaves = sorted({k.rsplit(".", 1)[-1] for k in names})
     if layers and all(re.match(r"decoder\.layers\.\d+\.", k) for k in names):
         what = f" ({', '.join(leaves)})" if len(leaves) <= 2 else ""
@@ -318,16 +319,22 @@ def changed_model_settings(saved_args: Optional[dict], run_args: Optional[dict])
 
 
 def check_model_matches(path, model, saved_args: Optional[dict] = None, run_args: Optional[dict] = None,
-                        *, allow_change: bool = False, opt_in: str = TRAIN_OPT_IN) -> tuple[set, set]:
+                        *, allow_change: bool = False, opt_in: str = TRAIN_OPT_IN,
+                        keys: Optional[tuple[dict, dict]] = None) -> tuple[set, set]:
     """Refuse (:class:`CheckpointingException`, one line naming the differing flags) a
     checkpoint whose tensors differ from the model's: state the model would drop (more
     layers, MoPE's Sigma, ReMoE's coefficient, expert biases...) or lack. Returns
-    ``(dropped, missing)`` tensor names (empty unless ``allow_change``)."""
-    try:
-        saved = _model_keys_of_checkpoint(path)
-    except Exception:  # noqa: BLE001 - unreadable metadata: the load itself reports it
-        return set(), set()
-    wanted = _model_keys_of(model)
+    ``(dropped, missing)`` tensor names (empty unless ``allow_change``). ``keys``: the
+    checkpoint's and the model's ``{tensor name: global shape}`` when the caller maps
+    names (a Megatron-LM checkpoint); else both are read here."""
+    if keys is not None:
+        saved, wanted = keys
+    else:
+        try:
+            saved = _model_keys_of_checkpoint(path)
+        except Exception:  # noqa: BLE001 - unreadable metadata: the load itself reports it
+            return set(), set()
+        wanted = _model_keys_of(model)
     # routing statistics (MoPE's Sigma counts) a checkpoint lacks start fresh (top-k or imported
     # checkpoints trained on as MoPE; load_checkpoint names it): not a refusal
     dropped = set(saved) - set(wanted)

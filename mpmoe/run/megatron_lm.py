@@ -26,14 +26,15 @@ pre-MLP norm of MoE layers ``mlp.linear_fc1.layer_norm_weight``; mpmoe's spec na
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Optional
 
 from mpmoe.megatron import routers as _routers
 from mpmoe.megatron import settings as _settings
 
-__all__ = ["MPMOE_ONLY", "NOT_READ", "RENAMED", "UNSUPPORTED", "load_weights", "run_info",
-           "train_record"]
+__all__ = ["MPMOE_ONLY", "NOT_READ", "OPT_IN", "RENAMED", "UNSUPPORTED", "load_weights", "model_keys",
+           "run_info", "train_record"]
 
 #: ``mpmoe train`` option -> Megatron-LM argument of another name.
 RENAMED = {"norm_epsilon": "layernorm_epsilon"}
@@ -105,6 +106,8 @@ def train_record(margs, defaults: Optional[dict] = None) -> dict:
         raise ValueError("the checkpoint's Megatron-LM args lack " + ", ".join(
             "--" + m.replace("_", "-") for m in missing) + " (not a Megatron-LM 0.19 run?)")
     out["moe_router_load_balancing_type"] = lbt
+    if not margs.get("group_query_attention"):  # Megatron-LM fills in the head count; mpmoe: None
+        out["num_query_groups"] = None
     try:  # mpmoe's --router: the kind the recorded marks select
         out["router"] = _routers.kind_of({**{k: v for k, v in defaults.items() if k in _routers.MARKS}, **out})
     except ValueError as exc:
@@ -153,21 +156,63 @@ def run_info(it_dir, common: Optional[dict] = None) -> Optional[dict]:
 
 
 _STOCK_NORM = re.compile(r"^(.*decoder\.layers\.\d+\.)pre_mlp_layernorm\.(weight|bias)$")
+#: a Megatron-LM checkpoint's entries that are no model state (besides optimizer, RNG and
+#: common state, which mpmoe's checkpoints have too): the rerun state machine's, Transformer
+#: Engine's per-module metadata
+_NOT_MODEL = re.compile(r"^rerun_state|_extra_state")
+
+#: what ``mpmoe eval`` / ``analyze`` / export say when a checkpoint holds another model
+OPT_IN = "the model flags must describe it"
 
 
-def load_weights(it_dir, model) -> None:
+def _stock_name(key: str) -> Optional[str]:
+    m = _STOCK_NORM.match(key)
+    return f"{m[1]}mlp.linear_fc1.layer_norm_{m[2]}" if m else None
+
+
+def model_keys(it_dir, model) -> tuple[dict, dict]:
+    """``({tensor: global shape}`` of the checkpoint's model state, the same of ``model})``,
+    the checkpoint's stock-spec names read as mpmoe's (what :func:`load_weights` loads)."""
+    from mpmoe.run.checkpoint import _model_keys_of, _model_keys_of_checkpoint
+
+    saved = {k: v for k, v in _model_keys_of_checkpoint(it_dir).items() if not _NOT_MODEL.search(k)}
+    wanted = {k: v for k, v in _model_keys_of(model).items() if not _NOT_MODEL.search(k)}
+    for key in wanted:
+        stock = _stock_name(key)
+        if key not in saved and stock in saved:
+            saved[key] = saved.pop(stock)
+    return saved, wanted
+
+
+def load_weights(it_dir, model, saved_args: Optional[dict] = None, run_args: Optional[dict] = None) -> None:
     """Load a Megatron-LM checkpoint's model tensors into ``model`` (strict: every tensor
-    of the model must be there). Raises megatron's / torch's errors for a mismatch."""
+    of the model must be there, and every tensor of the checkpoint must be the model's:
+    :func:`mpmoe.run.checkpoint.check_model_matches` refuses, in one line naming the
+    flags that differ between ``saved_args`` (the run's, :func:`train_record`) and
+    ``run_args`` (the model's), a checkpoint whose state the model would drop or lack).
+    Raises megatron's / torch's errors for a mismatch they find."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from torch.distributed.checkpoint import FileSystemReader
 
+    from mpmoe.run.checkpoint import _fresh_sigma_keys, check_model_matches
+
+    check_model_matches(it_dir, model, saved_args, run_args, opt_in=OPT_IN, keys=model_keys(it_dir, model))
     saved = set(FileSystemReader(str(it_dir)).read_metadata().state_dict_metadata)
     sharded = model.sharded_state_dict()
     for value in sharded.values():
         if isinstance(value, ShardedTensor) and value.key not in saved:
-            m = _STOCK_NORM.match(value.key)
-            if m and f"{m[1]}mlp.linear_fc1.layer_norm_{m[2]}" in saved:
-                value.key = f"{m[1]}mlp.linear_fc1.layer_norm_{m[2]}"  # stock-spec naming
+            stock = _stock_name(value.key)
+            if stock in saved:
+                value.key = stock  # stock-spec naming
+    fresh = _fresh_sigma_keys(it_dir, sharded)  # a top-k run read as MoPE: Sigma from the identity
+    for key in fresh:
+        del sharded[key]
+    if fresh:
+        print(f"mpmoe: {it_dir} holds no routing statistics (a top-k run): they start fresh (MoPE's "
+              "Sigma from the identity)", file=sys.stderr, flush=True)
     state = dist_checkpointing.load({"model": sharded}, str(it_dir))
+    if fresh:
+        own = model.state_dict()
+        state["model"].update({k: own[k] for k in fresh})
     model.load_state_dict(state["model"], strict=True)

@@ -14,36 +14,50 @@ import sys
 import warnings
 from typing import Optional
 
-__all__ = ["main"]
+__all__ = ["SET_UP_STOP", "main"]
+
+#: the end of the line a stop signal before the first iteration prints
+SET_UP_STOP = " before training started; nothing was saved"
 
 
-class _Terminated(Exception):
-    """SIGTERM outside the iterations (set-up): end like Ctrl-C, with one line."""
+class _Stopped(Exception):
+    """SIGINT / SIGTERM outside the iterations (set-up): one line of its own, not run_verb's
+    generic one (an Exception, which run_verb passes on)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _raise_terminated(signum, frame):
-    raise _Terminated()
+    raise _Stopped(signal.SIGTERM)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from mpmoe.errors import run_verb
-    from mpmoe.supervise import die_with_launcher
-
-    die_with_launcher()  # under torchrun (scripts/train.sh runs this module): end with the agent
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        from mpmoe.errors import run_verb
+        from mpmoe.supervise import die_with_launcher
+
+        die_with_launcher()  # under torchrun (scripts/train.sh runs this module): end with the agent
         return run_verb("mpmoe train", _main, list(sys.argv[1:] if argv is None else argv))
-    except (KeyboardInterrupt, _Terminated) as exc:
-        code = 130 if isinstance(exc, KeyboardInterrupt) else 143
+    except (KeyboardInterrupt, _Stopped) as exc:
+        signum = exc.signum if isinstance(exc, _Stopped) else signal.SIGINT
         if os.environ.get("RANK", "0") == "0":
-            print(f"mpmoe train: stopped by {'SIGINT' if code == 130 else 'SIGTERM'} before "
-                  "training started; nothing was saved", file=sys.stderr)
-        return code
+            print(f"mpmoe train: stopped by {signal.Signals(signum).name}{SET_UP_STOP}", file=sys.stderr)
+        return 128 + int(signum)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv: list) -> int:
+    try:
+        return _train(argv)
+    except KeyboardInterrupt:  # Ctrl-C in set-up (the iterations handle their own)
+        raise _Stopped(signal.SIGINT) from None
+
+
+def _train(argv: list) -> int:
     from mpmoe.errors import UserError
     from mpmoe.run.args import ConfigError, parse_args
 

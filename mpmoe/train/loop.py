@@ -24,6 +24,8 @@ stop``) or skips that step's update (``--on-nan skip``).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import time
 from functools import partial
@@ -151,11 +153,14 @@ def train(args) -> dict:
         backend=args.distributed_backend, seed=args.seed,
     )
     signals = StopSignals()
+    claimed, started = None, False  # a default run dir this run made; the iterations began
     try:
         validate(args, world_size=info.world_size)
         dp_rank, dp_size = info.data_parallel_rank, info.data_parallel_size
         num_microbatches = args.global_batch_size // (args.micro_batch_size * dp_size)
         run_dir = Path(_broadcast_str(str(args.run_dir) if args.run_dir else _default_run_dir(args, info.rank)))
+        if not args.run_dir and info.rank == 0:
+            claimed = run_dir
 
         # 2. data -----------------------------------------------------------------------
         spec = resolve_data(args)
@@ -198,14 +203,15 @@ def train(args) -> dict:
 
         tokens_per_iter = args.global_batch_size * args.seq_length
         logger = RunLogger(run_dir, args, args.train_iters, iteration, tokens_per_iter=tokens_per_iter)
-        if logger.rank0:
-            (run_dir / "config.json").write_text(json.dumps(
+        if logger.rank0:  # whole or not at all (a stop signal may come at any time)
+            (run_dir / "config.json.tmp").write_text(json.dumps(
                 {"args": {k: v for k, v in vars(args).items() if _jsonable(v)},
                  "data": {"source": spec.source, "vocab_size": spec.vocab_size, "padded_vocab": vocab,
                           "tokenizer_dir": spec.tokenizer_dir},
                  "schedule": schedule_lengths(args), "num_microbatches": num_microbatches,
                  "parameters": count_parameters(model), "environment": environment_summary()},
                 indent=2))
+            os.replace(run_dir / "config.json.tmp", run_dir / "config.json")
         # What `mpmoe eval` / `mpmoe analyze` need to rebuild the model from a checkpoint
         # alone: the run's flags (in every checkpoint) and its tokenizer (next to them).
         run_info = {"args": {k: v for k, v in vars(args).items() if _jsonable(v)},
@@ -225,6 +231,7 @@ def train(args) -> dict:
 
         # 6. iterations -----------------------------------------------------------------
         signals.__enter__()
+        started = True
         while iteration < args.train_iters and not stop_signal:
             set_training_progress(model, iteration, args.train_iters)  # MoPE warm-up clock
             optimizer.zero_grad()
@@ -297,6 +304,10 @@ def train(args) -> dict:
         return {"iteration": iteration, "train_loss": train_loss, "val_loss": val_loss,
                 "run_dir": str(run_dir), "consumed_samples": consumed, "steps": iteration - first_iteration,
                 "nan_skipped": nan_skipped}
+    except BaseException:
+        if claimed is not None and not started:  # stopped or failed in set-up: no empty run folder left
+            shutil.rmtree(claimed, ignore_errors=True)
+        raise
     finally:
         signals.__exit__()
         destroy_distributed()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -108,6 +109,41 @@ def train_run(out: Path, name: str, base: list, seed: int, routing: str, iters: 
     curve = [(m["iteration"], m["val_loss"]) for m in metrics if "val_loss" in m]
     return {"name": name, "seed": seed, "routing": routing, "dir": str(run), "curve": curve,
             "val_loss": curve[-1][1], **json.loads(done.read_text())}
+
+
+def train_seeds_in_parallel(argv: list, seeds: list, jobs: int, out: Path) -> None:
+    """Train each seed's runs in a process of its own, ``jobs`` at a time, the cores split
+    between them (one 2-thread process runs a tiny model at well under twice the speed of a
+    1-thread one); the caller then reuses the finished runs. A job's log is
+    OUT/runs/train-seed<S>.log."""
+    import subprocess
+
+    from mpmoe.errors import UserError
+
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MPMOE_PAPER_TINY_JOB="1")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    pending, running = list(seeds), []
+    log(f"training {len(seeds)} seeds in {jobs} processes of {threads} thread(s)")
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                seed = pending.pop(0)
+                logf = out / "runs" / f"train-seed{seed}.log"
+                with open(logf, "w") as fh:
+                    cmd = [sys.executable, __file__, *argv, "--seeds", str(seed), "--jobs", "1", "--train-only"]
+                    running.append((seed, logf, subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)))
+            time.sleep(2)
+            for job in [j for j in running if j[2].poll() is not None]:
+                running.remove(job)
+                if job[2].returncode != 0:
+                    tail = job[1].read_text().strip().splitlines()[-1:] or [""]
+                    raise UserError(f"seed {job[0]}'s training failed (exit {job[2].returncode}, log "
+                                    f"{job[1]}): {tail[0]}")
+    finally:
+        for _, _, proc in running:  # an error or a signal here ends the other jobs too
+            proc.kill()
+            proc.wait()
 
 
 # --------------------------------------------------------------------------- ablations
@@ -309,6 +345,9 @@ def _main(argv) -> int:
     p.add_argument("--side-runs", type=int, default=None,
                    help="seeds that also get a Sigma-prior run and the eval tasks (default: all; "
                         "--quick: 1; 0: none); finished prior runs in OUT are always reported")
+    p.add_argument("--jobs", type=POSITIVE, default=None,
+                   help="train the seeds in this many processes at once, the cores split between them "
+                        "(default: one per seed with --shape paper, else 1)")
     p.add_argument("--train-only", action="store_true",
                    help="only train (e.g. one process per seed into one OUT; a later run without it "
                         "reuses the runs)")
@@ -350,6 +389,13 @@ def _main(argv) -> int:
     t0 = time.time()
     mode = "quick" if a.quick else ("paper shape" if a.shape == "paper" else "full")
     log(f"{mode}: seeds {seeds}, {iters} iterations, out {out}")
+    jobs = min(a.jobs or (len(seeds) if a.shape == "paper" else 1), len(seeds))
+    if os.environ.get("MPMOE_PAPER_TINY_JOB"):
+        from mpmoe.supervise import die_with_launcher
+
+        die_with_launcher(force=True)  # a seed's job ends with the run that started it
+    elif jobs > 1:
+        train_seeds_in_parallel(list(argv), seeds, jobs, out)
 
     groups = {"MoPE": [], "top-k": [], f"MoPE + prior {a.shrinkage:g}": []}
     for seed in seeds:
