@@ -441,7 +441,7 @@ def check(values: Mapping, kind: Optional[str], *, explicit: Optional[Iterable[s
             raise ConfigError(f"{spell(s.name)} does not apply: {why}")
         out[s.name] = s.default
     _check_across(out, spell, num_experts, topk, moe_layers)
-    _check_dispatcher(out, kind, dispatcher, flags)
+    _check_dispatcher(out, kind, dispatcher, spell, flags)
     return out
 
 
@@ -450,19 +450,19 @@ def check(values: Mapping, kind: Optional[str], *, explicit: Optional[Iterable[s
 VARIABLE_K_DISPATCHERS = ("allgather", "alltoall")
 
 
-def _check_dispatcher(v: Mapping, kind: Optional[str], dispatcher: Optional[str], flags: bool) -> None:
+def _check_dispatcher(v: Mapping, kind: Optional[str], dispatcher: Optional[str], spell: Callable,
+                      flags: bool) -> None:
     """ReMoE's ReLU gates, the dynamic mask (k -> k-1) and merged-expert groups route a
     variable number of experts per token; the flex dispatcher (DeepEP / HybridEP) takes
     each token's top ``moe_router_topk`` scores and would route k experts regardless."""
     if dispatcher is None or dispatcher in VARIABLE_K_DISPATCHERS:
         return
-    spell = (lambda s: s.flag) if flags else (lambda s: s.name)
     if kind is not None and routers.KINDS[kind].variable_k:
         what = f"{kind} routing"
     elif v.get("moe_dynamic_mask_mode") is not None:
-        what = f"{spell(_BY_NAME['moe_dynamic_mask_mode'])} {v['moe_dynamic_mask_mode']}"
+        what = f"{spell('moe_dynamic_mask_mode')} {v['moe_dynamic_mask_mode']}"
     elif v.get("moe_expert_groups"):
-        what = f"{spell(_BY_NAME['moe_expert_groups'])} (merged experts)"
+        what = f"{spell('moe_expert_groups')} (merged experts)"
     else:
         return
     name = "--moe-token-dispatcher-type " if flags else "moe_token_dispatcher_type="
