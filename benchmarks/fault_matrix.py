@@ -1012,6 +1012,15 @@ def cases(fx: Fixture) -> list[Case]:
                                                               and "signal sent" in r.note
                                                               and "left under runs/: nothing" in r.note,
                                                               f"rc={r.rc}; {r.note}")), setup_signal(sig))
+
+    # -- experts: fold-then-select over merged experts (issue 26), an evaluation option ----------
+    R3F = "r3f "  # -k r3f runs this family (-k r3 with the others)
+    add(f"{R3F}eval fold-select on an unmerged checkpoint", err("--moe-expert-group-routing", "has none"),
+        mpmoe("eval", "--load", fx.ckpt, "--tasks", "mpmoe_local", "--moe-expert-group-routing", "fold-select"))
+    add(f"{R3F}eval --moe-expert-group-routing bogus", err("--moe-expert-group-routing"),
+        mpmoe("eval", "--load", fx.ckpt, "--tasks", "mpmoe_local", "--moe-expert-group-routing", "bogus"))
+    add(f"{R3F}train --moe-expert-group-routing (evaluation only)", err("--moe-expert-group-routing"),
+        mpmoe("train", "--train-iters", "1", "--moe-expert-group-routing", "fold-select"))
     return C
 
 

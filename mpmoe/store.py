@@ -324,6 +324,9 @@ def load_model(
     if trained == "remoe" and resolved.get("moe_dynamic_mask_mode"):
         raise StoreError(f"--moe-dynamic-mask drops one of the k experts a top-k router picked; {it_dir} "
                          "routes with ReMoE (ReLU gates, no k): leave the dynamic mask out")
+    if resolved.get("moe_expert_group_routing") == "fold-select" and not getattr(args, "moe_expert_groups", None):
+        raise StoreError(f"--moe-expert-group-routing fold-select routes over merged experts; {it_dir} has none "
+                         "(a checkpoint written by `mpmoe experts merge --layout collapsed`)")
     for key, value in resolved.items():
         setattr(args, key, value)
     if routing_dump_dir is not None:

@@ -27,8 +27,8 @@ CAL = ["--calibration-tokens", "512", "--batch-size", "4"]
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory, embedded_cache):
     root = tmp_path_factory.mktemp("experts-src")
-    return {"topk": train_checkpoint(root / "topk", embedded_cache, iters=3, extra=TOPK),
-            "mope": train_checkpoint(root / "mope", embedded_cache, iters=3)}
+    return {"topk": train_checkpoint(root / "topk", str(embedded_cache), iters=3, extra=TOPK),
+            "mope": train_checkpoint(root / "mope", str(embedded_cache), iters=3)}
 
 
 @pytest.fixture()
@@ -257,7 +257,7 @@ def test_readers_accept_the_outputs(sources, tmp_path, embedded_cache):
         assert not Path(str(out) + "-hf").exists()
     run = [*MODEL_FLAGS, "--global-batch-size", "4", "--micro-batch-size", "4", "--eval-iters", "1",
            "--eval-interval", "100", "--no-tensorboard", "--no-progress", "--load", str(small), "--no-load-optim",
-           "--embedded-cache-dir", embedded_cache, "--run-dir", str(tmp_path / "run"), "--train-iters", "2",
+           "--embedded-cache-dir", str(embedded_cache), "--run-dir", str(tmp_path / "run"), "--train-iters", "2",
            "--save", str(tmp_path / "cont"), *json.loads((small / "surgery.json").read_text())["train_flags"]]
     assert train(run) == 0
     _, m = _logits(tmp_path / "cont")
@@ -355,3 +355,29 @@ def test_sigma_push_forward_equals_recount_from_eval_dump(sources, tmp_path):
         grouped = routing @ a.t()
         assert torch.equal(pushed[1], grouped.sum(0)) and torch.equal(pushed[2], grouped.t() @ grouped)
         assert torch.allclose(covariance_from_counts(*pushed), a @ covariance_from_counts(*counts) @ a.t(), atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["topk", "mope"])
+def test_fold_select_at_evaluation(sources, kind, tmp_path):
+    """``moe_expert_group_routing="fold-select"`` (an evaluation option): on a collapsed E' = E
+    merge (every expert its own group) it reproduces the source's logits; on E' = 3 it routes
+    differently from select-fold; on a checkpoint without groups it is a one-line refusal."""
+    from mpmoe.megatron import destroy_distributed, init_distributed
+
+    fold = {"moe_expert_group_routing": "fold-select"}
+    ident, three = tmp_path / "ident", tmp_path / "three"
+    for out, n in ((ident, 8), (three, 3)):
+        assert _run("merge", "--load", sources[kind], "--save", out, "--num-experts", n, "--layout", "collapsed",
+                    *CAL) == 0
+    src, _ = _logits(sources[kind])
+    init_distributed(seed=1)
+    try:
+        got = store.load_model(ident, dtype="fp32", routing_ablation=fold).forward(_tokens(src.shape[-1])).float()
+        assert (got - src).abs().max() <= 1e-5
+        folded = store.load_model(three, dtype="fp32", routing_ablation=fold).forward(_tokens(src.shape[-1])).float()
+        with pytest.raises(store.StoreError, match="fold-select routes over merged experts; .* has none"):
+            store.load_model(sources[kind], dtype="fp32", routing_ablation=fold)
+    finally:
+        destroy_distributed()
+    selected, _ = _logits(three)
+    assert (folded - selected).abs().max() > 1e-4

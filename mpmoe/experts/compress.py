@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from mpmoe.experts.common import (ExpertsError, surgery_flags, check_save, count_parameters, folder_bytes, load_source,
-                                  moe_layers)
+from mpmoe.experts.common import (ExpertsError, add_source_arguments, count_parameters, folder_bytes, moe_layers,
+                                  rebuild, save_surgery, surgery_run)
 from mpmoe.surgery import compress as C
 
 
@@ -36,11 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta1", type=float, default=0.85, help="PLATON moving-average factor")
     p.add_argument("--calibration-tokens", type=int, default=16384,
                    help="calibration tokens in all (training split), spread over --steps")
-    p.add_argument("--seed", type=int, default=0, help="calibration sample seed")
-    p.add_argument("--data-path", nargs="+", default=None,
-                   help="the run's data, if it moved (default: as the checkpoint records it)")
-    p.add_argument("--model-flags", nargs=argparse.REMAINDER, default=None,
-                   help="mpmoe train flags for a checkpoint that does not record them (last)")
+    add_source_arguments(p, seed_help="calibration sample seed")
 
 
 def _check(args) -> None:
@@ -111,17 +107,9 @@ def _calibrate(loaded, weights, factors, args) -> dict:
 
 
 def run(args) -> int:
-    from mpmoe import store
-    from mpmoe.experts.merge import _copy_into
-    from mpmoe.megatron import destroy_distributed, init_distributed
-    from mpmoe.run.model import build_model
-
     _check(args)
-    out = check_save(args.save)
     start = time.perf_counter()
-    init_distributed(seed=1)
-    try:
-        loaded = load_source(args.load, verb="compress", model_flags=args.model_flags)
+    with surgery_run(args, verb="compress") as (out, loaded):
         weights = _weights(loaded.model)
         factors = {}
         for key, w in weights.items():
@@ -134,10 +122,7 @@ def run(args) -> int:
             kept = {key: torch.full((w.shape[0],), keep == 1.0) for key, w in weights.items()}
         new_args = copy.copy(loaded.args)
         new_args.moe_expert_compression = f"{args.rank}:{keep:g}"
-        padded = int(loaded.model.embedding.word_embeddings.weight.shape[0])
-        _, model, _ = build_model(new_args, padded)
-        model.eval()
-        _copy_into(model, loaded.model)
+        model = rebuild(loaded, new_args)
         with torch.no_grad():
             for n, mlp in moe_layers(model):
                 for e, expert in enumerate(mlp.experts.local_experts):
@@ -153,17 +138,13 @@ def run(args) -> int:
                         linear.rows.copy_(rows)
         before, after = count_parameters(loaded.model), count_parameters(model)
         surgery = {
-            "train_flags": surgery_flags(new_args),
             "verb": "compress", "source": str(loaded.checkpoint), "rank": args.rank, "sparse_keep": keep,
             "schedule": {"steps": args.steps, "initial_warmup": args.initial_warmup,
                          "final_warmup": args.final_warmup, "beta1": args.beta1,
                          "calibration_tokens": args.calibration_tokens, "split": "train", "seed": args.seed},
             "parameters": {"before": before, "after": after},
         }
-        store.save_model(out, model, args=new_args, tokenizer_dir=loaded.tokenizer_dir,
-                         extra_files={"surgery.json": surgery})
-    finally:
-        destroy_distributed()
+        surgery = save_surgery(out, loaded, model, new_args, surgery)
     print(f"mpmoe experts compress: rank {args.rank}, residual rows kept {keep:g}: expert parameters "
           f"{before['experts']} -> {after['experts']} ({after['experts'] / max(1, before['experts']):.1%}); "
           f"checkpoint {folder_bytes(out)} bytes; {time.perf_counter() - start:.1f} s -> {out}")

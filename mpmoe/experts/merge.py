@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from mpmoe.experts.common import (ExpertsError, surgery_flags, check_save, count_parameters, expert_stack, load_source,
-                                  moe_layers, routing_statistics, set_expert)
+from mpmoe.experts.common import (ExpertsError, add_source_arguments, count_parameters, expert_stack, moe_layers,
+                                  rebuild, routing_statistics, save_surgery, set_expert, surgery_run)
 from mpmoe.surgery import merge as M
 
 LAYOUTS = ("bind", "collapsed")
@@ -61,11 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="usage frequencies from calibration tokens, or a MoPE checkpoint's saved counters")
     p.add_argument("--calibration-tokens", type=int, default=32768, help="calibration tokens (training split)")
     p.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward")
-    p.add_argument("--seed", type=int, default=0, help="calibration sample and random grouping seed")
-    p.add_argument("--data-path", nargs="+", default=None,
-                   help="the run's data, if it moved (default: as the checkpoint records it)")
-    p.add_argument("--model-flags", nargs=argparse.REMAINDER, default=None,
-                   help="mpmoe train flags for a checkpoint that does not record them (last)")
+    add_source_arguments(p, seed_help="calibration sample and random grouping seed")
 
 
 def _check(args) -> None:
@@ -174,39 +170,10 @@ def _merge_weights(args, mlp, labels, dominants, freq):
                          dominants=dominants, gated=gated)
 
 
-def _copy_into(new_model, old_model) -> None:
-    """Every tensor of ``new_model`` that is not a routed expert's, from ``old_model``."""
-    old = old_model.state_dict()
-    new = new_model.state_dict()
-    missing = []
-    with torch.no_grad():
-        for key, value in new.items():
-            if ".experts.local_experts." in key or not isinstance(value, torch.Tensor):
-                continue
-            src = old.get(key)
-            if src is None or src.shape != value.shape:
-                missing.append(key)
-                continue
-            value.copy_(src)
-    if missing:
-        raise RuntimeError(f"merged model: no source for {missing[:3]}")
-    from mpmoe.megatron.router import iter_routers
-
-    for a, b in zip(iter_routers(new_model), iter_routers(old_model)):
-        a._counted_forwards = b._counted_forwards
-
-
 def run(args) -> int:
-    from mpmoe import store
-    from mpmoe.megatron import destroy_distributed, init_distributed
-    from mpmoe.run.model import build_model
-
     _check(args)
-    out = check_save(args.save)
     start = time.perf_counter()
-    init_distributed(seed=1)
-    try:
-        loaded = load_source(args.load, verb="merge", model_flags=args.model_flags, allow_grouped=False)
+    with surgery_run(args, verb="merge", allow_grouped=False) as (out, loaded):
         times = {"load": time.perf_counter() - start}
         p = plan(args, loaded)
         times["statistics_and_grouping"] = time.perf_counter() - start - sum(times.values())
@@ -249,10 +216,7 @@ def run(args) -> int:
                 labels_of[n] = labels
             new_args.num_experts = width
             new_args.moe_expert_groups = M.format_expert_groups(labels_of)
-            padded = int(loaded.model.embedding.word_embeddings.weight.shape[0])
-            _, model, _ = build_model(new_args, padded)
-            model.eval()
-            _copy_into(model, loaded.model)
+            model = rebuild(loaded, new_args)
             for (n, mlp), (n2, old) in zip(moe_layers(model), layers):
                 m1, m2 = merged[n]
                 for g in range(width):
@@ -261,7 +225,6 @@ def run(args) -> int:
                     else:  # a layer with fewer groups (global grouping): an expert never routed to
                         set_expert(mlp, g, torch.zeros_like(m1[0]), torch.zeros_like(m2[0]))
         surgery = {
-            "train_flags": surgery_flags(new_args),
             "verb": "merge", "source": str(loaded.checkpoint), "layout": args.layout, "method": args.method,
             "grouping": "file" if args.groups else args.grouping, "global_groups": bool(args.global_groups),
             "align": "none" if drop else args.align, "weighting": args.weighting,
@@ -271,16 +234,13 @@ def run(args) -> int:
             "parameters": {"before": count_parameters(loaded.model), "after": count_parameters(model)},
         }
         times["align_and_merge"] = time.perf_counter() - start - sum(times.values())
-        store.save_model(out, model, args=new_args, tokenizer_dir=loaded.tokenizer_dir,
-                         extra_files={"surgery.json": surgery})
-    finally:
-        destroy_distributed()
+        surgery = save_surgery(out, loaded, model, new_args, surgery)
     gpl = sorted(set(groups_per_layer.values()))
     print(f"mpmoe experts merge: {args.method} ({args.layout}) {num_experts} -> "
           f"{gpl[0] if len(gpl) == 1 else gpl} experts per layer in {len(layers)} layers; expert "
           f"parameters {surgery['parameters']['before']['experts']} -> {surgery['parameters']['after']['experts']}; "
-          f"{time.perf_counter() - start:.1f} s ("
-          + ", ".join(f"{k} {v:.1f}" for k, v in times.items()) + f", save {time.perf_counter() - start - sum(times.values()):.1f}) -> {out}")
+          f"{time.perf_counter() - start:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in times.items())
+          + f", save {time.perf_counter() - start - sum(times.values()):.1f}) -> {out}")
     import shlex
 
     print("recovery fine-tuning: mpmoe train --load " + shlex.quote(str(out)) + " --no-load-optim <the run's "

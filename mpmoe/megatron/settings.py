@@ -204,6 +204,7 @@ class Setting:
     needs: tuple = ()                         # (name, value) that must hold besides the router
     megatron: bool = False                    # Megatron-LM's own flag (its parser declares it)
     eval: bool = False                        # also an `mpmoe eval` flag
+    train: bool = True                        # an `mpmoe train` flag (False: evaluation only)
     env: Optional[str] = None                 # the reference demo's environment variable
     aliases: tuple = ()                       # further option strings
     config: bool = True                       # a MoPEConfig field
@@ -304,6 +305,11 @@ SETTINGS: tuple = (
                 "merged experts (written by `mpmoe experts merge`): per MoE layer, the group of each "
                 "router expert (-1: dropped); the router selects over them, then folds into --num-experts "
                 "experts (docs/experts.md)", state=True),
+        Setting("moe_expert_group_routing", Choice("select-fold", "fold-select"), "select-fold",
+                "merged experts (collapsed layout), at evaluation: select over the router's E experts, then "
+                "sum each group's gates (select-fold: the merged model's function); or fold the router's "
+                "probabilities into the groups, then select top-k (MoPE: OTEP with the groups' Sigma) over "
+                "the groups (fold-select; docs/experts.md)", routers=_NOT_REMOE, eval=True, train=False),
         Setting("moe_expert_compression", Spec("mpmoe.surgery.compress:parse_compression"), None,
                 "compressed experts (written by `mpmoe experts compress`): every expert weight is low rank "
                 "RANK + KEEP of its residual rows (docs/experts.md)", state=True),
@@ -334,13 +340,14 @@ BY_NAME = {s.name: s for s in SETTINGS}
 def add_arguments(parser, *, megatron_lm: bool = False, evaluation: bool = False) -> None:
     """Declare the settings as flags of ``parser``.
 
-    ``mpmoe train``: every setting (booleans as ``--x/--no-x``). ``evaluation``: the settings
-    with ``eval=True``. ``megatron_lm``: mpmoe's own settings (``megatron=False``) the way
-    Megatron-LM declares flags (booleans ``store_true``).
+    ``mpmoe train``: every setting with ``train=True`` (booleans as ``--x/--no-x``).
+    ``evaluation``: the settings with ``eval=True``. ``megatron_lm``: mpmoe's own training
+    settings (``megatron=False``) the way Megatron-LM declares flags (booleans ``store_true``).
     """
     groups: dict = {}
     for s in SETTINGS:
-        if (megatron_lm and (s.megatron or not s.config)) or (evaluation and not s.eval):
+        if (megatron_lm and (s.megatron or not s.config or not s.train)) or (evaluation and not s.eval) \
+                or (not evaluation and not s.train):
             continue
         g = groups.get(s.group)
         if g is None:
@@ -492,6 +499,9 @@ def _check_across(v: Mapping, spell: Callable, num_experts, topk, moe_layers: Op
             if len(labels) < num_experts or max(labels) >= num_experts:
                 raise ConfigError(f"{spell('moe_expert_groups')}: layer {layer} maps {len(labels)} "
                                   f"experts into groups up to {max(labels)}, the model has {num_experts} experts")
+    if v.get("moe_expert_group_routing") == "fold-select" and "moe_expert_groups" in v and not groups:
+        raise ConfigError(f"{spell('moe_expert_group_routing')} fold-select needs merged experts in the "
+                          "collapsed layout (a checkpoint written by `mpmoe experts merge --layout collapsed`)")
     sizes = v.get("moe_expert_ffn_sizes")
     if sizes:
         from mpmoe.surgery.split import parse_expert_sizes

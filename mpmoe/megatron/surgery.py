@@ -10,6 +10,9 @@ the same model):
   ``num_moe_experts`` = E' experts (a group index is an expert index). With E' = E the layer
   is the stock one except for the dropped experts (the ``drop`` baseline of the bind layout).
   Layers may use fewer than E' groups (global grouping): the extra experts are never routed to.
+  At evaluation, ``moe_expert_group_routing="fold-select"`` routes over the groups instead:
+  the router's probabilities summed over each group, then top-k (MoPE: OTEP with the groups'
+  pushed-forward Sigma) over the E' groups.
 * ``moe_expert_compression`` (``--moe-expert-compression "RANK:KEEP"``): every expert's
   ``linear_fc1`` / ``linear_fc2`` is a :class:`FactorisedExpertLinear`: ``L [out, r]``,
   ``R [r, in]`` and ``ceil(KEEP * out)`` rows of a sparse residual, really that small in
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -52,6 +56,9 @@ class _GroupedRouter:
         self.num_groups = config.num_moe_experts
         self._groups = groups
         self._labels: Optional[torch.Tensor] = None
+        self.fold_select = getattr(config, "moe_expert_group_routing", "select-fold") == "fold-select"
+        if self.fold_select:
+            _check_fold_select(config, groups)
 
     def _layer_labels(self, device) -> torch.Tensor:
         if self._labels is None or self._labels.device != device:
@@ -72,6 +79,8 @@ class _GroupedRouter:
         return tuple(sorted(set(super().static_mask_ids) | set(dropped)))
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        if self.fold_select:
+            return self._fold_then_select(logits)
         probs, routing_map = super().routing(logits, padding_mask)
         if self.num_groups == self.num_experts and self._identity_groups():
             return probs, routing_map
@@ -81,6 +90,40 @@ class _GroupedRouter:
         hits = torch.zeros(shape, dtype=torch.int32, device=probs.device)
         hits.index_add_(1, labels, routing_map.to(torch.int32))
         return folded, hits > 0
+
+    def _fold_then_select(self, logits: torch.Tensor):
+        """Fold-then-select (``moe_expert_group_routing="fold-select"``, evaluation only): the
+        softmax over the E router experts (dropped and masked experts left out), summed over
+        each group's members, then the router's own rule over the E' groups: top-k, or MoPE's
+        OTEP with the groups' Sigma (:meth:`group_sigma`); the gates are the router's softmax
+        top-k over the groups' log-probabilities (``--moe-router-pre-softmax``: the selected
+        groups' folded probabilities; off: renormalised over the selected groups)."""
+        if self.training:
+            raise RuntimeError("moe_expert_group_routing='fold-select' is an evaluation option; "
+                               "train merged experts with 'select-fold'")
+        from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+
+        from mpmoe.routing import otep_select
+        from mpmoe.surgery.merge import fold_probabilities
+
+        flat = logits.reshape(-1, self.num_experts).float()
+        labels = self._layer_labels(flat.device)
+        excluded = torch.zeros(self.num_experts, dtype=torch.bool, device=flat.device)
+        excluded[list(self.static_mask_ids)] = True  # dropped (label -1) and knocked-out experts
+        probs = torch.softmax(flat.masked_fill(excluded, -math.inf), dim=-1)
+        folded = fold_probabilities(probs, labels.masked_fill(excluded, -1), self.num_groups)
+        group_logits = folded.log()  # -inf for a group with no member left
+        otep_active = getattr(self, "otep_active", None)
+        if otep_active is not None and otep_active():
+            used = torch.zeros(self.num_groups, dtype=torch.bool, device=flat.device)
+            used[labels[~excluded]] = True
+            selection = otep_select(folded, self.group_sigma().to(flat.device), self.topk, allowed=used,
+                                    eps=self.config.moe_otep_eps)
+            group_logits = group_logits.masked_fill(~selection, -math.inf)
+        cfg = self.config
+        return topk_routing_with_score_function(
+            group_logits, self.topk, use_pre_softmax=cfg.moe_router_pre_softmax,
+            scaling_factor=cfg.moe_router_topk_scaling_factor, score_function="softmax", fused=False)
 
     @torch.no_grad()
     def group_sigma(self) -> Optional[torch.Tensor]:
@@ -104,6 +147,25 @@ class _GroupedRouter:
     def _identity_groups(self) -> bool:
         labels = self._groups.get(self.layer_number)
         return labels is not None and all(g in (e, -1) for e, g in enumerate(labels))
+
+
+def _check_fold_select(config, groups: dict) -> None:
+    """Fold-then-select is defined for softmax top-k and MoPE routers, k groups or more."""
+    for name, why in (("moe_router_score_function", "sigmoid scores do not fold into group probabilities"),
+                      ("moe_router_enable_expert_bias", "the expert bias steers a selection over the E experts"),
+                      ("moe_dynamic_mask_mode", "the dynamic mask drops one of the E experts' selection"),
+                      ("moe_router_unit_gates", "unit gates are a selection over the E experts"),
+                      ("moe_expert_capacity_factor", "capacity is per expert of the router"),
+                      ("moe_eval_dump_dir", "the routing dump records the router's E experts")):
+        value = getattr(config, name, None)
+        if value and value != "softmax":
+            raise ValueError(f"moe_expert_group_routing fold-select cannot be combined with {name} ({why})")
+    k = config.moe_router_topk
+    for layer, labels in groups.items():
+        used = len({g for g in labels if g >= 0})
+        if used < k:
+            raise ValueError(f"moe_expert_group_routing fold-select: layer {layer} has {used} groups, fewer than "
+                             f"the top-k {k} (select-fold routes it)")
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,6 +21,8 @@ The steps, in the order the driver runs them:
 4. :func:`merge_layer`: align, then average every group's weights weighted by frequency.
 5. :func:`membership_matrix` and :func:`push_forward_counters`: MoPE's co-occurrence
    counters of the grouped experts (``N, A u, A C A^T``), from which Sigma is rebuilt.
+6. :func:`fold_probabilities`: the router's probabilities summed over each group's members
+   (fold-then-select routing over the groups, an evaluation option of collapsed merges).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ __all__ = [
     "ALIGN_MODES", "WEIGHTINGS", "weight_matching_permutation", "permute_expert",
     "usage_frequencies", "logit_similarity", "global_group_counts", "dominant_grouping",
     "random_grouping", "labels_from_groups", "canonical_labels", "group_dominants", "merge_layer",
-    "membership_matrix", "push_forward_counters",
+    "membership_matrix", "push_forward_counters", "fold_probabilities",
 ]
 
 ALIGN_MODES = ("first", "dominant", "none")
@@ -60,10 +62,13 @@ def weight_matching_permutation(ref_fc1: torch.Tensor, ref_fc2: torch.Tensor, fc
     for SwiGLU: one permutation for all three), solved exactly by
     ``scipy.optimize.linear_sum_assignment``.
     """
+    return _match(_neurons(ref_fc1, ref_fc2, gated).double(), _neurons(fc1, fc2, gated).double())
+
+
+def _match(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`weight_matching_permutation` on neuron features ``a`` (reference), ``b`` [F, *]."""
     from scipy.optimize import linear_sum_assignment
 
-    a = _neurons(ref_fc1, ref_fc2, gated).double()
-    b = _neurons(fc1, fc2, gated).double()
     cost = (a @ b.t()).cpu().numpy()
     rows, cols = linear_sum_assignment(cost, maximize=True)
     perm = torch.empty(len(rows), dtype=torch.long)
@@ -230,12 +235,19 @@ def merge_layer(fc1: torch.Tensor, fc2: torch.Tensor, labels: torch.Tensor, freq
         dominants = group_dominants(labels, freq)
     perms = torch.arange(f).repeat(e, 1)
     sizes = torch.bincount(labels, minlength=groups)
+    features = {}  # neuron features of each expert, computed once (a reference serves many)
+
+    def feats(i):
+        if i not in features:
+            features[i] = _neurons(fc1[i], fc2[i], gated).double()
+        return features[i]
+
     for i in range(e):
         if sizes[int(labels[i])] < 2:
             continue  # a singleton group is the expert itself: no reordering (bit for bit)
         ref = 0 if align == "first" else dominants[int(labels[i])] if align == "dominant" else i
         if ref != i:
-            perms[i] = weight_matching_permutation(fc1[ref], fc2[ref], fc1[i], fc2[i], gated=gated)
+            perms[i] = _match(feats(ref), feats(i))
     w = freq.double() if weighting == "frequency" else torch.ones(e, dtype=torch.float64)
     coef = torch.zeros(e, dtype=torch.float64)
     for g in range(groups):
@@ -272,6 +284,16 @@ def push_forward_counters(num_tokens: torch.Tensor, usage: torch.Tensor, cooccur
     """
     a = membership.to(usage.dtype)
     return num_tokens.clone(), a @ usage, a @ cooccurrence @ a.t()
+
+
+def fold_probabilities(probs: torch.Tensor, labels: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """``[T, E]`` router probabilities -> ``[T, G]``: each group's members' probabilities summed
+    (``probs A^T``; experts labelled ``-1``, dropped, count in no group). The first step of
+    fold-then-select routing over merged experts (``moe_expert_group_routing``)."""
+    labels = labels.to(probs.device)
+    kept = labels >= 0
+    out = torch.zeros(probs.shape[:-1] + (num_groups,), dtype=probs.dtype, device=probs.device)
+    return out.index_add_(-1, labels[kept], probs[..., kept])
 
 
 def format_expert_groups(groups: dict) -> str:
