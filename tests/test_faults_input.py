@@ -92,10 +92,10 @@ def test_a_valid_preset_file_still_loads(tmp_path):
 @given(st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True), st.booleans(), st.text(max_size=3)))
 def test_range_check_agrees_with_its_definition(value):
     ok_int = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-    assert (POSITIVE.check(value) is None) == ok_int
+    assert (POSITIVE.problem(value) is None) == ok_int
     ok_prob = (isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
                and 0 <= value < 1)
-    assert (PROBABILITY.check(value) is None) == ok_prob
+    assert (PROBABILITY.problem(value) is None) == ok_prob
 
 
 def test_range_is_a_plain_argparse_type_for_new_flags():

@@ -28,7 +28,7 @@ __all__ = ["DYNAMIC_MASK_SOURCES", "MOPE_ROUTING_TYPE", "MoPEConfig", "parse_lay
 MOPE_ROUTING_TYPE = routers.KINDS["mope"].marks["moe_router_load_balancing_type"]
 
 #: Where the dynamic "cooccurrence" mask takes its matrix from (``moe_dynamic_mask_source``).
-DYNAMIC_MASK_SOURCES = settings.by_name("moe_dynamic_mask_source").type.choices
+DYNAMIC_MASK_SOURCES = settings.BY_NAME["moe_dynamic_mask_source"].type.choices
 
 
 def _with_routing_fields(cls):

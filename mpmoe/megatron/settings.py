@@ -18,8 +18,8 @@ inf/nan), then the settings that cannot apply to the chosen router kind
 as a config field, as the caller asks.
 
 To add a routing setting: add a ``MoPEConfig`` field with its default and append a
-:class:`Setting` to :data:`SETTINGS` (``routers=`` the kinds it applies to). Nothing else
-declares it. This module imports neither torch nor megatron; it builds on :mod:`mpmoe.megatron.routers`.
+:class:`Setting` to its section of :data:`SETTINGS` (``routers=`` the kinds it applies to,
+``state=True`` if it changes which tensors the model has). Nothing else declares it. This module imports neither torch nor megatron; it builds on :mod:`mpmoe.megatron.routers`.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 from mpmoe.megatron import routers
 from mpmoe.megatron.routers import ConfigError
 
-__all__ = ["SETTINGS", "ConfigError", "Setting", "Range", "Choice", "Flag", "Path", "LayerList", "ExpertMask",
-           "add_arguments", "applies", "by_name", "check", "config_kwargs", "parse_layer_list"]
+__all__ = ["BY_NAME", "SETTINGS", "ConfigError", "Setting", "Range", "Choice", "Flag", "Path", "LayerList",
+           "ExpertMask", "add_arguments", "applies", "check", "config_kwargs", "parse_layer_list"]
 
 
 # --------------------------------------------------------------------------- value types
@@ -75,7 +75,6 @@ class Range:
         high = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
         return f"must be {self.describe()}, got {value}" if low or high else None
 
-    check = problem  # name used by the trainer's flag table
 
     def normalize(self, value):
         problem = self.problem(value)
@@ -193,9 +192,6 @@ class ExpertMask:
 
 
 # --------------------------------------------------------------------------- the table
-MOPE, TOPK, REMOE = "mope", "topk", "remoe"
-
-
 @dataclass(frozen=True)
 class Setting:
     """One routing setting (a ``MoPEConfig`` field unless ``config=False``)."""
@@ -219,141 +215,125 @@ class Setting:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
-    def normalize(self, value):
-        return self.type.normalize(value)
+
+def _section(group: str, settings: tuple, **shared) -> tuple:
+    """``settings`` under the heading ``group``, each with the keywords in ``shared``."""
+    return tuple(replace(s, group=group, **shared) for s in settings)
 
 
-def _kinds(*names: str) -> frozenset:
-    return frozenset(names)
-
-
-_MOPE, _REMOE, _NOT_REMOE = _kinds(MOPE), _kinds(REMOE), _kinds(TOPK, MOPE)
+_MOPE, _REMOE, _NOT_REMOE = frozenset({"mope"}), frozenset({"remoe"}), frozenset({"topk", "mope"})
 
 SETTINGS: tuple = (
-    # MoPE (OTEP)
-    Setting("moe_otep_warmup_fraction", Range(float, 0, 1), 0.01,
-            "MoPE: fraction of the training iterations routed with plain top-k before OTEP",
-            routers=_MOPE, group="MoPE"),
-    Setting("moe_sigma_update_every", Range(int, 1), 1,
-            "MoPE: rebuild the expert covariance Sigma every this many training forwards",
-            routers=_MOPE, group="MoPE"),
-    Setting("moe_otep_eps", Range(float, 0, lo_open=True), 1e-12,
-            "MoPE: floor for Sigma's diagonal and the Schur complements", routers=_MOPE, group="MoPE"),
-    Setting("moe_otep_inference_topk", Flag(), False,
-            "MoPE: route with plain top-k outside training", routers=_MOPE, group="MoPE"),
-    Setting("moe_sigma_shrinkage", Range(float, 0, 1, hi_open=True), 0.0,
-            "MoPE Sigma prior: shrink toward mean(diag) * I by this weight in [0, 1) (bounds the "
-            "pull of experts never routed yet; 0 = the reference)", routers=_MOPE, group="MoPE"),
-    Setting("moe_sigma_decay_rate", Range(float, 0, 1, hi_open=True), 0.0,
-            "MoPE: multiply the co-occurrence counts by (1 - rate) before each training forward's "
-            "update (0 = cumulative counts)", routers=_MOPE, group="MoPE"),
-    # ReMoE
-    Setting("moe_relu_l1_reg_coeff_init", Range(float, 0, lo_open=True), 1e-8,
-            "ReMoE: initial L1 coefficient", routers=_REMOE, group="ReMoE"),
-    Setting("moe_relu_l1_reg_coeff_multiplier", Range(float, 1), 1.2,
-            "ReMoE: the coefficient is multiplied/divided by this every iteration",
-            routers=_REMOE, group="ReMoE"),
-    # Megatron-LM's routing flags that mpmoe's routers interpret (same names and defaults)
-    Setting("moe_router_score_function", Choice("softmax", "sigmoid"), "softmax",
-            "router scores (MoPE and ReMoE route on softmax)", routers=_kinds(TOPK), megatron=True,
-            group="balancing"),
-    Setting("moe_router_pre_softmax", Flag(), False,
-            "softmax over all experts before the top-k (gate weights sum to the top-k probability "
-            "mass; megatron's semantics). Off: softmax over the k chosen logits (weights sum to 1). "
-            "MoPE after warm-up is unaffected", routers=_NOT_REMOE, megatron=True,
-            needs=(("moe_router_score_function", "softmax"),), group="balancing"),
-    Setting("moe_router_enable_expert_bias", Flag(), False,
-            "aux-loss-free balancing: per-expert bias on the scores for selection only",
-            routers=_NOT_REMOE, megatron=True, state=True, group="balancing"),
-    Setting("moe_router_expert_bias_mode", Choice("prob", "logit", "prob-scaled"), "prob",
-            "expert bias with softmax scores: added to the probabilities (prob), to the logits "
-            "(logit; MoPE: p = softmax(logits + b)), or to the probabilities times 4/E (prob-scaled: "
-            "the rate scaled by E); docs/routing.md", routers=_NOT_REMOE,
-            needs=(("moe_router_enable_expert_bias", True),), group="balancing"),
-    Setting("moe_router_bias_update_rate", Range(float, 0), 1e-3,
-            "expert bias step per iteration (sign of the load offset times this)",
-            routers=_NOT_REMOE, needs=(("moe_router_enable_expert_bias", True),), megatron=True,
-            group="balancing"),
-    Setting("moe_expert_capacity_factor", Range(float, 0, lo_open=True, none=True), None,
-            "expert capacity (tokens over capacity are dropped); ReMoE has no fixed k per token",
-            routers=_NOT_REMOE, megatron=True, group="balancing"),
-    # statistics
-    Setting("moe_stats_dir", Path(), None,
-            "write layer{L}_seg{S}_{moe|mope|remoe}.npz routing statistics here", group="statistics"),
-    Setting("moe_plot_every", Range(int, 1), 200,
-            "routing-statistics window (iterations) for --moe-stats-dir", group="statistics"),
-    Setting("moe_stats_layers", LayerList(), None,
-            "MoE layers (1-based, comma separated) whose statistics are tracked (default: all)",
-            group="statistics"),
-    Setting("moe_eval_dump_dir", Path(), None,
-            "outside training, dump each token's routed experts and weights here (the demo's "
-            "EACT_SAVE; `mpmoe eval --routing-dump-dir`)", group="statistics"),
-    # ablations (also at evaluation)
-    Setting("moe_mask_experts", ExpertMask(), None,
-            'knock experts out: "LAYER:ID,ID;LAYER:ID" (e.g. "2:3,17;5:0"), JSON {"2": [3, 17]} or a '
-            "JSON file; layers 1-based, expert ids global", eval=True, env="MOE_MASK_EXPERTS",
-            group="ablations"),
-    Setting("moe_mask_experts_semantics", Choice("mpmoe", "reference"), "mpmoe",
-            "MoPE and knocked-out experts: mpmoe = never picked; reference = the authors' code: OTEP "
-            "may still pick them through Sigma, with gate weight 0, so the token runs on fewer than "
-            "k experts (docs/reference.md)", eval=True, needs=(("moe_mask_experts", "*"),),
-            group="ablations"),
-    Setting("moe_dynamic_mask_mode", Choice("cooccurrence", "random", none=True), None,
-            "drop one routed expert per token (k -> k-1): the most co-occurring one, or a random one",
-            routers=_NOT_REMOE, eval=True, env="MOE_DYNAMIC_MASK_MODE", aliases=("--moe-dynamic-mask",),
-            group="ablations"),
-    Setting("moe_dynamic_mask_layers", LayerList(), None,
-            "layers (1-based, comma/space separated) the dynamic mask applies to (default: every "
-            "MoE layer)", eval=True, env="MOE_DYNAMIC_MASK_LAYERS",
-            needs=(("moe_dynamic_mask_mode", "*"),), group="ablations"),
-    Setting("moe_cooccurrence_stats_dir", Path(), None,
-            "statistics folder (a run's --moe-stats-dir) the cooccurrence mask reads", eval=True,
-            env="MOE_COOCCURRENCE_STATS_DIR", needs=(("moe_dynamic_mask_mode", "cooccurrence"),),
-            group="ablations"),
-    Setting("moe_dynamic_mask_seed", Range(int, 0), 1234, "seed of the random dynamic mask", eval=True,
-            env="MOE_DYNAMIC_MASK_SEED", group="ablations"),
-    Setting("moe_dynamic_mask_source", Choice("mpmoe", "reference"), "mpmoe",
-            "mpmoe: all windows summed, kept weights keep their total; reference: the latest window "
-            "of top-k ('moe') files, kept weights renormalised to 1 (docs/reference.md)", eval=True,
-            group="ablations"),
-    # expert surgery (mpmoe experts; docs/experts.md)
-    Setting("moe_expert_groups", Spec("mpmoe.surgery.merge:parse_expert_groups"), None,
-            "merged experts (written by `mpmoe experts merge`): per MoE layer, the group of each "
-            "router expert (-1: dropped); the router selects over them, then folds into --num-experts "
-            "experts (docs/experts.md)", state=True, group="experts"),
-    Setting("moe_expert_group_routing", Choice("select-fold", "fold-select"), "select-fold",
-            "merged experts (collapsed layout), at evaluation: select over the router's E experts, then "
-            "sum each group's gates (select-fold: the merged model's function); or fold the router's "
-            "probabilities into the groups, then select top-k (MoPE: OTEP with the groups' Sigma) over "
-            "the groups (fold-select; docs/experts.md)", routers=_NOT_REMOE, eval=True, train=False,
-            group="experts"),
-    Setting("moe_expert_compression", Spec("mpmoe.surgery.compress:parse_compression"), None,
-            "compressed experts (written by `mpmoe experts compress`): every expert weight is low rank "
-            "RANK + KEEP of its residual rows (docs/experts.md)", state=True, group="experts"),
-    Setting("moe_expert_ffn_sizes", Spec("mpmoe.surgery.split:parse_expert_sizes"), None,
-            "experts of different sizes (written by `mpmoe experts split`): per MoE layer, one FFN size "
-            "per expert, 'LAYER:S,S,...;LAYER:...' (1-based layers; docs/experts.md)", state=True,
-            group="experts"),
-    Setting("moe_router_unit_gates", Flag(), False,
-            "HEMoE's gates: weight 1 for every routed expert, straight-through gradient of the softmax "
-            "probability (any selection rule but ReMoE's)", routers=_NOT_REMOE, group="experts"),
-    Setting("moe_size_aux_loss_coeff", Range(float, 0), 0.0,
-            "HEMoE's balance loss: megatron's aux loss with each expert's term weighted by its share of "
-            "the layer's FFN neurons (0: off)", routers=_NOT_REMOE, group="experts"),
-    # a run option beside the routing (not a config field)
-    Setting("last_trainable_layers", Range(int, -1, none=True), None,
-            "train only the last N transformer layers (+ final norm and output layer); -1 or unset: "
-            "everything (the demo's flag)", config=False, group="training"),
-    Setting("trainable_params", Choice("all", "routers"), "all",
-            "routers: train only the MoE routers (HEMoE trains its gates with the experts frozen, "
-            "e.g. after `mpmoe experts split`)", config=False, group="training"),
+    *_section("MoPE", routers=_MOPE, settings=(
+        Setting("moe_otep_warmup_fraction", Range(float, 0, 1), 0.01,
+                "MoPE: fraction of the training iterations routed with plain top-k before OTEP"),
+        Setting("moe_sigma_update_every", Range(int, 1), 1,
+                "MoPE: rebuild the expert covariance Sigma every this many training forwards"),
+        Setting("moe_otep_eps", Range(float, 0, lo_open=True), 1e-12,
+                "MoPE: floor for Sigma's diagonal and the Schur complements"),
+        Setting("moe_otep_inference_topk", Flag(), False, "MoPE: route with plain top-k outside training"),
+        Setting("moe_sigma_shrinkage", Range(float, 0, 1, hi_open=True), 0.0,
+                "MoPE Sigma prior: shrink toward mean(diag) * I by this weight in [0, 1) (bounds the "
+                "pull of experts never routed yet; 0 = the reference)"),
+        Setting("moe_sigma_decay_rate", Range(float, 0, 1, hi_open=True), 0.0,
+                "MoPE: multiply the co-occurrence counts by (1 - rate) before each training forward's "
+                "update (0 = cumulative counts)"),
+    )),
+    *_section("ReMoE", routers=_REMOE, settings=(
+        Setting("moe_relu_l1_reg_coeff_init", Range(float, 0, lo_open=True), 1e-8, "ReMoE: initial L1 coefficient"),
+        Setting("moe_relu_l1_reg_coeff_multiplier", Range(float, 1), 1.2,
+                "ReMoE: the coefficient is multiplied/divided by this every iteration"),
+    )),
+    # Megatron-LM's routing flags that mpmoe's routers interpret (same names and defaults), and the bias mode
+    *_section("balancing", settings=(
+        Setting("moe_router_score_function", Choice("softmax", "sigmoid"), "softmax",
+                "router scores (MoPE and ReMoE route on softmax)", routers=frozenset({"topk"}), megatron=True),
+        Setting("moe_router_pre_softmax", Flag(), False,
+                "softmax over all experts before the top-k (gate weights sum to the top-k probability "
+                "mass; megatron's semantics). Off: softmax over the k chosen logits (weights sum to 1). "
+                "MoPE after warm-up is unaffected", routers=_NOT_REMOE, megatron=True,
+                needs=(("moe_router_score_function", "softmax"),)),
+        Setting("moe_router_enable_expert_bias", Flag(), False,
+                "aux-loss-free balancing: per-expert bias on the scores for selection only",
+                routers=_NOT_REMOE, megatron=True, state=True),
+        Setting("moe_router_expert_bias_mode", Choice("prob", "logit", "prob-scaled"), "prob",
+                "expert bias with softmax scores: added to the probabilities (prob), to the logits "
+                "(logit; MoPE: p = softmax(logits + b)), or to the probabilities times 4/E (prob-scaled: "
+                "the rate scaled by E); docs/routing.md", routers=_NOT_REMOE,
+                needs=(("moe_router_enable_expert_bias", True),)),
+        Setting("moe_router_bias_update_rate", Range(float, 0), 1e-3,
+                "expert bias step per iteration (sign of the load offset times this)",
+                routers=_NOT_REMOE, needs=(("moe_router_enable_expert_bias", True),), megatron=True),
+        Setting("moe_expert_capacity_factor", Range(float, 0, lo_open=True, none=True), None,
+                "expert capacity (tokens over capacity are dropped); ReMoE has no fixed k per token",
+                routers=_NOT_REMOE, megatron=True),
+    )),
+    *_section("statistics", settings=(
+        Setting("moe_stats_dir", Path(), None, "write layer{L}_seg{S}_{moe|mope|remoe}.npz routing statistics here"),
+        Setting("moe_plot_every", Range(int, 1), 200, "routing-statistics window (iterations) for --moe-stats-dir"),
+        Setting("moe_stats_layers", LayerList(), None,
+                "MoE layers (1-based, comma separated) whose statistics are tracked (default: all)"),
+        Setting("moe_eval_dump_dir", Path(), None,
+                "outside training, dump each token's routed experts and weights here (the demo's "
+                "EACT_SAVE; `mpmoe eval --routing-dump-dir`)"),
+    )),
+    *_section("ablations", eval=True, settings=(  # also flags of `mpmoe eval`
+        Setting("moe_mask_experts", ExpertMask(), None,
+                'knock experts out: "LAYER:ID,ID;LAYER:ID" (e.g. "2:3,17;5:0"), JSON {"2": [3, 17]} or a '
+                "JSON file; layers 1-based, expert ids global", env="MOE_MASK_EXPERTS"),
+        Setting("moe_mask_experts_semantics", Choice("mpmoe", "reference"), "mpmoe",
+                "MoPE and knocked-out experts: mpmoe = never picked; reference = the authors' code: OTEP "
+                "may still pick them through Sigma, with gate weight 0, so the token runs on fewer than "
+                "k experts (docs/reference.md)", needs=(("moe_mask_experts", "*"),)),
+        Setting("moe_dynamic_mask_mode", Choice("cooccurrence", "random", none=True), None,
+                "drop one routed expert per token (k -> k-1): the most co-occurring one, or a random one",
+                routers=_NOT_REMOE, env="MOE_DYNAMIC_MASK_MODE", aliases=("--moe-dynamic-mask",)),
+        Setting("moe_dynamic_mask_layers", LayerList(), None,
+                "layers (1-based, comma/space separated) the dynamic mask applies to (default: every "
+                "MoE layer)", env="MOE_DYNAMIC_MASK_LAYERS", needs=(("moe_dynamic_mask_mode", "*"),)),
+        Setting("moe_cooccurrence_stats_dir", Path(), None,
+                "statistics folder (a run's --moe-stats-dir) the cooccurrence mask reads",
+                env="MOE_COOCCURRENCE_STATS_DIR", needs=(("moe_dynamic_mask_mode", "cooccurrence"),)),
+        Setting("moe_dynamic_mask_seed", Range(int, 0), 1234, "seed of the random dynamic mask",
+                env="MOE_DYNAMIC_MASK_SEED"),
+        Setting("moe_dynamic_mask_source", Choice("mpmoe", "reference"), "mpmoe",
+                "mpmoe: all windows summed, kept weights keep their total; reference: the latest window "
+                "of top-k ('moe') files, kept weights renormalised to 1 (docs/reference.md)"),
+    )),
+    *_section("experts", settings=(  # expert surgery (mpmoe experts; docs/experts.md)
+        Setting("moe_expert_groups", Spec("mpmoe.surgery.merge:parse_expert_groups"), None,
+                "merged experts (written by `mpmoe experts merge`): per MoE layer, the group of each "
+                "router expert (-1: dropped); the router selects over them, then folds into --num-experts "
+                "experts (docs/experts.md)", state=True),
+        Setting("moe_expert_group_routing", Choice("select-fold", "fold-select"), "select-fold",
+                "merged experts (collapsed layout), at evaluation: select over the router's E experts, then "
+                "sum each group's gates (select-fold: the merged model's function); or fold the router's "
+                "probabilities into the groups, then select top-k (MoPE: OTEP with the groups' Sigma) over "
+                "the groups (fold-select; docs/experts.md)", routers=_NOT_REMOE, eval=True, train=False),
+        Setting("moe_expert_compression", Spec("mpmoe.surgery.compress:parse_compression"), None,
+                "compressed experts (written by `mpmoe experts compress`): every expert weight is low rank "
+                "RANK + KEEP of its residual rows (docs/experts.md)", state=True),
+        Setting("moe_expert_ffn_sizes", Spec("mpmoe.surgery.split:parse_expert_sizes"), None,
+                "experts of different sizes (written by `mpmoe experts split`): per MoE layer, one FFN size "
+                "per expert, 'LAYER:S,S,...;LAYER:...' (1-based layers; docs/experts.md)", state=True),
+        Setting("moe_router_unit_gates", Flag(), False,
+                "HEMoE's gates: weight 1 for every routed expert, straight-through gradient of the softmax "
+                "probability (any selection rule but ReMoE's)", routers=_NOT_REMOE),
+        Setting("moe_size_aux_loss_coeff", Range(float, 0), 0.0,
+                "HEMoE's balance loss: megatron's aux loss with each expert's term weighted by its share of "
+                "the layer's FFN neurons (0: off)", routers=_NOT_REMOE),
+    )),
+    *_section("training", config=False, settings=(  # run options beside the routing (no config field)
+        Setting("last_trainable_layers", Range(int, -1, none=True), None,
+                "train only the last N transformer layers (+ final norm and output layer); -1 or unset: "
+                "everything (the demo's flag)"),
+        Setting("trainable_params", Choice("all", "routers"), "all",
+                "routers: train only the MoE routers (HEMoE trains its gates with the experts frozen, "
+                "e.g. after `mpmoe experts split`)"),
+    )),
 )
 
-_BY_NAME = SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
-
-
-def by_name(name: str) -> Setting:
-    return _BY_NAME[name]
+BY_NAME = {s.name: s for s in SETTINGS}
 
 
 # --------------------------------------------------------------------------- flags
@@ -384,7 +364,7 @@ def add_arguments(parser, *, megatron_lm: bool = False, evaluation: bool = False
 
 # --------------------------------------------------------------------------- validation
 def _need_holds(values: Mapping, name: str, wanted) -> bool:
-    value = values.get(name, _BY_NAME[name].default if name in _BY_NAME else None)
+    value = values.get(name, BY_NAME[name].default if name in BY_NAME else None)
     return value is not None if wanted == "*" else value == wanted
 
 
@@ -397,7 +377,7 @@ def applies(setting: Setting, kind: Optional[str], values: Mapping) -> Optional[
         return f"it is a {names} setting, the router is {routers.KINDS[kind].label}"
     for name, wanted in setting.needs:
         if name != setting.name and not _need_holds(values, name, wanted):
-            flag = _BY_NAME[name].flag if name in _BY_NAME else name
+            flag = BY_NAME[name].flag if name in BY_NAME else name
             return f"it needs {flag}" + ("" if wanted is True else " set" if wanted == "*" else f" {wanted}")
     return None
 
@@ -423,14 +403,15 @@ def moe_layer_numbers(num_layers, moe_layer_freq, num_experts) -> Optional[list]
     return None
 
 
-def _check_layers(s: "Setting", spell: Callable, layers, moe_layers: Optional[list]) -> None:
+def _check_layers(name: str, spell: Callable, layers, moe_layers: Optional[list]) -> None:
     """A mask naming a layer that does not exist or has no experts would silently do nothing."""
     if moe_layers is None:
         return
     wrong = sorted(int(layer) for layer in layers if int(layer) not in moe_layers)
     if wrong:
-        var = s.env if s.env and os.environ.get(s.env, "").strip() else None
-        source = f"{spell(s)} (from {var})" if var else spell(s)
+        env = BY_NAME[name].env
+        var = env if env and os.environ.get(env, "").strip() else None
+        source = f"{spell(name)} (from {var})" if var else spell(name)
         raise ConfigError(f"{source}: layer(s) {','.join(map(str, wrong))} have no experts (expert layers: "
                           f"{','.join(map(str, moe_layers)) or 'none'}; 1-based); the mask would do nothing there")
 
@@ -447,15 +428,15 @@ def check(values: Mapping, kind: Optional[str], *, explicit: Optional[Iterable[s
     ``dispatcher``: the run's ``moe_token_dispatcher_type`` (variable experts per token are
     supported by the allgather and alltoall dispatchers only). Raises ``ValueError`` (one line).
     """
-    spell = (lambda s: s.flag) if flags else (lambda s: s.name)
+    spell = (lambda name: BY_NAME[name].flag) if flags else (lambda name: name)
     out: dict = {}
     for s in SETTINGS:
         if s.name not in values:
             continue
         try:
-            out[s.name] = s.normalize(values[s.name])
+            out[s.name] = s.type.normalize(values[s.name])
         except ValueError as exc:
-            raise ConfigError(f"{spell(s)} {exc}") from None
+            raise ConfigError(f"{spell(s.name)} {exc}") from None
     merged = {**values, **out}
     for s in SETTINGS:
         if s.name not in out or out[s.name] == s.default:
@@ -464,10 +445,10 @@ def check(values: Mapping, kind: Optional[str], *, explicit: Optional[Iterable[s
         if why is None:
             continue
         if explicit is None or s.name in explicit:
-            raise ConfigError(f"{spell(s)} does not apply: {why}")
+            raise ConfigError(f"{spell(s.name)} does not apply: {why}")
         out[s.name] = s.default
     _check_across(out, spell, num_experts, topk, moe_layers)
-    _check_dispatcher(out, kind, dispatcher, flags)
+    _check_dispatcher(out, kind, dispatcher, spell, flags)
     return out
 
 
@@ -476,19 +457,19 @@ def check(values: Mapping, kind: Optional[str], *, explicit: Optional[Iterable[s
 VARIABLE_K_DISPATCHERS = ("allgather", "alltoall")
 
 
-def _check_dispatcher(v: Mapping, kind: Optional[str], dispatcher: Optional[str], flags: bool) -> None:
+def _check_dispatcher(v: Mapping, kind: Optional[str], dispatcher: Optional[str], spell: Callable,
+                      flags: bool) -> None:
     """ReMoE's ReLU gates, the dynamic mask (k -> k-1) and merged-expert groups route a
     variable number of experts per token; the flex dispatcher (DeepEP / HybridEP) takes
     each token's top ``moe_router_topk`` scores and would route k experts regardless."""
     if dispatcher is None or dispatcher in VARIABLE_K_DISPATCHERS:
         return
-    spell = (lambda s: s.flag) if flags else (lambda s: s.name)
     if kind is not None and routers.KINDS[kind].variable_k:
         what = f"{kind} routing"
     elif v.get("moe_dynamic_mask_mode") is not None:
-        what = f"{spell(_BY_NAME['moe_dynamic_mask_mode'])} {v['moe_dynamic_mask_mode']}"
+        what = f"{spell('moe_dynamic_mask_mode')} {v['moe_dynamic_mask_mode']}"
     elif v.get("moe_expert_groups"):
-        what = f"{spell(_BY_NAME['moe_expert_groups'])} (merged experts)"
+        what = f"{spell('moe_expert_groups')} (merged experts)"
     else:
         return
     name = "--moe-token-dispatcher-type " if flags else "moe_token_dispatcher_type="
@@ -500,17 +481,15 @@ def _check_dispatcher(v: Mapping, kind: Optional[str], dispatcher: Optional[str]
 def _check_across(v: Mapping, spell: Callable, num_experts, topk, moe_layers: Optional[list] = None) -> None:
     """The rules that involve the model's shape (``moe_layers``: its expert layers, 1-based)."""
     mask = v.get("moe_mask_experts") or {}
-    _check_layers(_BY_NAME["moe_mask_experts"], spell, list(mask), moe_layers)
-    _check_layers(_BY_NAME["moe_dynamic_mask_layers"], spell, list(v.get("moe_dynamic_mask_layers") or []),
-                  moe_layers)
+    _check_layers("moe_mask_experts", spell, list(mask), moe_layers)
+    _check_layers("moe_dynamic_mask_layers", spell, list(v.get("moe_dynamic_mask_layers") or []), moe_layers)
     for layer, ids in mask.items():
         bad = [e for e in ids if num_experts is not None and e >= num_experts]
         if bad:
-            raise ConfigError(f"{spell(_BY_NAME['moe_mask_experts'])}: layer {layer}: expert ids {bad} >= "
-                             f"{'--num-experts' if spell(_BY_NAME['moe_mask_experts']).startswith('--') else 'num_moe_experts'} "
-                             f"{num_experts}")
+            experts = "--num-experts" if spell("moe_mask_experts").startswith("--") else "num_moe_experts"
+            raise ConfigError(f"{spell('moe_mask_experts')}: layer {layer}: expert ids {bad} >= {experts} {num_experts}")
         if num_experts is not None and topk is not None and len(ids) > num_experts - topk:
-            raise ConfigError(f"{spell(_BY_NAME['moe_mask_experts'])}: layer {layer} keeps "
+            raise ConfigError(f"{spell('moe_mask_experts')}: layer {layer} keeps "
                              f"{num_experts - len(ids)} experts, fewer than the top-k {topk}")
     groups = v.get("moe_expert_groups")
     if groups and num_experts is not None:
@@ -518,10 +497,10 @@ def _check_across(v: Mapping, spell: Callable, num_experts, topk, moe_layers: Op
 
         for layer, labels in parse_expert_groups(groups).items():
             if len(labels) < num_experts or max(labels) >= num_experts:
-                raise ConfigError(f"{spell(_BY_NAME['moe_expert_groups'])}: layer {layer} maps {len(labels)} "
+                raise ConfigError(f"{spell('moe_expert_groups')}: layer {layer} maps {len(labels)} "
                                   f"experts into groups up to {max(labels)}, the model has {num_experts} experts")
     if v.get("moe_expert_group_routing") == "fold-select" and "moe_expert_groups" in v and not groups:
-        raise ConfigError(f"{spell(_BY_NAME['moe_expert_group_routing'])} fold-select needs merged experts in the "
+        raise ConfigError(f"{spell('moe_expert_group_routing')} fold-select needs merged experts in the "
                           "collapsed layout (a checkpoint written by `mpmoe experts merge --layout collapsed`)")
     sizes = v.get("moe_expert_ffn_sizes")
     if sizes:
@@ -531,21 +510,20 @@ def _check_across(v: Mapping, spell: Callable, num_experts, topk, moe_layers: Op
             try:
                 parse_expert_sizes(sizes, num_experts)
             except ValueError as exc:
-                raise ConfigError(f"{spell(_BY_NAME['moe_expert_ffn_sizes'])}: "
-                                  f"{str(exc).split(': ', 1)[-1]}") from None
+                raise ConfigError(f"{spell('moe_expert_ffn_sizes')}: {str(exc).split(': ', 1)[-1]}") from None
         if groups or v.get("moe_expert_compression"):
-            raise ConfigError(f"{spell(_BY_NAME['moe_expert_ffn_sizes'])} (split experts) cannot be combined "
+            raise ConfigError(f"{spell('moe_expert_ffn_sizes')} (split experts) cannot be combined "
                               "with merged or compressed experts")
     if v.get("trainable_params", "all") == "routers" and num_experts is None:
-        raise ConfigError(f"{spell(_BY_NAME['trainable_params'])} routers needs a model with experts")
+        raise ConfigError(f"{spell('trainable_params')} routers needs a model with experts")
     mode = v.get("moe_dynamic_mask_mode")
     if mode is not None:
         if topk is not None and topk < 2:
-            raise ConfigError(f"{spell(_BY_NAME['moe_dynamic_mask_mode'])} needs a top-k >= 2 "
+            raise ConfigError(f"{spell('moe_dynamic_mask_mode')} needs a top-k >= 2 "
                              "(it drops one of k experts)")
         if mode == "cooccurrence" and v.get("moe_cooccurrence_stats_dir") is None:
-            raise ConfigError(f"{spell(_BY_NAME['moe_dynamic_mask_mode'])} cooccurrence needs "
-                             f"{spell(_BY_NAME['moe_cooccurrence_stats_dir'])}")
+            raise ConfigError(f"{spell('moe_dynamic_mask_mode')} cooccurrence needs "
+                             f"{spell('moe_cooccurrence_stats_dir')}")
 
 
 def check_files(values: Mapping, *, flags: bool = True) -> None:
@@ -557,7 +535,7 @@ def check_files(values: Mapping, *, flags: bool = True) -> None:
     stats = values.get("moe_cooccurrence_stats_dir")
     if values.get("moe_dynamic_mask_mode") != "cooccurrence" or stats is None:
         return
-    name = _BY_NAME["moe_cooccurrence_stats_dir"].flag if flags else "moe_cooccurrence_stats_dir"
+    name = "--moe-cooccurrence-stats-dir" if flags else "moe_cooccurrence_stats_dir"
     if not _Path(stats).is_dir():
         raise ConfigError(f"{name}: {stats} is not a directory")
     if not any(FILE_RE.match(p.name) for p in _Path(stats).iterdir()):
@@ -608,7 +586,7 @@ def apply_env(values: dict, explicit: Iterable[str], prog: str, environ: Mapping
             continue
         text = raw.lower() if isinstance(s.type, Choice) else raw
         try:
-            value = s.type(text) if isinstance(s.type, Range) else s.normalize(text)
+            value = s.type(text) if isinstance(s.type, Range) else s.type.normalize(text)
         except (ValueError, argparse.ArgumentTypeError) as exc:
             raise ConfigError(f"environment variable {s.env}={raw!r}: expected a {s.flag} value ({exc})") from None
         value = text if isinstance(s.type, (Choice, Path, ExpertMask, LayerList)) else value
@@ -630,7 +608,7 @@ def evaluation_values(given: Optional[Mapping], kind: Optional[str], *, num_expe
     values = {s.name: s.default for s in SETTINGS if s.eval}
     given = from_record(given or {})
     values.update({k: v for k, v in given.items() if k in values})
-    explicit = {k for k in values if k in given and given[k] != _BY_NAME[k].default}
+    explicit = {k for k in values if k in given and given[k] != BY_NAME[k].default}
     apply_env(values, explicit, prog, os.environ if environ is None else environ)
     checked = check(values, kind, explicit=explicit, flags=True, num_experts=num_experts, topk=topk,
                     moe_layers=moe_layers)

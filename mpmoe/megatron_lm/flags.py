@@ -85,7 +85,7 @@ def preset_flags(
     keys = list(dict.fromkeys([*_hyperparameters(build_parser()), *preset]))
     for key in keys:
         value = values.get(key)
-        setting = settings.SETTINGS_BY_NAME.get(key)
+        setting = settings.BY_NAME.get(key)
         if key in _NOT_FLAGS or value is None:
             continue
         if setting is not None and value == setting.default and not setting.megatron:

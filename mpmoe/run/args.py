@@ -288,9 +288,9 @@ def _preset_value_problem(action: argparse.Action, value) -> Optional[str]:
         return None
     kind = action.type
     if isinstance(kind, Range):
-        return kind.check(value)
+        return kind.problem(value)
     if kind in (int, float):
-        return Range(kind).check(value)
+        return Range(kind).problem(value)
     if kind is None:
         if not isinstance(value, str):
             return f"must be a string, got {type(value).__name__} {value!r}"
@@ -322,7 +322,7 @@ def check_ranges(args: argparse.Namespace, parser: Optional[argparse.ArgumentPar
     for action in (parser or build_parser())._actions:
         value = getattr(args, action.dest, None)
         if isinstance(action.type, Range) and value is not None:
-            problem = action.type.check(value)
+            problem = action.type.problem(value)
             if problem:
                 raise ConfigError(f"{action.option_strings[0]} {problem}")
 

@@ -296,8 +296,6 @@ def _model_keys_of(model) -> dict:
 
 def _layers_of(keys: set) -> str:
     """A short description of tensor names: the layers they belong to, else the first name."""
-    import re
-
     names = sorted(keys)
     # 1-based, as --moe-mask-experts and the statistics files count layers (megatron's keys are 0-based)
     layers = sorted({int(m.group(1)) + 1 for k in names for m in [re.match(r"decoder\.layers\.(\d+)\.", k)] if m})
