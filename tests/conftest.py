@@ -1,10 +1,21 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 from hypothesis import settings
 
 # Test helpers (reference implementations, multi-process utilities) live beside the tests.
 sys.path.insert(0, os.path.dirname(__file__))
+
+# transformers' remote-code modules (exported MoPE folders) go to one folder per test process,
+# set before transformers is imported: never the user's ~/.cache, and never moved mid-process,
+# since the package `transformers_modules` is imported once, from the first folder, and a
+# folder added later under another path is then not found (ModuleNotFoundError).
+_HF_MODULES = tempfile.mkdtemp(prefix="mpmoe-test-hf-modules-")
+os.environ["HF_MODULES_CACHE"] = _HF_MODULES
+atexit.register(shutil.rmtree, _HF_MODULES, ignore_errors=True)
 
 # Without a GPU, Triton kernels run under Triton's interpreter on CPU tensors. The mode is
 # fixed when triton is first imported, so it is chosen here, before any test imports it.
@@ -17,7 +28,7 @@ except ImportError:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Under pytest-xdist (`make test` runs -n auto) each worker gets an equal share of the cores,
+# Under pytest-xdist (opt-in: Makefile PYTEST_PARALLEL) each worker gets an equal share of the cores,
 # for torch in the worker and for the processes tests start: without it every worker (and
 # every `mpmoe train` subprocess) runs one OpenMP thread per core, and their spinning
 # threads fight over the cores.

@@ -21,18 +21,16 @@ BASE = ["--preset", "tiny-cpu", "--hidden-size", "64", "--ffn-hidden-size", "128
 
 
 def set_hf_home(path) -> None:
-    """Offline, with transformers' caches (remote code included) under ``path``."""
+    """Offline, with transformers' caches under ``path`` (remote-code modules stay in the
+    process's one folder, set by conftest.py)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_HOME"] = str(path)
-    os.environ["HF_MODULES_CACHE"] = str(Path(path) / "modules")
-    if "transformers.dynamic_module_utils" in sys.modules:
-        sys.modules["transformers.dynamic_module_utils"].HF_MODULES_CACHE = str(Path(path) / "modules")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def hf_home(tmp_path_factory):
     """Each test module that imports this fixture runs offline with its own HF_HOME, restored after."""
-    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE", "HF_MODULES_CACHE")}
+    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE")}
     set_hf_home(tmp_path_factory.mktemp("hf-home"))
     yield
     for k, v in saved.items():

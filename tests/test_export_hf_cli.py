@@ -87,8 +87,7 @@ def test_bf16_checkpoint_exports_its_own_weights(tmp_path, embedded_cache):
     model.bfloat16()
     args.bf16 = True
     ckpt = store.save_model(tmp_path / "ckpt", model, args=args, tokenizer_dir=tok)
-    # no hyphen in the folder names: transformers renames such a remote-code module (docs/export.md)
-    folders = {d: export_hf(ckpt, tmp_path / f"hf_{d}", dtype=d) for d in ("fp32", "bf16")}
+    folders = {d: export_hf(ckpt, tmp_path / f"hf-{d}", dtype=d) for d in ("fp32", "bf16")}
     files = {d: safe_open(str(f / "model.safetensors"), framework="pt") for d, f in folders.items()}
     assert set(files["fp32"].keys()) == set(files["bf16"].keys())
     sigmas = [k for k in files["fp32"].keys() if k.endswith(".sigma")]

@@ -323,7 +323,7 @@ def test_export_hf_of_megatron_lm_checkpoints_matches_mpmoes_forward(runs, embed
     from mpmoe.export.hf import export_hf
     from mpmoe.megatron import destroy_distributed, init_distributed
 
-    for key in ("HF_HOME", "HF_HUB_OFFLINE", "HF_MODULES_CACHE"):
+    for key in ("HF_HOME", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(key, os.environ.get(key, ""))  # restored after the test
     set_hf_home(tmp_path / "hf-home")
     tok = Path(prepare_embedded(embedded_cache, progress=False).tokenizer_dir)
