@@ -92,3 +92,22 @@ def eval_checkpoints(tmp_path_factory, embedded_cache):
         }
 
     return {k: Path(v) for k, v in _once(tmp_path_factory, "eval-ckpts", build).items()}
+
+
+# --------------------------------------------------------------------------- time per test file
+# Printed at the end of every run (CI's log included): test files have time budgets (e.g. the
+# Megatron-LM end-to-end module: under 90 s), and pytest's --durations lists single phases only.
+_FILE_SECONDS: dict = {}
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::")[0]
+    _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    slowest = sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1])[:12]
+    if slowest:
+        terminalreporter.write_sep("=", "slowest test files (set-up + call + tear-down)")
+        for path, seconds in slowest:
+            terminalreporter.write_line(f"{seconds:8.1f}s {path}")

@@ -273,39 +273,47 @@ def test_readers_refuse_a_megatron_lm_checkpoint_of_another_model(runs, capsys):
 
 
 def test_mpmoe_eval_and_run_all_evals_on_a_megatron_lm_run_folder(runs, embedded_cache, tmp_path, monkeypatch):
-    """scripts/run_all_evals.sh over a Megatron-LM run folder (MoPE and stock top-k
-    checkpoints; --tokenizer: a local folder of the vocabulary's size)."""
+    """scripts/run_all_evals.sh over Megatron-LM run folders (the MoPE and the stock top-k
+    checkpoint, one script each, side by side; --tokenizer: a local folder of the vocabulary's
+    size), and `mpmoe analyze checkpoint` of the MoPE one meanwhile, in this process."""
+    import json
     import os
+    import signal
 
+    from mpmoe.cli import main as mpmoe_main
     from mpmoe.data import prepare_embedded
 
     tok = prepare_embedded(embedded_cache, progress=False).tokenizer_dir
-    run = tmp_path / "run"
-    for name in ("mope/iter_0000004", "base-topk/iter_0000002"):
-        (run / name).parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(runs["root"] / name, run / name)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TASKS="mpmoe_docs_mc", LIMIT="4",
                MPMOE=f"{sys.executable} -m mpmoe", NPROC="1", MPMOE_CACHE=str(embedded_cache))
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "run_all_evals.sh"), str(run), str(tmp_path / "out"),
-                           "--tokenizer", str(tok), "--bootstrap-iters", "0", "--no-progress"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    table = (tmp_path / "out" / "summary.md").read_text()
-    assert "mope" in table and "base-topk" in table
-    import json
-
+    procs = {}
     for name in ("mope/iter_0000004", "base-topk/iter_0000002"):
-        res = json.loads((tmp_path / "out" / name / "custom" / "results.json").read_text())
-        assert res["n-samples"]["mpmoe_docs_mc"]["effective"] == 4
-    # mpmoe analyze checkpoint: the MoPE checkpoint, its Sigma and a text sample (in this
-    # process: a second interpreter importing megatron costs seconds of the CI budget)
-    from mpmoe.cli import main as mpmoe_main
-
-    monkeypatch.setenv("MPMOE_CACHE", str(embedded_cache))
-    out = tmp_path / "analysis"
-    assert mpmoe_main(["analyze", "checkpoint", "--load", str(runs["root"] / "mope"), "--out", str(out),
-                       "--num-tokens", "256", "--ot-samples", "0", "--no-progress"]) == 0
-    assert any(out.iterdir())
+        run = tmp_path / name.split("/")[0]
+        (run / name).parent.mkdir(parents=True)
+        os.symlink(runs["root"] / name, run / name)
+        procs[name] = subprocess.Popen(
+            ["bash", str(ROOT / "scripts" / "run_all_evals.sh"), str(run), str(run / "out"), "--tokenizer",
+             str(tok), "--bootstrap-iters", "0", "--no-progress"], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        # (a second interpreter importing megatron would cost seconds of the CI budget)
+        monkeypatch.setenv("MPMOE_CACHE", str(embedded_cache))
+        out = tmp_path / "analysis"
+        assert mpmoe_main(["analyze", "checkpoint", "--load", str(runs["root"] / "mope"), "--out", str(out),
+                           "--num-tokens", "256", "--ot-samples", "0", "--no-progress"]) == 0
+        assert any(out.iterdir())
+        for name, proc in procs.items():
+            log = proc.communicate(timeout=600)[0]
+            assert proc.returncode == 0, log[-3000:]
+            run = tmp_path / name.split("/")[0]
+            assert name.split("/")[0] in (run / "out" / "summary.md").read_text()
+            res = json.loads((run / "out" / name / "custom" / "results.json").read_text())
+            assert res["n-samples"]["mpmoe_docs_mc"]["effective"] == 4
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:  # the script and the evaluations it started
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def test_export_hf_of_megatron_lm_checkpoints_matches_mpmoes_forward(runs, embedded_cache, tmp_path, monkeypatch):
