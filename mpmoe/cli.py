@@ -33,14 +33,16 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``mpmoe <verb>``; a signal while the verb's modules import (seconds) also ends in one line."""
-    from mpmoe.errors import Terminated, debug_enabled, install_stop_handlers, stop_signals_received
+    from mpmoe.errors import (Terminated, debug_enabled, install_stop_handlers, restore_stop_handlers,
+                              stop_signals_received)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = argv[0] if argv and argv[0] in VERBS else ""
-    install_stop_handlers(f"mpmoe {verb}" if verb else "mpmoe")  # at once: the imports take seconds
+    previous = install_stop_handlers(f"mpmoe {verb}" if verb else "mpmoe")  # at once: imports take seconds
+    before = len(stop_signals_received())  # an earlier call's signals (in-process callers) do not count
     try:
         code = _main(argv)
-        received = stop_signals_received()  # one a library swallowed while the verb imported
+        received = stop_signals_received()[before:]  # one a library swallowed while the verb imported
         return 128 + received[0] if received and code == 0 else code
     except (KeyboardInterrupt, Terminated) as exc:
         if debug_enabled():
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             from mpmoe.train.cli import SET_UP_STOP as end
         print(f"mpmoe{' ' + verb if verb else ''}: stopped by {name}{end}", file=sys.stderr)
         return 130 if name == "SIGINT" else 143
+    finally:  # an in-process caller (a test, a notebook) gets its own handlers back
+        restore_stop_handlers(previous)
 
 
 def _main(argv: list[str]) -> int:

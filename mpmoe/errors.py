@@ -21,7 +21,8 @@ import threading
 from typing import Callable, Optional
 
 __all__ = ["MAX_CHARS", "STOP_GRACE_S", "ArgumentParser", "Terminated", "UserError", "debug_enabled",
-           "folder_problem", "innermost_error", "install_stop_handlers", "one_line", "run_verb", "stop_signals_received",
+           "folder_problem", "innermost_error", "install_stop_handlers", "one_line", "restore_stop_handlers", "run_verb",
+           "stop_signals_received",
            "user_message"]
 
 #: Longest error line printed (longer messages are cut with "...").
@@ -135,9 +136,8 @@ def _force_exit(signum: int) -> None:
 
 
 def _stop_handler(signum, frame):
-    first = not _STOP["received"]
     _STOP["received"].append(signum)
-    if first:
+    if _STOP["timer"] is None:  # the first signal of this verb (run_verb cancels the timer)
         timer = threading.Timer(STOP_GRACE_S, _force_exit, args=(signum,))
         timer.daemon = True
         timer.start()
@@ -199,9 +199,14 @@ def run_verb(prog: str, main: Callable[[list], Optional[int]], argv: list) -> in
         sys.stderr.flush()
         return 2
     finally:  # the verb has ended: no forced exit for it; handlers run_verb installed go back
-        if _STOP["timer"] is not None:
-            _STOP["timer"].cancel()
-            _STOP["timer"] = None
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore_stop_handlers(previous)
+
+
+def restore_stop_handlers(previous: dict) -> None:
+    """Undo :func:`install_stop_handlers` (its return value), and cancel a pending forced exit."""
+    if _STOP["timer"] is not None:
+        _STOP["timer"].cancel()
+        _STOP["timer"] = None
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 

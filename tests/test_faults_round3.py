@@ -100,7 +100,6 @@ def test_run_verb_ends_signals_in_one_line(capsys, monkeypatch):
     from mpmoe.errors import run_verb
 
     monkeypatch.delenv("MPMOE_DEBUG", raising=False)
-    # an earlier in-process `mpmoe.cli.main` may have left mpmoe's handlers installed
     handler_before = signal.getsignal(signal.SIGTERM)
 
     def terminated(argv):
@@ -122,6 +121,10 @@ def test_run_verb_ends_signals_in_one_line(capsys, monkeypatch):
     assert run_verb("mpmoe x", swallowed, []) == 130
     assert signal.getsignal(signal.SIGTERM) == handler_before  # handlers restored
     assert run_verb("mpmoe x", lambda argv: 0, []) == 0  # an earlier verb's signal does not count
+    from mpmoe.cli import main
+
+    assert main(["--version"]) == 0  # nor in `mpmoe.cli.main` (it made every later in-process verb 143)
+    assert signal.getsignal(signal.SIGTERM) == handler_before
 
 
 def test_a_verb_that_ignores_its_stop_signal_is_ended(tmp_path):
