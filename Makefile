@@ -22,11 +22,9 @@ TORCH_SPEC ?= torch==2.13.0
 # in `make test-megatron-latest`, which is the whole suite, and in `make test PYTEST_ARGS=`.
 PYTEST_ARGS ?= -m "not slow"
 PYTEST_ARGS_LATEST ?=
-# pytest-xdist, opt-in: `make test PYTEST_PARALLEL="-n auto --maxprocesses 4 --dist loadfile"`
-# (a worker per core, a test file per worker). Not the default yet: under xdist the worker
-# running tests/test_experts_cli.py received a stray SIGTERM (its merges exit 143), which
-# one process does not show.
-PYTEST_PARALLEL ?=
+# pytest-xdist: a worker per core (at most 4), one test file per worker (the files' shared
+# fixtures are built once: tests/conftest.py). `PYTEST_PARALLEL=` runs in one process.
+PYTEST_PARALLEL ?= -n auto --maxprocesses 4 --dist loadfile
 PYTHON312 ?= $(shell for p in python3.12 "$$(pyenv prefix 3.12 2>/dev/null)/bin/python3.12"; do \
 	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12); print(sys.executable)' 2>/dev/null \
 	&& break; done)
