@@ -60,5 +60,6 @@ def missing(modules: Iterable[str], purpose: str) -> Optional[str]:
     absent = [m for m in modules if not _installed(m)]
     if not absent:
         return None
-    how = sorted({INSTALL.get(m, f"pip install {m}") for m in absent})
-    return f"{purpose} needs {', '.join(absent)}, which is not installed; install {'; '.join(how)}"
+    how = sorted({INSTALL.get(m, f"{m} (pip install {m})") for m in absent})
+    verb = "is" if len(absent) == 1 else "are"
+    return f"{purpose} needs {', '.join(absent)}, which {verb} not installed; install {'; '.join(how)}"

@@ -492,6 +492,15 @@ def test_a_present_but_broken_psutil_counts_as_missing(monkeypatch):
     assert "psutil" in missing(["psutil"], "mpmoe train")
 
 
+def test_the_missing_dependency_line_names_each_module_and_extra():
+    from mpmoe.deps import missing
+
+    one = missing(["no_such_module_a"], "mpmoe x")
+    two = missing(["no_such_module_a", "no_such_module_b"], "mpmoe x")
+    assert one == "mpmoe x needs no_such_module_a, which is not installed; install no_such_module_a (pip install no_such_module_a)"
+    assert two.startswith("mpmoe x needs no_such_module_a, no_such_module_b, which are not installed; install ")
+
+
 @pytest.mark.slow  # two ranks under torchrun on 2 CPU cores: ~40 s
 def test_workers_die_with_their_torchrun_agent(tmp_path, dataset):
     """SIGKILL to the torchrun agent (gloo, 127.0.0.1): both workers end within seconds,
