@@ -77,6 +77,25 @@ def test_routing_topk_and_samples(eval_checkpoints, tmp_path):
     assert len(rows) == 8 and "resps" in json.loads(rows[0])
 
 
+def test_standard_errors_are_bootstrapped_without_a_forked_pool(eval_checkpoints, tmp_path, monkeypatch):
+    """lm-eval bootstraps perplexity's standard error in a fork()ed multiprocessing pool; forked
+    from mpmoe's threaded process a worker can deadlock and the evaluation hang (seen in CI:
+    `mpmoe eval harness`, about 1 run in 8). mpmoe's eval bootstraps in its own process."""
+    import multiprocessing
+
+    from mpmoe.eval.cli import main
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("lm-eval started a multiprocessing pool")
+
+    monkeypatch.delenv("DISABLE_MULTIPROC", raising=False)
+    monkeypatch.setattr(multiprocessing, "Pool", no_pool)
+    out = tmp_path / "out"
+    assert main(["--load", str(eval_checkpoints["trained"]), "--tasks", "mpmoe_docs_lastword", "--limit", "8",
+                 "--bootstrap-iters", "2000", "--output-path", str(out), "--no-progress"]) == 0
+    assert _results(out)["results"]["mpmoe_docs_lastword"]["perplexity_stderr,none"] > 0
+
+
 def test_errors_are_one_line(tmp_path, eval_checkpoints, capsys):
     assert _eval(["--load", str(tmp_path / "missing"), "--tasks", "mpmoe_local"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

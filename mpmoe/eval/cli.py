@@ -251,6 +251,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _main(argv: list) -> int:
+    # lm-eval bootstraps some standard errors (perplexity, median, ...) in a fork()ed
+    # multiprocessing pool; forked from this threaded process (torch, tqdm's monitor) a worker
+    # can deadlock and the evaluation hang (seen: 1 `mpmoe eval harness` run in 8). lm-eval's
+    # single-process path instead (docs/eval.md); an empty DISABLE_MULTIPROC= brings the pool back.
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
     if argv and argv[0] == "table":
         from mpmoe.eval.table import main as table_main
 
