@@ -148,7 +148,7 @@ def test_sum_over_ranks_equals_single_process():
     single.update(maps)
     expected = single.refresh()
     port = _free_port()
-    with mp.Manager() as manager:
+    with mp.get_context("spawn").Manager() as manager:  # not fork()ed from a threaded process
         out = manager.dict()
         mp.spawn(_rank_worker, args=(2, port, maps, out), nprocs=2, join=True)
         results = dict(out)
