@@ -33,9 +33,10 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``mpmoe <verb>``; a signal while the verb's modules import (seconds) also ends in one line."""
-    from mpmoe.errors import (Terminated, debug_enabled, install_stop_handlers, restore_stop_handlers,
-                              stop_signals_received)
+    from mpmoe.errors import (Terminated, debug_enabled, exit_on_stop_signals, install_stop_handlers,
+                              restore_stop_handlers, stop_signals_received)
 
+    command = argv is None  # the process's own command line (console script, python -m mpmoe)
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = argv[0] if argv and argv[0] in VERBS else ""
     previous = install_stop_handlers(f"mpmoe {verb}" if verb else "mpmoe")  # at once: imports take seconds
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130 if name == "SIGINT" else 143
     finally:  # an in-process caller (a test, a notebook) gets its own handlers back
         restore_stop_handlers(previous)
+        if command:  # a signal while the process exits (seconds): the one line, not a traceback
+            exit_on_stop_signals()
 
 
 def _main(argv: list[str]) -> int:

@@ -21,7 +21,8 @@ import threading
 from typing import Callable, Optional
 
 __all__ = ["MAX_CHARS", "STOP_GRACE_S", "ArgumentParser", "Terminated", "UserError", "debug_enabled",
-           "folder_problem", "innermost_error", "install_stop_handlers", "one_line", "restore_stop_handlers", "run_verb",
+           "exit_on_stop_signals", "folder_problem", "innermost_error", "install_stop_handlers", "one_line",
+           "restore_stop_handlers", "run_verb",
            "stop_signals_received",
            "user_message"]
 
@@ -200,6 +201,14 @@ def run_verb(prog: str, main: Callable[[list], Optional[int]], argv: list) -> in
         return 2
     finally:  # the verb has ended: no forced exit for it; handlers run_verb installed go back
         restore_stop_handlers(previous)
+
+
+def exit_on_stop_signals() -> None:
+    """From now on SIGINT / SIGTERM end the process at once, with the one line and 130 / 143:
+    for a command whose verb has finished and which is only exiting (nothing left to stop)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: _force_exit(signum))
 
 
 def restore_stop_handlers(previous: dict) -> None:

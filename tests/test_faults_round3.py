@@ -149,3 +149,21 @@ def test_a_verb_that_ignores_its_stop_signal_is_ended(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 130 and proc.stderr == "mpmoe x: stopped by SIGINT\n", proc.stderr
     assert time.perf_counter() - start < 30
+
+
+def test_a_signal_while_the_command_exits_is_the_one_line(tmp_path):
+    """After the verb has finished (results written), a Ctrl-C / SIGTERM while the process is
+    still exiting ends it at once with the one line and 130 / 143, not a traceback or -2."""
+    import signal
+    import subprocess
+    import sys
+
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        script = ("import os, signal, sys, time\n"
+                  "from mpmoe.cli import main\n"
+                  "sys.argv = ['mpmoe', '--version']\n"
+                  "assert main() == 0\n"
+                  f"os.kill(os.getpid(), {int(sig)})\n"
+                  "time.sleep(10)\n")
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        assert r.returncode == code and r.stderr == f"mpmoe: stopped by {sig.name}\n", (r.returncode, r.stderr)
