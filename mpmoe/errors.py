@@ -22,9 +22,7 @@ from typing import Callable, Optional
 
 __all__ = ["MAX_CHARS", "STOP_GRACE_S", "ArgumentParser", "Terminated", "UserError", "debug_enabled",
            "exit_on_stop_signals", "folder_problem", "innermost_error", "install_stop_handlers", "one_line",
-           "restore_stop_handlers", "run_verb",
-           "stop_signals_received",
-           "user_message"]
+           "restore_stop_handlers", "run_verb", "stop_signals_received", "user_message"]
 
 #: Longest error line printed (longer messages are cut with "...").
 MAX_CHARS = 300
